@@ -1,0 +1,120 @@
+"""The ``npu-dsv3`` command (also ``python -m npu_dsv3``).
+
+Subcommands live in their own modules. To add one, write a module with::
+
+    def add_parser(subparsers) -> argparse.ArgumentParser:
+        p = subparsers.add_parser("convert", help="...")
+        p.add_argument(...)
+        return p
+
+    def run(args: argparse.Namespace) -> int:
+        ...
+        return 0
+
+and append ``("convert", "npu_dsv3.your_module")`` to ``SUBCOMMANDS``. The
+module is imported only when the command line is built, so a subcommand's heavy
+imports do not slow the others down more than one import each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import platform
+import sys
+from typing import Sequence
+
+# (subcommand name, module path). "patches" is implemented in this module.
+SUBCOMMANDS: list[tuple[str, str]] = [
+    ("patches", "npu_dsv3.cli"),
+    ("verify", "npu_dsv3.verify"),
+    ("demo", "npu_dsv3.demo"),
+]
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "patches",
+        help="show the backend, library versions and every registered patch",
+        description="Show the device backend, library versions, and every patch npu_dsv3 "
+        "registered: its feature, target, status on this machine, and why it exists.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    from npu_dsv3 import __version__
+    from npu_dsv3.patching import megatron_core_version
+
+    return {
+        "npu_dsv3": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_npu": _version("torch_npu"),
+        "megatron-core": megatron_core_version(),
+        "transformers": _version("transformers"),
+        "mindspeed": _version("mindspeed"),
+    }
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import npu_dsv3
+    from npu_dsv3.patching import patch_status
+
+    info = {"backend": npu_dsv3.backend(), "versions": versions(), "patches": patch_status()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"backend: {info['backend']}")
+    for name, ver in info["versions"].items():
+        print(f"{name}: {ver}")
+    print()
+    rows = [[p["feature"], p["target"], p["status"], p["why"]] for p in info["patches"]]
+    print(_table(rows, ["feature", "target", "status", "why"]))
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="npu-dsv3", description="DeepSeek-V3 on Megatron-Core (Ascend NPU, CUDA, CPU)."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for _name, module_path in SUBCOMMANDS:
+        module = importlib.import_module(module_path)
+        module.add_parser(subparsers).set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

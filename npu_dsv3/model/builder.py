@@ -1,0 +1,53 @@
+"""Build DeepSeek-V3 as a megatron-core ``GPTModel``."""
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from npu_dsv3.model.spec import decoder_block_spec, mtp_block_spec
+
+VOCAB_DIVISIBLE_BY = 128
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
+    """Megatron pads the embedding so every TP shard has the same, aligned number of rows."""
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model(config, pre_process=None, post_process=None, vp_stage=None) -> GPTModel:
+    """The model chunk for this rank (and virtual stage); pre/post default to the PP position."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, vp_stage=vp_stage),
+        vocab_size=padded_vocab_size(config.vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+        # MLA owns its (YaRN) rotary embedding; GPTModel must not add another.
+        position_embedding_type="none",
+        mtp_block_spec=mtp_block_spec(config, vp_stage=vp_stage),
+        vp_stage=vp_stage,
+    )
+
+
+def forward_logits(model: GPTModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Main-head logits ``[batch, seq, vocab_size]`` (vocab padding removed), no MTP.
+
+    megatron's GPTModel runs the MTP block whenever it exists and then requires
+    labels; inference through the main head (what transformers computes) skips it.
+    """
+    batch, seq = input_ids.shape
+    position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+    mtp_process, mtp_layers = model.mtp_process, model.config.mtp_num_layers
+    model.mtp_process, model.config.mtp_num_layers = False, None
+    try:
+        logits = model(input_ids, position_ids, attention_mask=None)
+    finally:
+        model.mtp_process, model.config.mtp_num_layers = mtp_process, mtp_layers
+    return logits[..., : model.config.vocab_size]

@@ -1,0 +1,23 @@
+"""RMSNorm as DeepSeek-V3 defines it (statistics in fp32, weight applied in the input dtype)."""
+
+import torch
+
+from npu_dsv3.ops.rms_norm import rms_norm
+
+
+class RMSNorm(torch.nn.Module):
+    """Megatron-compatible constructor (``config, hidden_size, eps``) so specs can build it.
+
+    With sequence parallelism each TP rank sees a different slice of the sequence,
+    so the weight's gradient is partial; ``sequence_parallel`` on the parameter tells
+    megatron's grad finaliser to all-reduce it over the TP group.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)

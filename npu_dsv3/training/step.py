@@ -1,0 +1,94 @@
+"""One training iteration through megatron-core's own machinery.
+
+The model is wrapped in megatron's DistributedDataParallel, the step runs
+through megatron's pipeline schedule (``get_forward_backward_func``), and
+``finalize_model_grads`` reduces gradients and applies the aux-loss-free
+expert-bias update (noaux_tc: bias += rate * sign(mean load - load)). The MTP
+loss and the MoE aux losses are attached to the graph by megatron's
+auto-scalers, so backward includes them with their coefficients.
+"""
+
+from functools import partial
+from typing import Dict, Iterator, List
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+
+def wrap_model(model, use_distributed_optimizer: bool = False) -> List[DistributedDataParallel]:
+    """Model chunks wrapped for gradient reduction, with the grad finaliser installed."""
+    config = model.config
+    config.finalize_model_grads_func = finalize_model_grads
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
+    )
+    return [DistributedDataParallel(config, ddp_config, model)]
+
+
+def build_optimizer(model_chunks, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0,
+                    use_distributed_optimizer: bool = False, bf16: bool = False):
+    config = OptimizerConfig(
+        optimizer="adam", lr=lr, weight_decay=weight_decay, clip_grad=clip_grad, bf16=bf16,
+        use_distributed_optimizer=use_distributed_optimizer, adam_beta1=0.9, adam_beta2=0.95,
+    )
+    return get_megatron_optimizer(config, model_chunks)
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.reshape(-1).float()
+    total = (per_token_loss.float().reshape(-1) * mask).sum()
+    count = mask.sum()
+    return total / count, {"lm loss": torch.stack([total.detach(), count])}
+
+
+def _forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"]
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _mean_over_moe_layers(per_layer: torch.Tensor) -> float:
+    """megatron tracks one (coefficient-free) value per layer, zero for dense layers."""
+    nonzero = per_layer[per_layer != 0]
+    return nonzero.mean().item() if nonzero.numel() else 0.0
+
+
+def train_step(model_chunks, optimizer, data_iterator, num_microbatches: int, seq_length: int,
+               micro_batch_size: int) -> Dict[str, float]:
+    """Forward/backward over ``num_microbatches`` and one optimizer step.
+
+    Returns the token-weighted lm loss, the MTP loss per depth, each MoE aux
+    loss averaged over MoE layers (without its coefficient) and the grad norm.
+    """
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    clear_aux_losses_tracker()
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=data_iterator,
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    mtp_tracker = MTPLossLoggingHelper.tracker
+    mtp_losses = mtp_tracker.get("values") if mtp_tracker else None
+    if mtp_losses is not None:
+        mtp_losses = (mtp_losses / num_microbatches).tolist()
+        MTPLossLoggingHelper.clean_loss_in_tracker()
+    aux = {name: _mean_over_moe_layers(v["values"]) / num_microbatches
+           for name, v in get_moe_layer_wise_logging_tracker().items()}
+    update_ok, grad_norm, _ = optimizer.step()
+    result = {"grad_norm": grad_norm, "update_successful": update_ok, "mtp_loss": mtp_losses, **aux}
+    if losses:  # only the last pipeline stage computes the loss
+        summed = torch.stack([x["lm loss"] for x in losses]).sum(0)
+        result["lm_loss"] = (summed[0] / summed[1]).item()
+    return result

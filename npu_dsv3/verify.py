@@ -1,0 +1,59 @@
+"""``npu-dsv3 verify``: our model's logits against transformers' on a user's HF directory.
+
+Both models run in one process on the same random token ids; the result is one
+JSON line and the exit code (0 passed, 1 failed).
+"""
+
+import argparse
+import json
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_TOLERANCE = 1e-4
+
+
+def compare_logits(ours: torch.Tensor, reference: torch.Tensor, tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """Max abs difference, relative to the largest reference logit, and the verdict."""
+    max_abs_diff = (ours.float() - reference.float()).abs().max().item()
+    scale = reference.float().abs().max().item()
+    rel_diff = max_abs_diff / scale if scale else max_abs_diff
+    return {"max_abs_diff": max_abs_diff, "rel_diff": rel_diff, "passed": bool(rel_diff <= tolerance)}
+
+
+def verify_hf_dir(hf_dir: str, dtype=torch.float32, batch: int = 2, seq_length: int = 64, seed: int = 0,
+                  tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from npu_dsv3 import backend
+    from npu_dsv3.model import forward_logits, load_hf
+
+    device = backend.device()
+    ours = load_hf(hf_dir, dtype=dtype).to(device)
+    # The eager per-expert loop is transformers' plainest reference path.
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, experts_implementation="eager")
+    reference = reference.eval().to(device)
+    vocab = reference.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq_length), generator=torch.Generator().manual_seed(seed)).to(device)
+    with torch.no_grad():
+        result = compare_logits(forward_logits(ours, ids), reference(ids).logits, tolerance)
+    return {"hf_dir": hf_dir, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "seq_length": seq_length,
+            "tolerance": tolerance, **result}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("verify", help="compare our logits with transformers' on an HF model directory")
+    p.add_argument("--hf-dir", required=True, help="HF DeepSeek-V3 directory (config.json + safetensors)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-length", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="pass if max|ours - hf| <= tolerance * max|hf| (default %(default)s)")
+    return p
+
+
+def run(args) -> int:
+    result = verify_hf_dir(args.hf_dir, DTYPES[args.dtype], args.batch_size, args.seq_length, args.seed, args.tolerance)
+    print(json.dumps(result), flush=True)
+    return 0 if result["passed"] else 1
