@@ -20,6 +20,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -50,6 +51,10 @@ if not (_here / "ops").is_dir() and (_here.parent / "ops" / "__init__.py").is_fi
 # append your module here (e.g. "npu_dsv3.model.patches"). Plain imports: a
 # broken feature module fails `import npu_dsv3` loudly instead of half-applying.
 _FEATURE_MODULES: tuple[str, ...] = ("npu_dsv3.backend", "npu_dsv3.model.patches")
+
+# megatron-core warns at import that TransformerEngine / Apex are missing. That is
+# this package's design (Ascend and CPU have neither), so the warnings say nothing.
+warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex is not installed|Transformer Engine and Apex are not installed")
 
 # The backend module is callable: backend() -> current backend name.
 from npu_dsv3 import backend  # noqa: E402

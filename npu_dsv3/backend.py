@@ -79,6 +79,7 @@ __all__ = [
     "ENV_VAR",
     "BackendUnavailableError",
     "select_backend",
+    "require_backend",
     "init_backend",
     "current_backend",
     "device",
@@ -110,6 +111,29 @@ def _npu_probe() -> tuple[bool, str]:
     return True, ""
 
 
+def require_backend(name: str) -> None:
+    """Raise BackendUnavailableError, saying what is missing, unless ``name`` can run here."""
+    if name == "npu":
+        ok, why = _npu_probe()
+        if not ok:
+            raise BackendUnavailableError(
+                f"{ENV_VAR}=npu but {why}. Install the torch_npu release that matches "
+                f"torch {torch.__version__} and source CANN's environment "
+                f"(e.g. `source /usr/local/Ascend/ascend-toolkit/set_env.sh`), check `npu-smi info` "
+                f"and ASCEND_RT_VISIBLE_DEVICES; or unset {ENV_VAR} to auto-select."
+            )
+    elif name == "cuda" and not torch.cuda.is_available():
+        missing = (
+            f"this torch build ({torch.__version__}) has no CUDA support"
+            if torch.version.cuda is None
+            else "no CUDA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+        )
+        raise BackendUnavailableError(
+            f"{ENV_VAR}=cuda but {missing}. Install a CUDA build of torch on a GPU machine, "
+            f"or set {ENV_VAR}=cpu / unset it to auto-select."
+        )
+
+
 def select_backend() -> str:
     """"npu", "cuda" or "cpu" for this process (see the module docstring)."""
     raw = os.environ.get(ENV_VAR, "")
@@ -119,30 +143,9 @@ def select_backend() -> str:
             f"{ENV_VAR}={raw!r} is not a device backend; valid values: {', '.join(BACKENDS)} "
             f"(or unset it to auto-select)"
         )
-    if requested == "npu":
-        ok, why = _npu_probe()
-        if not ok:
-            raise BackendUnavailableError(
-                f"{ENV_VAR}=npu but {why}. Install the torch_npu release that matches "
-                f"torch {torch.__version__} and source CANN's environment "
-                f"(e.g. `source /usr/local/Ascend/ascend-toolkit/set_env.sh`), check `npu-smi info` "
-                f"and ASCEND_RT_VISIBLE_DEVICES; or unset {ENV_VAR} to auto-select."
-            )
-        return "npu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            missing = (
-                f"this torch build ({torch.__version__}) has no CUDA support"
-                if torch.version.cuda is None
-                else "no CUDA GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
-            )
-            raise BackendUnavailableError(
-                f"{ENV_VAR}=cuda but {missing}. Install a CUDA build of torch on a GPU machine, "
-                f"or set {ENV_VAR}=cpu / unset it to auto-select."
-            )
-        return "cuda"
-    if requested == "cpu":
-        return "cpu"
+    if requested:
+        require_backend(requested)
+        return requested
 
     ok, why = _npu_probe()
     if ok:

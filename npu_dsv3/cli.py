@@ -112,8 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from npu_dsv3.backend import BackendUnavailableError
+    from npu_dsv3.patching import PatchError
+
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (FileNotFoundError, ValueError, BackendUnavailableError, PatchError) as e:
+        # Bad input or environment: one line that says what is wrong, no traceback.
+        print(f"npu-dsv3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

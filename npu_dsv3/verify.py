@@ -6,6 +6,9 @@ JSON line and the exit code (0 passed, 1 failed).
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -24,14 +27,21 @@ def compare_logits(ours: torch.Tensor, reference: torch.Tensor, tolerance: float
 def verify_hf_dir(hf_dir: str, dtype=torch.float32, batch: int = 2, seq_length: int = 64, seed: int = 0,
                   tolerance: float = DEFAULT_TOLERANCE) -> dict:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
     from npu_dsv3 import backend
     from npu_dsv3.model import forward_logits, load_hf
 
     device = backend.device()
     ours = load_hf(hf_dir, dtype=dtype).to(device)
-    # The eager per-expert loop is transformers' plainest reference path.
-    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, experts_implementation="eager")
+    # The eager per-expert loop is transformers' plainest reference path. transformers
+    # does not build the MTP layer and would print a table of its "unexpected" tensors.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, experts_implementation="eager")
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     reference = reference.eval().to(device)
     vocab = reference.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq_length), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -44,6 +54,8 @@ def verify_hf_dir(hf_dir: str, dtype=torch.float32, batch: int = 2, seq_length: 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("verify", help="compare our logits with transformers' on an HF model directory")
     p.add_argument("--hf-dir", required=True, help="HF DeepSeek-V3 directory (config.json + safetensors)")
+    p.add_argument("--device", choices=("cpu", "cuda", "npu"), default="cpu",
+                   help="where both models run (default %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=64)
@@ -54,6 +66,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from npu_dsv3 import backend
+
+    if args.device != backend.current_backend():
+        # The backend is fixed when npu_dsv3 is imported; run again on the requested one.
+        backend.require_backend(args.device)
+        env = {**os.environ, backend.ENV_VAR: args.device}
+        argv = ["verify", "--hf-dir", args.hf_dir, "--device", args.device, "--dtype", args.dtype,
+                "--batch-size", str(args.batch_size), "--seq-length", str(args.seq_length),
+                "--seed", str(args.seed), "--tolerance", str(args.tolerance)]
+        return subprocess.run([sys.executable, "-m", "npu_dsv3", *argv], env=env).returncode
     result = verify_hf_dir(args.hf_dir, DTYPES[args.dtype], args.batch_size, args.seq_length, args.seed, args.tolerance)
     print(json.dumps(result), flush=True)
     return 0 if result["passed"] else 1

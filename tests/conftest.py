@@ -1,4 +1,6 @@
-"""Shared test setup: `npu`-marked tests run only where an Ascend NPU is usable."""
+"""Shared test setup: `npu`-marked tests run only where an Ascend NPU is usable;
+in-process tests share one single-process gloo world (megatron's parallel state
+is process-global, so tests must not each create and destroy their own)."""
 
 import importlib.util
 
@@ -23,3 +25,10 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs torch_npu and a visible Ascend NPU")
     for item in npu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def world1():
+    from npu_dsv3.distributed import ensure_single_process_group
+
+    ensure_single_process_group()

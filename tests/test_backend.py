@@ -155,16 +155,10 @@ def test_streams_events_nvtx():
 
 
 @pytest.fixture
-def megatron_world1(tmp_path):
+def megatron_world1(world1):
     from megatron.core import parallel_state
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        parallel_state.initialize_model_parallel(1, 1)
-        yield parallel_state
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+    return parallel_state
 
 
 @on_cpu_backend

@@ -21,3 +21,15 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentRMSNorm(RMSNorm):
+    """RMSNorm on MLA's q/kv latents. DeepSeek's reference (and transformers) build
+    these with the default eps 1e-6 whatever ``rms_norm_eps`` says; megatron
+    passes ``layernorm_epsilon``, so the eps it passes is overridden here."""
+
+    def __init__(self, config, hidden_size: int, eps: float = LATENT_NORM_EPS):
+        super().__init__(config, hidden_size, eps=LATENT_NORM_EPS)

@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from npu_dsv3.model.attention import MLACoreAttention
 from npu_dsv3.model.experts import GroupedExperts
-from npu_dsv3.model.norm import RMSNorm
+from npu_dsv3.model.norm import LatentRMSNorm, RMSNorm
 from npu_dsv3.model.router import DeepSeekV3Router
 
 
@@ -79,8 +79,8 @@ def layer_spec(moe: bool) -> ModuleSpec:
                     linear_kv_up_proj=ColumnParallelLinear,
                     core_attention=MLACoreAttention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=RMSNorm,
-                    kv_layernorm=RMSNorm,
+                    q_layernorm=LatentRMSNorm,
+                    kv_layernorm=LatentRMSNorm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
