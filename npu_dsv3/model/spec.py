@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from npu_dsv3.config import moe_layer_pattern as config_moe_layer_pattern
 from npu_dsv3.model.attention import MLACoreAttention
 from npu_dsv3.model.experts import GroupedExperts
 from npu_dsv3.model.norm import LatentRMSNorm, RMSNorm
@@ -96,8 +97,8 @@ def moe_layer_pattern(config) -> list:
     freq = config.moe_layer_freq
     if not config.num_moe_experts:
         return [0] * config.num_layers
-    if isinstance(freq, int):
-        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+    if isinstance(freq, int):  # megatron's int form: MoE iff i % freq == 0
+        return config_moe_layer_pattern(config.num_layers, 0, freq)
     if len(freq) != config.num_layers:
         raise ValueError(f"moe_layer_freq lists {len(freq)} layers, the model has {config.num_layers}")
     return list(freq)
