@@ -54,6 +54,28 @@ class DeepSeekV3TransformerConfig(MLATransformerConfig):
     eos_token_id: Optional[Union[int, List[int]]] = None
     """HF ``eos_token_id``, kept for the tokenizer/data side and the reverse map."""
 
+    # Kernel choices (npu_dsv3.features maps each to its MindSpeed/Megatron flag).
+    # True takes npu_dsv3.ops (torch_npu kernels on Ascend, the fastest portable
+    # path elsewhere); False the plain unfused torch composition.
+    use_flash_attn: bool = True
+    """MLA core attention through ops.mla_attention instead of materialised scores."""
+
+    mla_fa_without_pad: bool = False
+    """On NPU, pass MLA's unequal q/k and v head dims to npu_fusion_attention unpadded (CANN >= 8.2.RC1)."""
+
+    use_fused_rmsnorm: bool = True
+    """RMSNorm through ops.rms_norm (npu_rms_norm on Ascend)."""
+
+    use_fused_swiglu: bool = True
+    """SwiGLU through ops.swiglu (npu_swiglu on Ascend)."""
+
+    use_fused_rotary_pos_emb: bool = True
+    """MLA's RoPE through ops.apply_rotary (npu_rotary_mul on Ascend)."""
+
+    use_fused_permute: bool = True
+    """MoE token permutation through ops.permute (npu_moe_token_permute on Ascend). Kept apart from
+    megatron's ``moe_permute_fusion``, which selects TransformerEngine kernels."""
+
 
 FP8_CAST_COMMAND = (
     "npu-dsv3 convert fp8-to-bf16 --input-fp8-hf-path <fp8-model-dir> "
@@ -259,6 +281,9 @@ def hf_to_mcore_config_dpskv3(hf_config: dict, **overrides) -> DeepSeekV3Transfo
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        # megatron's MLP applies the activation module of the layer spec (our SwiGLU)
+        # only under this flag; its name is TE's, the code path is not.
+        use_te_activation_func=True,
         params_dtype=torch.float32,
         # MLA
         multi_latent_attention=True,

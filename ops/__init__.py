@@ -1,1 +1,14 @@
-"""Device ops, installed as ``npu_dsv3.ops``: each op has a torch_npu path and a portable torch path with identical semantics."""
+"""Device ops, installed as ``npu_dsv3.ops``.
+
+Each op has a torch_npu path (taken for tensors on an NPU) and a portable torch
+path for CUDA and CPU with the same semantics; see each module's docstring.
+"""
+
+from npu_dsv3.ops.attention import mla_attention, reference_attention
+from npu_dsv3.ops.gmm import gmm
+from npu_dsv3.ops.permute import permute, unpermute
+from npu_dsv3.ops.rms_norm import rms_norm
+from npu_dsv3.ops.rotary import apply_rotary
+from npu_dsv3.ops.swiglu import swiglu
+
+__all__ = ["apply_rotary", "gmm", "mla_attention", "permute", "reference_attention", "rms_norm", "swiglu", "unpermute"]

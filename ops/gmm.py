@@ -2,44 +2,64 @@
 
 ``x`` is ``[T, K]`` with rows sorted by expert, ``weight`` is ``[E, K, N]`` and
 ``tokens_per_expert`` is ``[E]`` counts (zeros allowed). Row block ``e`` of the
-output is ``x_e @ weight[e]``.
+output is ``x_e @ weight[e]``; backward gives dx and dW.
 
-The portable path uses ``torch._grouped_mm`` where the build accepts the
-operands (its CPU kernel needs 16-byte aligned strides), and otherwise pads
-every expert's rows to the largest count and runs one ``bmm``: never a Python
-loop over experts.
+- NPU: ``torch_npu.npu_gmm`` (group_type 0 splits M) with the cumulative
+  ``group_list``; dW is the K-split grouped GEMM (group_type 2) of x^T and dy.
+- Portable: ``torch._grouped_mm`` where the build accepts the operands (its
+  CPU kernel needs 16-byte aligned strides), otherwise every expert's rows are
+  padded to the largest count and one ``bmm`` runs: never a loop over experts.
 """
 
 import torch
 
+from npu_dsv3.ops._npu import on_npu, torch_npu
 
-def _offsets(tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """Cumulative row counts, the ``group_list`` / ``offs`` form the kernels take."""
-    return torch.cumsum(tokens_per_expert.to(torch.int64), 0).to(torch.int32)
+
+def group_list(tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Counts -> the cumulative row offsets npu_gmm's ``group_list`` and ``_grouped_mm``'s ``offs`` take."""
+    return torch.cumsum(tokens_per_expert.to(torch.int64), 0)
+
+
+def _check(x, weight, tokens_per_expert):
+    if weight.dim() != 3 or x.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"gmm expects x [T, K] and weight [E, K, N]; got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if tokens_per_expert.numel() != weight.shape[0]:
+        raise ValueError(f"tokens_per_expert has {tokens_per_expert.numel()} entries for {weight.shape[0]} experts")
+
+
+class _NpuGMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, offsets):
+        ctx.save_for_backward(x, weight, offsets)
+        npu = torch_npu()
+        return npu.npu_gmm(x, weight, bias=None, group_list=offsets, group_type=0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, offsets = ctx.saved_tensors
+        npu = torch_npu()
+        grad_x = npu.npu_gmm(grad_out, weight.transpose(1, 2), bias=None, group_list=offsets, group_type=0)
+        grad_w = npu.npu_gmm(x.t(), grad_out, bias=None, group_list=offsets, group_type=2)
+        return grad_x, grad_w, None
+
+
+def npu_gmm(x, weight, tokens_per_expert):
+    """The torch_npu path (also run against the emulation in the tests)."""
+    return _NpuGMM.apply(x, weight, group_list(tokens_per_expert).to(x.device))
 
 
 def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
     for t in tensors:
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False
         if any((s * t.element_size()) % 16 for s in t.shape):
             return False
-    return hasattr(torch, "_grouped_mm")
-
-
-def _padded_gmm(x, weight, tokens_per_expert):
-    """Rows scattered into an ``[E, max_rows, K]`` buffer, one bmm, gathered back."""
-    num_experts = weight.shape[0]
-    counts = tokens_per_expert.to(torch.int64)
-    max_rows = int(counts.max()) if counts.numel() else 0
-    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
-    flat_index = expert_of_row * max_rows + slot
-    padded = x.new_zeros(num_experts * max_rows, x.shape[1])
-    padded = padded.index_copy(0, flat_index, x).view(num_experts, max_rows, x.shape[1])
-    out = torch.bmm(padded, weight).view(num_experts * max_rows, weight.shape[2])
-    return out.index_select(0, flat_index)
+    return True
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -60,18 +80,27 @@ class _GroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+def _padded_gmm(x, weight, tokens_per_expert):
+    """Rows scattered into an ``[E, max_rows, K]`` buffer, one bmm, gathered back."""
+    num_experts = weight.shape[0]
+    counts = tokens_per_expert.to(device=x.device, dtype=torch.int64)
+    max_rows = int(counts.max())
+    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
+    flat_index = expert_of_row * max_rows + slot
+    padded = x.new_zeros(num_experts * max_rows, x.shape[1]).index_copy(0, flat_index, x)
+    out = torch.bmm(padded.view(num_experts, max_rows, x.shape[1]), weight)
+    return out.view(num_experts * max_rows, weight.shape[2]).index_select(0, flat_index)
+
+
 def gmm(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    if weight.dim() != 3 or x.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"gmm expects x [T, K] and weight [E, K, N]; got {tuple(x.shape)} and {tuple(weight.shape)}"
-        )
-    if tokens_per_expert.numel() != weight.shape[0]:
-        raise ValueError(
-            f"tokens_per_expert has {tokens_per_expert.numel()} entries for {weight.shape[0]} experts"
-        )
+    _check(x, weight, tokens_per_expert)
     if x.shape[0] == 0:
         # Keep every weight in the graph so it still receives a (zero) gradient.
         return x @ weight.sum(0) * 0
+    if on_npu(x):
+        return npu_gmm(x, weight, tokens_per_expert)
     if x.dtype == weight.dtype and _grouped_mm_ok(x, weight):
-        return _GroupedMM.apply(x, weight, _offsets(tokens_per_expert).to(x.device))
-    return _padded_gmm(x, weight, tokens_per_expert.to(x.device))
+        return _GroupedMM.apply(x, weight, group_list(tokens_per_expert).to(device=x.device, dtype=torch.int32))
+    return _padded_gmm(x, weight, tokens_per_expert)

@@ -8,7 +8,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from npu_dsv3.ops.attention import mla_attention
+from npu_dsv3.ops.attention import mla_attention, reference_attention
 
 
 class MLACoreAttention(MegatronModule):
@@ -32,6 +32,8 @@ class MLACoreAttention(MegatronModule):
             raise ValueError(f"MLACoreAttention is causal only, got {attn_mask_type}")
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.without_pad = config.mla_fa_without_pad
+        self.attention_fn = mla_attention if config.use_flash_attn else reference_attention
 
     def forward(
         self,
@@ -43,11 +45,17 @@ class MLACoreAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
+        cu_seqlens = None
         if packed_seq_params is not None:
-            raise ValueError("packed sequences are not supported by the MLA core attention yet")
+            # megatron passes packed (THD) q/k/v as [t, h, d]; the op takes [t, 1, h, d].
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+            query, key, value = (t.unsqueeze(1) if t.dim() == 3 else t for t in (query, key, value))
+        kwargs = dict(causal=True, cu_seqlens=cu_seqlens)
+        if self.attention_fn is mla_attention:
+            kwargs["without_pad"] = self.without_pad
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p == 0.0:
-            return mla_attention(query, key, value, self.softmax_scale, causal=True)
+            return self.attention_fn(query, key, value, self.softmax_scale, **kwargs)
         # Heads are split over TP ranks, so each rank needs its own dropout stream.
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            return mla_attention(query, key, value, self.softmax_scale, causal=True, dropout_p=dropout_p)
+            return self.attention_fn(query, key, value, self.softmax_scale, dropout_p=dropout_p, **kwargs)

@@ -12,7 +12,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.experts import GroupedMLP
 
 from npu_dsv3.ops.gmm import gmm
-from npu_dsv3.ops.swiglu import swiglu
+from npu_dsv3.ops.swiglu import reference_swiglu, swiglu
 
 
 class GroupedExperts(GroupedMLP):
@@ -20,9 +20,10 @@ class GroupedExperts(GroupedMLP):
         if not (config.gated_linear_unit and config.activation_func is torch.nn.functional.silu):
             raise ValueError("GroupedExperts implements SwiGLU experts only (hidden_act silu)")
         super().__init__(num_local_experts, config, pg_collection=pg_collection)
+        self.swiglu = swiglu if config.use_fused_swiglu else reference_swiglu
 
     def _act_with_probs(self, fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        return (swiglu(fc1_out) * probs.unsqueeze(-1)).to(fc1_out.dtype)
+        return (self.swiglu(fc1_out) * probs.unsqueeze(-1)).to(fc1_out.dtype)
 
     def forward(self, permuted_hidden: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor):
         hidden = self.config.hidden_size

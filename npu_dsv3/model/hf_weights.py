@@ -62,12 +62,23 @@ def _layer_rules(config, mc: str, hf: str, moe: bool) -> Iterator[Rule]:
     yield f"{mc}.mlp.router.weight", [f"{mlp}.gate.weight"], _single
     if config.moe_router_enable_expert_bias:
         yield f"{mc}.mlp.router.expert_bias", [f"{mlp}.gate.e_score_correction_bias"], _single
-    yield (
-        f"{mc}.mlp.experts.weight1",
-        [f"{mlp}.experts.{e}.gate_proj.weight" for e in experts] + [f"{mlp}.experts.{e}.up_proj.weight" for e in experts],
-        _experts_fc1(config.num_moe_experts),
-    )
-    yield f"{mc}.mlp.experts.weight2", [f"{mlp}.experts.{e}.down_proj.weight" for e in experts], _experts_fc2
+    if config.moe_grouped_gemm:
+        yield (
+            f"{mc}.mlp.experts.weight1",
+            [f"{mlp}.experts.{e}.gate_proj.weight" for e in experts]
+            + [f"{mlp}.experts.{e}.up_proj.weight" for e in experts],
+            _experts_fc1(config.num_moe_experts),
+        )
+        yield f"{mc}.mlp.experts.weight2", [f"{mlp}.experts.{e}.down_proj.weight" for e in experts], _experts_fc2
+    else:  # megatron's SequentialMLP: one MLP per expert
+        for e in experts:
+            local, hf_expert = f"{mc}.mlp.experts.local_experts.{e}", f"{mlp}.experts.{e}"
+            yield (
+                f"{local}.linear_fc1.weight",
+                [f"{hf_expert}.gate_proj.weight", f"{hf_expert}.up_proj.weight"],
+                _cat_rows,
+            )
+            yield f"{local}.linear_fc2.weight", [f"{hf_expert}.down_proj.weight"], _single
     if config.moe_shared_expert_intermediate_size:
         shared = f"{mlp}.shared_experts"
         yield (

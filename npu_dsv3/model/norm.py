@@ -2,7 +2,9 @@
 
 import torch
 
-from npu_dsv3.ops.rms_norm import rms_norm
+from npu_dsv3.ops.rms_norm import reference_rms_norm, rms_norm
+
+LATENT_NORM_EPS = 1e-6
 
 
 class RMSNorm(torch.nn.Module):
@@ -16,14 +18,12 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
+        self.norm_fn = rms_norm if config.use_fused_rmsnorm else reference_rms_norm
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-LATENT_NORM_EPS = 1e-6
+        return self.norm_fn(x, self.weight, self.eps)
 
 
 class LatentRMSNorm(RMSNorm):

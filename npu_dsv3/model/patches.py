@@ -7,7 +7,11 @@ CPU machine, so the CPU run exercises the same module structure as the NPU one.
 import importlib.util
 import types
 
+from npu_dsv3.model.moe_layer import fused_permute_enabled
 from npu_dsv3.ops.gmm import gmm
+from npu_dsv3.ops.permute import permute as ops_permute
+from npu_dsv3.ops.permute import unpermute as ops_unpermute
+from npu_dsv3.ops.rotary import apply_rotary
 from npu_dsv3.patching import Patch, register
 
 _HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
@@ -59,3 +63,60 @@ register(
         why="GroupedMLP (and our GroupedExperts built on it) asserts the CUDA grouped_gemm package at init",
     )
 )
+
+
+def _mla_rotary(original):
+    def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
+        # Packed (THD) positions restart per document: megatron's own THD path handles them.
+        if getattr(config, "use_fused_rotary_pos_emb", False) and cu_seqlens is None:
+            return apply_rotary(t, freqs, mscale)
+        return original(t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+
+    return apply_rotary_pos_emb
+
+
+register(
+    Patch(
+        name="mla.apply_rotary_pos_emb",
+        feature="fused-rotary-pos-emb",
+        target="megatron.core.transformer.multi_latent_attention.apply_rotary_pos_emb",
+        replacement=_mla_rotary,
+        wrap=True,
+        why="--use-fused-rotary-pos-emb: MLA's RoPE through ops.apply_rotary (npu_rotary_mul on Ascend)",
+    )
+)
+
+
+def _dispatcher_permute(original):
+    def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False):
+        if fused_permute_enabled() and not drop_and_pad:
+            return ops_permute(tokens, routing_map, probs=probs, num_out_tokens=num_out_tokens)
+        return original(tokens, routing_map, probs=probs, num_out_tokens=num_out_tokens, fused=fused,
+                        drop_and_pad=drop_and_pad)
+
+    return permute
+
+
+def _dispatcher_unpermute(original):
+    def unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None, routing_map=None, fused=False,
+                  drop_and_pad=False):
+        if fused_permute_enabled() and not drop_and_pad and probs is None:
+            return ops_unpermute(permuted_tokens, sorted_indices, restore_shape, routing_map=routing_map)
+        return original(permuted_tokens, sorted_indices, restore_shape, probs=probs, routing_map=routing_map,
+                        fused=fused, drop_and_pad=drop_and_pad)
+
+    return unpermute
+
+
+for _name, _wrapper in (("permute", _dispatcher_permute), ("unpermute", _dispatcher_unpermute)):
+    register(
+        Patch(
+            name=f"moe.dispatcher_{_name}",
+            feature="moe-permute-fusion",
+            target=f"megatron.core.transformer.moe.token_dispatcher.{_name}",
+            replacement=_wrapper,
+            wrap=True,
+            why=f"--moe-permute-fusion: the dispatcher's token {_name} through ops.{_name} "
+            f"(npu_moe_token_{_name} on Ascend) inside MoE layers that enable it",
+        )
+    )

@@ -11,7 +11,8 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -26,8 +27,10 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from npu_dsv3.config import moe_layer_pattern as config_moe_layer_pattern
+from npu_dsv3.model.activation import SwiGLU
 from npu_dsv3.model.attention import MLACoreAttention
 from npu_dsv3.model.experts import GroupedExperts
+from npu_dsv3.model.moe_layer import DeepSeekV3MoELayer
 from npu_dsv3.model.norm import LatentRMSNorm, RMSNorm
 from npu_dsv3.model.router import DeepSeekV3Router
 
@@ -42,29 +45,35 @@ class DeepSeekV3SpecProvider(LocalSpecProvider):
         return MLACoreAttention
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm, moe_use_legacy_grouped_gemm):
-        return GroupedExperts, None
+        """--moe-grouped-gemm: grouped GEMMs (ops.gmm), else megatron's per-expert loop."""
+        if moe_use_grouped_gemm:
+            return GroupedExperts, None
+        return SequentialMLP, _mlp_submodules()
+
+    def activation_func(self) -> type:
+        return SwiGLU
 
 
 BACKEND = DeepSeekV3SpecProvider()
 
 
 def _mlp_submodules() -> MLPSubmodules:
-    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear, activation_func=SwiGLU)
 
 
-def moe_spec() -> ModuleSpec:
-    experts, _ = BACKEND.grouped_mlp_modules(True, False)
+def moe_spec(grouped_gemm: bool) -> ModuleSpec:
+    experts, expert_submodules = BACKEND.grouped_mlp_modules(grouped_gemm, False)
     return ModuleSpec(
-        module=MoELayer,
+        module=DeepSeekV3MoELayer,
         submodules=MoESubmodules(
-            experts=ModuleSpec(module=experts),
+            experts=ModuleSpec(module=experts, submodules=expert_submodules),
             shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=_mlp_submodules()),
             router=DeepSeekV3Router,
         ),
     )
 
 
-def layer_spec(moe: bool) -> ModuleSpec:
+def layer_spec(moe: bool, grouped_gemm: bool = True) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -86,7 +95,7 @@ def layer_spec(moe: bool) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=moe_spec() if moe else ModuleSpec(module=MLP, submodules=_mlp_submodules()),
+            mlp=moe_spec(grouped_gemm) if moe else ModuleSpec(module=MLP, submodules=_mlp_submodules()),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -106,7 +115,7 @@ def moe_layer_pattern(config) -> list:
 
 def decoder_block_spec(config, vp_stage=None, pp_rank=None) -> TransformerBlockSubmodules:
     """Specs of the decoder layers this (pp rank, virtual stage) builds, plus the final norm."""
-    specs = [layer_spec(bool(m)) for m in moe_layer_pattern(config)]
+    specs = [layer_spec(bool(m), config.moe_grouped_gemm) for m in moe_layer_pattern(config)]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=specs[offset : offset + count], layer_norm=RMSNorm)
@@ -117,5 +126,6 @@ def mtp_block_spec(config, vp_stage=None, pp_rank=None):
     if not config.mtp_num_layers:
         return None
     return get_gpt_mtp_block_spec_for_backend(
-        config, layer_spec(moe=bool(config.num_moe_experts)), BACKEND, vp_stage=vp_stage, pp_rank=pp_rank
+        config, layer_spec(bool(config.num_moe_experts), config.moe_grouped_gemm), BACKEND,
+        vp_stage=vp_stage, pp_rank=pp_rank,
     )

@@ -15,7 +15,7 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 
@@ -69,7 +69,12 @@ def train_step(model_chunks, optimizer, data_iterator, num_microbatches: int, se
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    clear_aux_losses_tracker()
+    # megatron's tracker is process-global and sized by the first model that logs;
+    # emptying it (not just zeroing) keeps it right for whichever model steps now.
+    get_moe_layer_wise_logging_tracker().clear()
+    # The schedule copies this step's loss scale into this class-level tensor; one left
+    # behind by a backward outside the schedule (a 0-d default) has the wrong shape for it.
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     losses = get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=data_iterator,

@@ -1,0 +1,14 @@
+"""SwiGLU for megatron's MLP (dense layers, shared and per-expert MLPs)."""
+
+import torch
+
+from npu_dsv3.ops.swiglu import reference_swiglu, swiglu
+
+
+class SwiGLU(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fn = swiglu if config.use_fused_swiglu else reference_swiglu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
