@@ -31,7 +31,7 @@ FEATURES = (
     Feature("--moe-permute-fusion", "use_fused_permute",
             "MoE token permutation via ops.permute (npu_moe_token_permute on Ascend)"),
     Feature("--moe-grouped-gemm", "moe_grouped_gemm",
-            "routed experts as grouped GEMMs via ops.gmm (npu_gmm on Ascend) instead of a per-expert loop"),
+            "routed experts as grouped GEMMs via ops.gmm (npu_grouped_matmul on Ascend) instead of a per-expert loop"),
 )
 
 

@@ -4,8 +4,10 @@
 ``tokens_per_expert`` is ``[E]`` counts (zeros allowed). Row block ``e`` of the
 output is ``x_e @ weight[e]``; backward gives dx and dW.
 
-- NPU: ``torch_npu.npu_gmm`` (group_type 0 splits M) with the cumulative
-  ``group_list``; dW is the K-split grouped GEMM (group_type 2) of x^T and dy.
+- NPU: ``torch_npu.npu_grouped_matmul`` on single tensors (split_item 3) with the
+  cumulative ``group_list`` tensor (group_list_type 0): group_type 0 splits M for
+  y and dx; dW is the K-split grouped GEMM (group_type 2) of x^T and dy. (torch_npu
+  has no ``npu_gmm``: that name is MindSpeed's wrapper around the same kernel.)
 - Portable: ``torch._grouped_mm`` where the build accepts the operands (its
   CPU kernel needs 16-byte aligned strides), otherwise every expert's rows are
   padded to the largest count and one ``bmm`` runs: never a loop over experts.
@@ -17,7 +19,7 @@ from npu_dsv3.ops._npu import on_npu, torch_npu
 
 
 def group_list(tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """Counts -> the cumulative row offsets npu_gmm's ``group_list`` and ``_grouped_mm``'s ``offs`` take."""
+    """Counts -> the cumulative row offsets npu_grouped_matmul's ``group_list`` and ``_grouped_mm``'s ``offs`` take."""
     return torch.cumsum(tokens_per_expert.to(torch.int64), 0)
 
 
@@ -30,19 +32,36 @@ def _check(x, weight, tokens_per_expert):
         raise ValueError(f"tokens_per_expert has {tokens_per_expert.numel()} entries for {weight.shape[0]} experts")
 
 
+_SINGLE_TENSOR_OUT = 3  # split_item: x and y are single tensors
+_SPLIT_M = 0
+_SPLIT_K = 2
+_CUMULATIVE = 0  # group_list_type: group_list holds cumulative ends
+
+
+def _grouped_matmul(x, weight, offsets, group_type):
+    return torch_npu().npu_grouped_matmul(
+        [x], [weight], bias=None, group_list=offsets, split_item=_SINGLE_TENSOR_OUT,
+        group_type=group_type, group_list_type=_CUMULATIVE,
+    )[0]
+
+
 class _NpuGMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, offsets):
+        x = x.contiguous()  # the kernel does not take a transposed x for group_type 0
         ctx.save_for_backward(x, weight, offsets)
-        npu = torch_npu()
-        return npu.npu_gmm(x, weight, bias=None, group_list=offsets, group_type=0)
+        return _grouped_matmul(x, weight, offsets, _SPLIT_M)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, offsets = ctx.saved_tensors
-        npu = torch_npu()
-        grad_x = npu.npu_gmm(grad_out, weight.transpose(1, 2), bias=None, group_list=offsets, group_type=0)
-        grad_w = npu.npu_gmm(x.t(), grad_out, bias=None, group_list=offsets, group_type=2)
+        grad_out = grad_out.contiguous()  # autograd may hand over an expanded (stride 0) gradient
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _grouped_matmul(grad_out, weight.transpose(1, 2), offsets, _SPLIT_M)
+        if ctx.needs_input_grad[1]:
+            # K-split: x^T [K, M] and dy [M, N], grouped along M -> [E, K, N].
+            grad_w = _grouped_matmul(x.t(), grad_out, offsets, _SPLIT_K)
         return grad_x, grad_w, None
 
 

@@ -20,7 +20,8 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def npu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch_npu().npu_rms_norm(x, weight, epsilon=eps)[0]
+    # The kernel takes gamma in the input's dtype.
+    return torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

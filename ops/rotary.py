@@ -7,7 +7,8 @@ returns them; ``mscale`` is YaRN's attention factor on cos and sin. The result
 is in the half layout (even dims first, then odd), which is how megatron and
 transformers continue: q.k is unchanged because q and k get the same layout.
 
-- NPU: de-interleave, then ``torch_npu.npu_rotary_mul(x, cos, sin, rotary_mode='half')``.
+- NPU: de-interleave, then ``torch_npu.npu_rotary_mul(x, cos, sin, rotary_mode='half')``
+  (cos/sin unscaled, as its documented [-1, 1] range requires; mscale multiplies the result).
 - Portable: de-interleave, then ``x * cos + rotate_half(x) * sin``.
 """
 
@@ -34,8 +35,10 @@ def reference_apply_rotary(t: torch.Tensor, freqs: torch.Tensor, mscale: float =
 
 def npu_apply_rotary(t: torch.Tensor, freqs: torch.Tensor, mscale: float = 1.0) -> torch.Tensor:
     x = _deinterleave(t)
-    cos, sin = _cos_sin(freqs, mscale, x.dtype)
-    return torch_npu().npu_rotary_mul(x, cos, sin, rotary_mode="half")
+    # npu_rotary_mul documents r1/r2 in [-1, 1]: pass plain cos/sin, apply mscale after (the map is linear).
+    cos, sin = _cos_sin(freqs, 1.0, x.dtype)
+    out = torch_npu().npu_rotary_mul(x, cos, sin, rotary_mode="half")
+    return out if mscale == 1.0 else out * mscale
 
 
 def apply_rotary(t: torch.Tensor, freqs: torch.Tensor, mscale: float = 1.0) -> torch.Tensor:

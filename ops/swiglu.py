@@ -16,7 +16,9 @@ def reference_swiglu(x: torch.Tensor) -> torch.Tensor:
 
 
 def npu_swiglu(x: torch.Tensor) -> torch.Tensor:
-    return torch_npu().npu_swiglu(x, dim=-1)
+    if x.numel() == 0:  # the kernel takes no empty tensor (an expert shard that received no tokens)
+        return reference_swiglu(x)
+    return torch_npu().npu_swiglu(x.contiguous(), dim=-1)  # nor a non-contiguous one
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:

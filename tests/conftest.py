@@ -32,3 +32,18 @@ def world1():
     from npu_dsv3.distributed import ensure_single_process_group
 
     ensure_single_process_group()
+
+
+@pytest.fixture
+def fake_torch_npu(monkeypatch):
+    """Installs tests/npu_emulation.py (a plain-torch EMULATION of the documented torch_npu API,
+    not torch_npu) as ``sys.modules["torch_npu"]`` for one test; removed afterwards."""
+    import sys
+
+    import npu_emulation
+
+    monkeypatch.setitem(sys.modules, "torch_npu", npu_emulation)
+    monkeypatch.setattr(npu_emulation, "REQUIRE_PADDED_HEAD_DIM", True)
+    npu_emulation.calls.clear()
+    yield npu_emulation
+    npu_emulation.calls.clear()

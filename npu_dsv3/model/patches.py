@@ -50,7 +50,7 @@ register(
         feature="model",
         target="megatron.core.transformer.moe.grouped_gemm_util.ops",
         replacement=types.SimpleNamespace(gmm=_gmm),
-        why="grouped GEMM comes from npu_dsv3.ops.gmm (npu_gmm on Ascend), not the CUDA grouped_gemm package",
+        why="grouped GEMM comes from npu_dsv3.ops.gmm (npu_grouped_matmul on Ascend), not the CUDA grouped_gemm package",
     )
 )
 
@@ -100,8 +100,8 @@ def _dispatcher_permute(original):
 def _dispatcher_unpermute(original):
     def unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None, routing_map=None, fused=False,
                   drop_and_pad=False):
-        if fused_permute_enabled() and not drop_and_pad and probs is None:
-            return ops_unpermute(permuted_tokens, sorted_indices, restore_shape, routing_map=routing_map)
+        if fused_permute_enabled() and not drop_and_pad:
+            return ops_unpermute(permuted_tokens, sorted_indices, restore_shape, probs=probs, routing_map=routing_map)
         return original(permuted_tokens, sorted_indices, restore_shape, probs=probs, routing_map=routing_map,
                         fused=fused, drop_and_pad=drop_and_pad)
 
