@@ -1,6 +1,7 @@
 """Build the model from an HF DeepSeek-V3 directory (one process, TP=PP=EP=1)."""
 
 import warnings
+from typing import Callable
 
 import torch
 
@@ -8,7 +9,8 @@ from npu_dsv3.checkpoint.hf_reader import CheckpointError, HFCheckpointReader
 from npu_dsv3.config import hf_to_mcore_config_dpskv3, load_hf_config
 from npu_dsv3.distributed import ensure_single_process_group
 from npu_dsv3.model.builder import build_model
-from npu_dsv3.model.hf_weights import hf_to_mcore_rules
+from npu_dsv3.checkpoint.rank_state import ParallelLayout, chunk_state_dict
+from npu_dsv3.layout import PipelineLayout
 
 
 def _mtp_present(reader: HFCheckpointReader, hf_config: dict) -> bool:
@@ -39,37 +41,31 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides):
         **overrides,
     )
     model = build_model(config)
-    load_hf_weights(model, reader)
+    load_hf_weights(model, reader.get, path)
     return model.eval()
 
 
-def load_hf_weights(model, reader: HFCheckpointReader) -> None:
-    """Copy every tensor the model owns from the HF checkpoint; any mismatch is an error."""
-    config = model.config
+def single_rank_layout(config) -> ParallelLayout:
+    """TP = PP = EP = 1: the whole model in one chunk."""
+    return ParallelLayout(PipelineLayout(config.num_layers, mtp_num_layers=config.mtp_num_layers or 0),
+                          grouped_gemm=config.moe_grouped_gemm)
+
+
+def load_hf_weights(model, get: Callable[[str], torch.Tensor], source: str) -> None:
+    """Copy every tensor the model owns from HF tensors read by ``get``; any mismatch is an error."""
+    values = chunk_state_dict(model.config, single_rank_layout(model.config), get, 0, 0, 0, 0)
     params = model.state_dict(keep_vars=True)
     expected = {k for k in params if not k.endswith("_extra_state")}
-    seen = set()
-    for name, sources, combine in hf_to_mcore_rules(config):
-        if name not in params:
-            continue  # e.g. an MTP layer this model was built without
-        value = combine([reader.get(s) for s in sources])
+    if values.keys() != expected:
+        missing, extra = sorted(expected - values.keys()), sorted(values.keys() - expected)
+        raise CheckpointError(f"{source} does not fit the model: no source for {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
+    for name, value in values.items():
         target = params[name]
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            value = _pad_vocab(value, target.shape[0], name, reader.path)
         if value.shape != target.shape:
             raise CheckpointError(
-                f"{name} built from {sources[0]}{' ...' if len(sources) > 1 else ''} has shape "
-                f"{tuple(value.shape)}, the model expects {tuple(target.shape)}: config.json and weights disagree"
+                f"{name} from {source} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(target.shape)}: config.json and weights disagree"
             )
         with torch.no_grad():
             target.copy_(value)
-        seen.add(name)
-    missing = sorted(expected - seen)
-    if missing:
-        raise CheckpointError(f"no HF source for model tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-
-
-def _pad_vocab(value: torch.Tensor, rows: int, name: str, path: str) -> torch.Tensor:
-    if value.shape[0] > rows:
-        raise CheckpointError(f"{name} has {value.shape[0]} vocab rows in {path}, more than the model's {rows}")
-    return torch.cat([value, value.new_zeros(rows - value.shape[0], *value.shape[1:])])

@@ -1,0 +1,227 @@
+"""One rank's model chunks in megatron's local names, built from HF tensors, and back.
+
+``chunk_state_dict`` gives the tensors of one (tensor, pipeline, expert) rank's
+model chunk; ``HFFromRanks`` rebuilds the HF tensors from every rank's chunks.
+The cuts come from ``sharding`` and the placement of layers from
+``npu_dsv3.layout``, so the converter, the single-process loader and training
+agree on every name and shape.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import torch
+
+from npu_dsv3.checkpoint import sharding
+from npu_dsv3.checkpoint.hf_reader import CheckpointError
+from npu_dsv3.layout import LayoutError, PipelineLayout
+from npu_dsv3.model.builder import padded_vocab_size
+from npu_dsv3.model.spec import moe_layer_pattern
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where every tensor of a checkpoint lives: TP / EP / expert-TP sizes and the pipeline layout."""
+
+    pipeline: PipelineLayout
+    tp: int = 1
+    ep: int = 1
+    etp: int = 1
+    grouped_gemm: bool = True
+
+    def __post_init__(self):
+        if self.etp not in (1, self.tp):
+            raise LayoutError(
+                f"--expert-tensor-parallel-size {self.etp} must be 1 or equal --target-tensor-parallel-size {self.tp}"
+            )
+
+    def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
+        name = f"mp_rank_{tp_rank:02d}"
+        if self.pipeline.pp > 1:
+            name += f"_{pp_rank:03d}"
+        if self.ep > 1:
+            name += f"_{ep_rank:03d}"
+        return name
+
+    def ranks(self) -> Iterator[Tuple[int, int, int]]:
+        for pp_rank in range(self.pipeline.pp):
+            for ep_rank in range(self.ep):
+                for tp_rank in range(self.tp):
+                    yield tp_rank, pp_rank, ep_rank
+
+    def chunk_key(self, chunk: int) -> str:
+        return "model" if self.pipeline.num_chunks == 1 else f"model{chunk}"
+
+
+def check_layout(config, par: ParallelLayout) -> None:
+    """Everything that must divide, divides; the message names the flag."""
+    layout = par.pipeline
+    if layout.num_real_layers != config.num_layers:
+        raise LayoutError(
+            f"--num-layers {layout.num_layers} minus {len(layout.noop_layers)} --noop-layers is "
+            f"{layout.num_real_layers}, but the model has {config.num_layers} layers"
+        )
+    if config.num_moe_experts and config.num_moe_experts % par.ep:
+        raise LayoutError(
+            f"{config.num_moe_experts} experts do not divide over --target-expert-parallel-size {par.ep}"
+        )
+    checks = [("attention heads", config.num_attention_heads, par.tp),
+              ("kv_lora_rank + qk_rope_head_dim", config.kv_lora_rank + config.qk_pos_emb_head_dim, par.tp),
+              ("ffn_hidden_size", config.ffn_hidden_size, par.tp)]
+    if config.q_lora_rank is not None:
+        checks.append(("q_lora_rank", config.q_lora_rank, par.tp))
+    if config.num_moe_experts:
+        checks.append(("moe_ffn_hidden_size", config.moe_ffn_hidden_size, par.etp))
+    for what, size, parts in checks:
+        if size % parts:
+            raise LayoutError(f"{what} ({size}) does not split over {parts} tensor-parallel ranks; "
+                              "change --target-tensor-parallel-size / --expert-tensor-parallel-size")
+
+
+def _layer_specs(config, moe: bool) -> List[sharding.Spec]:
+    specs = sharding.attention_specs(config.q_lora_rank)
+    return specs + (sharding.moe_specs(config) if moe else sharding.dense_mlp_specs())
+
+
+def _local_experts(config, par: ParallelLayout, ep_rank: int) -> range:
+    per_rank = config.num_moe_experts // par.ep
+    return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+
+def _layer_to_mcore(config, par, get, mc: str, hf: str, moe: bool, tp_rank: int, ep_rank: int):
+    out = {}
+    for spec in _layer_specs(config, moe):
+        out[mc + spec.mcore] = sharding.shard(spec, [get(hf + s) for s in spec.hf], par.tp, tp_rank)
+    if not moe:
+        return out
+    etp_rank = tp_rank if par.etp > 1 else 0
+    fc1, fc2 = [], []
+    for e in _local_experts(config, par, ep_rank):
+        expert = f"{hf}mlp.experts.{e}."
+        fc1.append(sharding.expert_fc1(get(expert + "gate_proj.weight"), get(expert + "up_proj.weight"),
+                                       par.etp, etp_rank))
+        fc2.append(sharding.expert_fc2(get(expert + "down_proj.weight"), par.etp, etp_rank))
+    if par.grouped_gemm:
+        for name, tensor in sharding.grouped_weights(fc1, fc2).items():
+            out[f"{mc}mlp.experts.{name}"] = tensor
+    else:
+        for local, (w1, w2) in enumerate(zip(fc1, fc2)):
+            out[f"{mc}mlp.experts.local_experts.{local}.linear_fc1.weight"] = w1.t()
+            out[f"{mc}mlp.experts.local_experts.{local}.linear_fc2.weight"] = w2.t()
+    return out
+
+
+def _vocab_rows(config, par, tensor: torch.Tensor, tp_rank: int) -> torch.Tensor:
+    padded = padded_vocab_size(config.vocab_size, par.tp)
+    if tensor.shape[0] != config.vocab_size:
+        raise CheckpointError(f"vocabulary tensor has {tensor.shape[0]} rows, config.json says {config.vocab_size}")
+    tensor = torch.cat([tensor, tensor.new_zeros(padded - tensor.shape[0], *tensor.shape[1:])])
+    return tensor.chunk(par.tp, 0)[tp_rank]
+
+
+def chunk_state_dict(config, par: ParallelLayout, get: Callable[[str], torch.Tensor],
+                     tp_rank: int, pp_rank: int, ep_rank: int, chunk: int) -> Dict[str, torch.Tensor]:
+    """One model chunk of one rank, in megatron's local names, from HF tensors read by ``get``."""
+    layout = par.pipeline
+    pattern = moe_layer_pattern(config)
+    out = {}
+    if layout.has_embedding(pp_rank, chunk):
+        out["embedding.word_embeddings.weight"] = _vocab_rows(config, par, get("model.embed_tokens.weight"), tp_rank)
+    for local, global_index in enumerate(layout.chunk_layers(pp_rank, chunk)):
+        hf_index = layout.real_layer(global_index)
+        if hf_index is not None:  # noop layers hold no weights
+            out.update(_layer_to_mcore(config, par, get, f"decoder.layers.{local}.", f"model.layers.{hf_index}.",
+                                       bool(pattern[hf_index]), tp_rank, ep_rank))
+    if layout.has_head(pp_rank, chunk):
+        out["decoder.final_layernorm.weight"] = get("model.norm.weight")
+        if not config.tie_word_embeddings:
+            out["output_layer.weight"] = _vocab_rows(config, par, get("lm_head.weight"), tp_rank)
+        for depth in range(config.mtp_num_layers or 0):
+            mc, hf = f"mtp.layers.{depth}.", f"model.layers.{config.num_layers + depth}."
+            for spec in sharding.mtp_specs():
+                out[mc + spec.mcore] = sharding.shard(spec, [get(hf + s) for s in spec.hf], par.tp, tp_rank)
+            out.update(_layer_to_mcore(config, par, get, mc + "transformer_layer.", hf,
+                                       bool(config.num_moe_experts), tp_rank, ep_rank))
+    return out
+
+
+
+
+class HFFromRanks:
+    """Rebuilds HF tensors from ranks' model chunks, one pipeline stage at a time.
+
+    ``fetch(tp_rank, pp_rank, ep_rank, chunk)`` returns that chunk's state dict;
+    ``describe(tp_rank, pp_rank, ep_rank)`` names where it came from, for errors;
+    ``release()`` is called when a stage is done so its files can be dropped.
+    """
+
+    def __init__(self, config, par: ParallelLayout, fetch: Callable, describe: Callable, release: Callable = lambda: None):
+        self.config, self.par = config, par
+        self.fetch, self.describe, self.release = fetch, describe, release
+
+    def _pieces(self, pp_rank, chunk, name, ep_rank=0, ranks=None) -> List[torch.Tensor]:
+        pieces = []
+        for tp_rank in ranks if ranks is not None else range(self.par.tp):
+            sd = self.fetch(tp_rank, pp_rank, ep_rank, chunk)
+            if name not in sd:
+                raise CheckpointError(
+                    f"{name} is missing from {self.describe(tp_rank, pp_rank, ep_rank)}: "
+                    "the --source-* layout flags or the model config disagree with the checkpoint"
+                )
+            pieces.append(sd[name])
+        return pieces
+
+    def hf_tensors(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(HF name, tensor) for the whole model, layer by layer."""
+        config, layout = self.config, self.par.pipeline
+        pattern = moe_layer_pattern(config)
+        for pp_rank, chunk in layout.stages():
+            if layout.has_embedding(pp_rank, chunk) and (pp_rank, chunk) == layout.first_stage():
+                yield "model.embed_tokens.weight", self._vocab("embedding.word_embeddings.weight", pp_rank, chunk)
+            for local, global_index in enumerate(layout.chunk_layers(pp_rank, chunk)):
+                hf_index = layout.real_layer(global_index)
+                if hf_index is not None:
+                    yield from self._layer(pp_rank, chunk, f"decoder.layers.{local}.", f"model.layers.{hf_index}.",
+                                           bool(pattern[hf_index]))
+            if layout.has_head(pp_rank, chunk):
+                yield "model.norm.weight", self._pieces(pp_rank, chunk, "decoder.final_layernorm.weight")[0]
+                if not config.tie_word_embeddings:
+                    yield "lm_head.weight", self._vocab("output_layer.weight", pp_rank, chunk)
+                for depth in range(config.mtp_num_layers or 0):
+                    mc, hf = f"mtp.layers.{depth}.", f"model.layers.{config.num_layers + depth}."
+                    for spec in sharding.mtp_specs():
+                        for hf_name, tensor in zip(spec.hf, sharding.merge(spec, self._pieces(pp_rank, chunk, mc + spec.mcore))):
+                            yield hf + hf_name, tensor
+                    yield from self._layer(pp_rank, chunk, mc + "transformer_layer.", hf, bool(config.num_moe_experts))
+            self.release()  # this stage's rank files are done with
+
+    def _vocab(self, name, pp_rank, chunk) -> torch.Tensor:
+        return torch.cat(self._pieces(pp_rank, chunk, name), 0)[: self.config.vocab_size]
+
+    def _layer(self, pp_rank, chunk, mc, hf, moe):
+        for spec in _layer_specs(self.config, moe):
+            for hf_name, tensor in zip(spec.hf, sharding.merge(spec, self._pieces(pp_rank, chunk, mc + spec.mcore))):
+                yield hf + hf_name, tensor
+        if not moe:
+            return
+        par, hidden = self.par, self.config.hidden_size
+        etp_ranks = range(par.etp)  # expert-TP rank r lives in the file of tensor rank r
+        for ep_rank in range(par.ep):
+            experts = _local_experts(self.config, par, ep_rank)
+            if par.grouped_gemm:
+                w1 = self._pieces(pp_rank, chunk, f"{mc}mlp.experts.weight1", ep_rank, etp_ranks)
+                w2 = self._pieces(pp_rank, chunk, f"{mc}mlp.experts.weight2", ep_rank, etp_ranks)
+                views = [sharding.split_grouped(a, b, len(experts), hidden) for a, b in zip(w1, w2)]
+                fc1 = [[v[0][i] for v in views] for i in range(len(experts))]
+                fc2 = [[v[1][i] for v in views] for i in range(len(experts))]
+            else:
+                fc1 = [[p.t() for p in self._pieces(pp_rank, chunk, f"{mc}mlp.experts.local_experts.{i}.linear_fc1.weight",
+                                                     ep_rank, etp_ranks)] for i in range(len(experts))]
+                fc2 = [[p.t() for p in self._pieces(pp_rank, chunk, f"{mc}mlp.experts.local_experts.{i}.linear_fc2.weight",
+                                                     ep_rank, etp_ranks)] for i in range(len(experts))]
+            for i, e in enumerate(experts):
+                gate, up, down = sharding.merge_expert(fc1[i], fc2[i])
+                expert = f"{hf}mlp.experts.{e}."
+                yield expert + "gate_proj.weight", gate
+                yield expert + "up_proj.weight", up
+                yield expert + "down_proj.weight", down

@@ -1,0 +1,137 @@
+"""How each DeepSeek-V3 tensor is split over tensor- and expert-parallel ranks.
+
+One ``Spec`` per megatron tensor of a layer: its HF sources and how the tensor
+is cut, the same rule in both directions (``shard`` for HF -> mcore, ``merge``
+for mcore -> HF), so a round trip is the identity by construction and the tests
+check it bit for bit.
+
+Cuts follow megatron-core's modules: column-parallel linears (MLA's down and up
+projections, fc1, MTP's eh_proj) split their output rows; row-parallel linears
+(linear_proj, fc2) split their input columns; gated fc1 weights ([gate; up])
+split gate and up separately; the vocabulary is padded and split by rows;
+norms, the router and the expert bias are replicated. Routed experts are split
+by expert over EP and, within an expert, like fc1/fc2 over the expert-TP group.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+REPLICATED, ROWS, COLS, GLU_ROWS = "replicated", "rows", "cols", "glu_rows"
+
+
+@dataclass(frozen=True)
+class Spec:
+    mcore: str
+    hf: Tuple[str, ...]
+    cut: str
+
+
+def attention_specs(q_lora_rank) -> List[Spec]:
+    specs = [Spec("input_layernorm.weight", ("input_layernorm.weight",), REPLICATED)]
+    if q_lora_rank is None:
+        specs.append(Spec("self_attention.linear_q_proj.weight", ("self_attn.q_proj.weight",), ROWS))
+    else:
+        specs += [
+            Spec("self_attention.linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",), ROWS),
+            Spec("self_attention.q_layernorm.weight", ("self_attn.q_a_layernorm.weight",), REPLICATED),
+            Spec("self_attention.linear_q_up_proj.weight", ("self_attn.q_b_proj.weight",), ROWS),
+        ]
+    return specs + [
+        Spec("self_attention.linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",), ROWS),
+        Spec("self_attention.kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",), REPLICATED),
+        Spec("self_attention.linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",), ROWS),
+        Spec("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), COLS),
+        Spec("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), REPLICATED),
+    ]
+
+
+def dense_mlp_specs(prefix_mcore="mlp.", prefix_hf="mlp.") -> List[Spec]:
+    return [
+        Spec(f"{prefix_mcore}linear_fc1.weight", (f"{prefix_hf}gate_proj.weight", f"{prefix_hf}up_proj.weight"), GLU_ROWS),
+        Spec(f"{prefix_mcore}linear_fc2.weight", (f"{prefix_hf}down_proj.weight",), COLS),
+    ]
+
+
+def moe_specs(config) -> List[Spec]:
+    """The MoE layer's non-routed tensors (router, bias, shared experts)."""
+    specs = [Spec("mlp.router.weight", ("mlp.gate.weight",), REPLICATED)]
+    if config.moe_router_enable_expert_bias:
+        specs.append(Spec("mlp.router.expert_bias", ("mlp.gate.e_score_correction_bias",), REPLICATED))
+    if config.moe_shared_expert_intermediate_size:
+        specs += dense_mlp_specs("mlp.shared_experts.", "mlp.shared_experts.")
+    return specs
+
+
+def mtp_specs() -> List[Spec]:
+    return [
+        Spec("enorm.weight", ("enorm.weight",), REPLICATED),
+        Spec("hnorm.weight", ("hnorm.weight",), REPLICATED),
+        Spec("eh_proj.weight", ("eh_proj.weight",), ROWS),
+        Spec("final_layernorm.weight", ("shared_head.norm.weight",), REPLICATED),
+    ]
+
+
+def _split(tensor: torch.Tensor, dim: int, parts: int, rank: int, what: str) -> torch.Tensor:
+    if tensor.shape[dim] % parts:
+        raise ValueError(f"{what}: dimension {dim} of size {tensor.shape[dim]} does not split over {parts} ranks")
+    return tensor.chunk(parts, dim=dim)[rank]
+
+
+def shard(spec: Spec, sources: Sequence[torch.Tensor], parts: int, rank: int) -> torch.Tensor:
+    """This rank's piece of ``spec``'s tensor (``parts`` ranks in its TP group)."""
+    if spec.cut == REPLICATED:
+        return sources[0]
+    if spec.cut == ROWS:
+        return _split(sources[0], 0, parts, rank, spec.mcore)
+    if spec.cut == COLS:
+        return _split(sources[0], 1, parts, rank, spec.mcore)
+    gate, up = sources
+    return torch.cat([_split(gate, 0, parts, rank, spec.mcore), _split(up, 0, parts, rank, spec.mcore)])
+
+
+def merge(spec: Spec, pieces: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """The HF sources of ``spec`` from every rank's piece, in rank order (inverse of ``shard``)."""
+    if spec.cut == REPLICATED:
+        return [pieces[0]]
+    if spec.cut == ROWS:
+        return [torch.cat(pieces, 0)]
+    if spec.cut == COLS:
+        return [torch.cat(pieces, 1)]
+    halves = [p.chunk(2, 0) for p in pieces]
+    return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+
+
+# --------------------------------------------------------------------------- routed experts
+
+
+def expert_fc1(gate: torch.Tensor, up: torch.Tensor, parts: int, rank: int) -> torch.Tensor:
+    """One expert's [hidden, 2 * ffn / parts] slice of GroupedMLP's weight1 view."""
+    return torch.cat([_split(gate, 0, parts, rank, "expert fc1"), _split(up, 0, parts, rank, "expert fc1")]).t()
+
+
+def expert_fc2(down: torch.Tensor, parts: int, rank: int) -> torch.Tensor:
+    """One expert's [ffn / parts, hidden] slice of GroupedMLP's weight2 view."""
+    return _split(down, 1, parts, rank, "expert fc2").t()
+
+
+def grouped_weights(fc1: Sequence[torch.Tensor], fc2: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """GroupedMLP's parameters from per-expert slices: weight1 [hidden, E * 2f], weight2 [E * f, hidden]."""
+    w1 = torch.stack(list(fc1)).contiguous()
+    w2 = torch.stack(list(fc2)).contiguous()
+    return {"weight1": w1.view(w1.shape[1], -1), "weight2": w2.view(-1, w2.shape[-1])}
+
+
+def split_grouped(weight1: torch.Tensor, weight2: torch.Tensor, num_local: int, hidden: int):
+    """Inverse of ``grouped_weights``: per-expert fc1 [hidden, 2f] and fc2 [f, hidden] views."""
+    return weight1.view(num_local, hidden, -1), weight2.view(num_local, -1, hidden)
+
+
+def merge_expert(fc1_pieces: Sequence[torch.Tensor], fc2_pieces: Sequence[torch.Tensor]):
+    """gate, up, down of one expert from its expert-TP slices (inverse of expert_fc1/expert_fc2)."""
+    halves = [p.t().chunk(2, 0) for p in fc1_pieces]
+    gate = torch.cat([h[0] for h in halves])
+    up = torch.cat([h[1] for h in halves])
+    down = torch.cat([p.t() for p in fc2_pieces], 1)
+    return gate, up, down
