@@ -35,6 +35,29 @@ class ParallelLayout:
                 f"--expert-tensor-parallel-size {self.etp} must be 1 or equal --target-tensor-parallel-size {self.tp}"
             )
 
+    @classmethod
+    def from_flags(cls, config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                   expert_model_parallel_size=1, expert_tensor_parallel_size=1,
+                   num_layers_per_virtual_pipeline_stage=None, num_layer_list=None, noop_layers=None,
+                   schedules_method=None, num_layers=None, moe_grouped_gemm=True) -> "ParallelLayout":
+        """The layout the converter / training flags of the same names describe."""
+        noop = frozenset(int(i) for i in _int_list(noop_layers))
+        par = cls(
+            PipelineLayout(
+                num_layers=num_layers or config.num_layers + len(noop),
+                pp=pipeline_model_parallel_size,
+                vpp_layers=num_layers_per_virtual_pipeline_stage,
+                num_layer_list=tuple(_int_list(num_layer_list)) or None,
+                noop_layers=noop,
+                dualpipev=schedules_method == "dualpipev",
+                mtp_num_layers=config.mtp_num_layers or 0,
+            ),
+            tp=tensor_model_parallel_size, ep=expert_model_parallel_size, etp=expert_tensor_parallel_size,
+            grouped_gemm=moe_grouped_gemm,
+        )
+        check_layout(config, par)
+        return par
+
     def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
         name = f"mp_rank_{tp_rank:02d}"
         if self.pipeline.pp > 1:
@@ -51,6 +74,15 @@ class ParallelLayout:
 
     def chunk_key(self, chunk: int) -> str:
         return "model" if self.pipeline.num_chunks == 1 else f"model{chunk}"
+
+
+def _int_list(value) -> List[int]:
+    """``"15,15,16,15"``, a list, or None -> ints (the flags take comma-separated lists)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [int(v) for v in value.split(",") if v.strip()]
+    return [int(v) for v in value]
 
 
 def check_layout(config, par: ParallelLayout) -> None:

@@ -45,6 +45,29 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides):
     return model.eval()
 
 
+def load_mcore(path: str, dtype: torch.dtype = torch.float32, **layout):
+    """The model from a legacy per-rank megatron checkpoint of any layout, in one process.
+
+    ``layout`` takes the layout flags by their names (``tensor_model_parallel_size``,
+    ``pipeline_model_parallel_size``, ``expert_model_parallel_size``,
+    ``expert_tensor_parallel_size``, ``num_layers_per_virtual_pipeline_stage``,
+    ``num_layer_list``, ``noop_layers``, ``schedules_method``, ``moe_grouped_gemm``).
+    The model config is the ``config.json`` the converter writes beside the checkpoint.
+    """
+    from npu_dsv3.checkpoint.mcore_legacy import read_hf_tensors
+
+    ensure_single_process_group()
+    hf_config = load_hf_config(path)
+    grouped = layout.get("moe_grouped_gemm", True)
+    config = hf_to_mcore_config_dpskv3(hf_config, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+                                       use_cpu_initialization=True, perform_initialization=False,
+                                       moe_grouped_gemm=grouped)
+    tensors = dict(read_hf_tensors(path, config, ParallelLayout.from_flags(config, **layout)))
+    model = build_model(config)
+    load_hf_weights(model, tensors.__getitem__, path)
+    return model.eval()
+
+
 def single_rank_layout(config) -> ParallelLayout:
     """TP = PP = EP = 1: the whole model in one chunk."""
     return ParallelLayout(PipelineLayout(config.num_layers, mtp_num_layers=config.mtp_num_layers or 0),
