@@ -116,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from npu_dsv3.backend import BackendUnavailableError
     from npu_dsv3.patching import PatchError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv  # a subcommand that re-runs itself elsewhere (verify --device) needs it
     try:
         return int(args._run(args) or 0)
     except (FileNotFoundError, ValueError, BackendUnavailableError, PatchError) as e:

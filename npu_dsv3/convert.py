@@ -61,13 +61,99 @@ def run_fp8_to_bf16(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- hf2mcore / mcore2hf
+
+
+def _add_layout_arguments(p: argparse.ArgumentParser, side: str) -> None:
+    """The layout flags of MindSpeed-LLM's converter; ``side`` is "target" or "source"."""
+    p.add_argument(f"--{side}-tensor-parallel-size", type=_positive_int, default=1)
+    p.add_argument(f"--{side}-pipeline-parallel-size", type=_positive_int, default=1)
+    p.add_argument(f"--{side}-expert-parallel-size", type=_positive_int, default=1)
+    p.add_argument("--expert-tensor-parallel-size", type=_positive_int, default=1,
+                   help="1 (DeepSeek-V3 recipes) or the tensor-parallel size")
+    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None)
+    p.add_argument("--num-layer-list", default=None, metavar="N,N,...", help="layers per pipeline stage")
+    p.add_argument("--noop-layers", default=None, metavar="I,I,...",
+                   help="global indices of identity layers that pad --num-layers")
+    p.add_argument("--schedules-method", choices=["dualpipev"], default=None)
+    p.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="experts as GroupedMLP weight1/weight2 (else one MLP per expert)")
+    p.add_argument("--num-layers", type=_positive_int, default=None,
+                   help="decoder layers including --noop-layers (default: config.json's + noop layers)")
+    p.add_argument("--save-format", choices=["torch"], default="torch",
+                   help="torch: the legacy per-rank mp_rank_* files")
+
+
+def _layout_flags(args: argparse.Namespace, side: str) -> dict:
+    get = lambda name: getattr(args, f"{side}_{name}")  # noqa: E731
+    return dict(
+        tensor_model_parallel_size=get("tensor_parallel_size"),
+        pipeline_model_parallel_size=get("pipeline_parallel_size"),
+        expert_model_parallel_size=get("expert_parallel_size"),
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+        num_layer_list=args.num_layer_list,
+        noop_layers=args.noop_layers,
+        schedules_method=args.schedules_method,
+        num_layers=args.num_layers,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+    )
+
+
+def add_hf2mcore(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "hf2mcore", help="HF (BF16/FP32, or DeepSeek's FP8 release) -> megatron checkpoint in a training layout",
+        description="Write the megatron-core checkpoint a training run with these layout flags loads "
+                    "(--load), one rank file at a time. DeepSeek's FP8 release is dequantised on the fly.")
+    p.add_argument("--load-dir", required=True, metavar="DIR", help="HF checkpoint directory")
+    p.add_argument("--save-dir", required=True, metavar="DIR", help="megatron checkpoint directory to write")
+    _add_layout_arguments(p, "target")
+    add_job_arguments(p)
+    p.set_defaults(_convert=run_hf2mcore)
+    return p
+
+
+def run_hf2mcore(args: argparse.Namespace) -> int:
+    from npu_dsv3.checkpoint.mcore_legacy import convert_hf_to_legacy
+
+    summary = convert_hf_to_legacy(args.load_dir, args.save_dir, _layout_flags(args, "target"),
+                                   workers=args.workers, resume=args.resume, progress=args.progress)
+    print(f"wrote {args.save_dir}: {summary['written']} of {summary['rank_files']} rank files "
+          f"({summary['rank_files'] - summary['written']} kept from an earlier run) in {summary['seconds']:.1f} s",
+          file=sys.stderr)
+    return 0
+
+
+def add_mcore2hf(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "mcore2hf", help="megatron checkpoint of any layout -> HF safetensors",
+        description="Rebuild the HF checkpoint (<= 5 GB shards, index, config.json, tokenizer files) from a "
+                    "megatron checkpoint written by hf2mcore or by training; the --source-* flags describe it.")
+    p.add_argument("--load-dir", required=True, metavar="DIR", help="megatron checkpoint directory (with config.json)")
+    p.add_argument("--save-dir", required=True, metavar="DIR", help="HF directory to write")
+    _add_layout_arguments(p, "source")
+    add_job_arguments(p)
+    p.set_defaults(_convert=run_mcore2hf)
+    return p
+
+
+def run_mcore2hf(args: argparse.Namespace) -> int:
+    from npu_dsv3.checkpoint.mcore_legacy import convert_legacy_to_hf
+
+    summary = convert_legacy_to_hf(args.load_dir, args.save_dir, _layout_flags(args, "source"),
+                                   resume=args.resume, progress=args.progress)
+    print(f"wrote {args.save_dir}: {summary['shards']} shards, {summary['bytes'] / 1e9:.2f} GB "
+          f"in {summary['seconds']:.1f} s", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- subcommand
 
-CONVERSIONS = [add_fp8_to_bf16]
+CONVERSIONS = [add_fp8_to_bf16, add_hf2mcore, add_mcore2hf]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("convert", help="convert checkpoints (fp8-to-bf16)",
+    p = subparsers.add_parser("convert", help="convert checkpoints (fp8-to-bf16, hf2mcore, mcore2hf)",
                               description="Convert checkpoints between formats.")
     conversions = p.add_subparsers(dest="conversion", metavar="CONVERSION", required=True)
     for add in CONVERSIONS:

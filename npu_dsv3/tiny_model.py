@@ -76,6 +76,16 @@ def make_hf_model(seed: int = 0, **overrides) -> DeepseekV3ForCausalLM:
     return model
 
 
+def cast_like_release(model: DeepseekV3ForCausalLM, dtype: torch.dtype) -> DeepseekV3ForCausalLM:
+    """``model`` in ``dtype`` except ``e_score_correction_bias``, which released checkpoints
+    (and transformers' loading) keep in fp32."""
+    model = model.to(dtype)
+    for module in model.modules():
+        if hasattr(module, "e_score_correction_bias"):
+            module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
+    return model
+
+
 def mtp_tensors(saved: dict, cfg, seed: int = 1) -> dict:
     """Random MTP-module tensors named as in the released checkpoint.
 

@@ -25,15 +25,18 @@ def compare_logits(ours: torch.Tensor, reference: torch.Tensor, tolerance: float
 
 
 def verify_hf_dir(hf_dir: str, dtype=torch.float32, batch: int = 2, seq_length: int = 64, seed: int = 0,
-                  tolerance: float = DEFAULT_TOLERANCE) -> dict:
+                  tolerance: float = DEFAULT_TOLERANCE, mcore_dir: str = None, layout: dict = None) -> dict:
+    """Our logits (from ``hf_dir``, or from the megatron checkpoint ``mcore_dir`` of the
+    given ``layout``) against transformers' on ``hf_dir``."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     from npu_dsv3 import backend
-    from npu_dsv3.model import forward_logits, load_hf
+    from npu_dsv3.model import forward_logits, load_hf, load_mcore
 
     device = backend.device()
-    ours = load_hf(hf_dir, dtype=dtype).to(device)
+    ours = load_hf(hf_dir, dtype=dtype) if mcore_dir is None else load_mcore(mcore_dir, dtype=dtype, **(layout or {}))
+    ours = ours.to(device)
     # The eager per-expert loop is transformers' plainest reference path. transformers
     # does not build the MTP layer and would print a table of its "unexpected" tensors.
     verbosity = transformers_logging.get_verbosity()
@@ -47,7 +50,7 @@ def verify_hf_dir(hf_dir: str, dtype=torch.float32, batch: int = 2, seq_length: 
     ids = torch.randint(0, vocab, (batch, seq_length), generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.no_grad():
         result = compare_logits(forward_logits(ours, ids), reference(ids).logits, tolerance)
-    return {"hf_dir": hf_dir, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "seq_length": seq_length,
+    return {"hf_dir": hf_dir, **({"mcore_dir": mcore_dir} if mcore_dir else {}), "dtype": str(dtype).replace("torch.", ""), "batch": batch, "seq_length": seq_length,
             "tolerance": tolerance, **result}
 
 
@@ -62,7 +65,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="pass if max|ours - hf| <= tolerance * max|hf| (default %(default)s)")
+    mcore = p.add_argument_group("megatron checkpoint (compare it instead of our model loaded from --hf-dir)")
+    mcore.add_argument("--mcore-dir", default=None, metavar="DIR", help="a checkpoint written by convert hf2mcore")
+    for flag in LAYOUT_FLAGS:
+        mcore.add_argument(f"--{flag.replace('_', '-')}", type=int, default=1)
+    mcore.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    mcore.add_argument("--num-layer-list", default=None)
+    mcore.add_argument("--noop-layers", default=None)
+    mcore.add_argument("--schedules-method", choices=["dualpipev"], default=None)
+    mcore.add_argument("--moe-grouped-gemm", action="store_true")
     return p
+
+
+LAYOUT_FLAGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                "expert_tensor_parallel_size")
+
+
+def _layout(args) -> dict:
+    names = LAYOUT_FLAGS + ("num_layers_per_virtual_pipeline_stage", "num_layer_list", "noop_layers",
+                            "schedules_method", "moe_grouped_gemm")
+    return {name: getattr(args, name) for name in names}
 
 
 def run(args) -> int:
@@ -72,10 +94,8 @@ def run(args) -> int:
         # The backend is fixed when npu_dsv3 is imported; run again on the requested one.
         backend.require_backend(args.device)
         env = {**os.environ, backend.ENV_VAR: args.device}
-        argv = ["verify", "--hf-dir", args.hf_dir, "--device", args.device, "--dtype", args.dtype,
-                "--batch-size", str(args.batch_size), "--seq-length", str(args.seq_length),
-                "--seed", str(args.seed), "--tolerance", str(args.tolerance)]
-        return subprocess.run([sys.executable, "-m", "npu_dsv3", *argv], env=env).returncode
-    result = verify_hf_dir(args.hf_dir, DTYPES[args.dtype], args.batch_size, args.seq_length, args.seed, args.tolerance)
+        return subprocess.run([sys.executable, "-m", "npu_dsv3", *args._argv], env=env).returncode
+    result = verify_hf_dir(args.hf_dir, DTYPES[args.dtype], args.batch_size, args.seq_length, args.seed,
+                           args.tolerance, args.mcore_dir, _layout(args))
     print(json.dumps(result), flush=True)
     return 0 if result["passed"] else 1

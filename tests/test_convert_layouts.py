@@ -12,7 +12,7 @@ from npu_dsv3.checkpoint.rank_state import ParallelLayout
 from npu_dsv3.config import hf_to_mcore_config_dpskv3, load_hf_config
 from npu_dsv3.layout import LayoutError
 from npu_dsv3.model import forward_logits, load_mcore
-from npu_dsv3.tiny_model import make_hf_model, save_hf
+from npu_dsv3.tiny_model import cast_like_release, make_hf_model, save_hf
 from npu_dsv3.verify import compare_logits
 
 LAYOUTS = {
@@ -33,7 +33,8 @@ LAYOUTS = {
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def checkpoint(request, tmp_path_factory):
     hf = make_hf_model(seed=2, num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4,
-                       num_key_value_heads=4).to(request.param)
+                       num_key_value_heads=4)
+    hf = cast_like_release(hf, request.param)
     path = save_hf(hf, str(tmp_path_factory.mktemp("hf")), with_mtp=True)
     tensors = load_file(os.path.join(path, "model.safetensors"))
     config = hf_to_mcore_config_dpskv3(load_hf_config(path))

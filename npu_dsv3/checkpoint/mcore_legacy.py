@@ -65,3 +65,181 @@ def read_hf_tensors(root: str, config, par: ParallelLayout) -> Iterator[Tuple[st
         return cache[key][name]
 
     return HFFromRanks(config, par, fetch, lambda *key: rank_file(root, par, *key), cache.clear).hf_tensors()
+
+
+# --------------------------------------------------------------------------- conversion jobs
+
+MAX_SHARD_BYTES = 5 * 10**9
+HF_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                  "generation_config.json")
+
+
+def _model_config(hf_config: dict, grouped_gemm: bool):
+    from npu_dsv3.config import hf_to_mcore_config_dpskv3
+
+    # The FP8 release is read directly (dequantised on the fly); the model is the same.
+    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    return hf_to_mcore_config_dpskv3(hf_config, moe_grouped_gemm=grouped_gemm)
+
+
+def _bf16_getter(reader, hf_config: dict):
+    """``get(name)`` that dequantises DeepSeek's block-FP8 weights as they are read."""
+    from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX, dequantize_fp8_block
+
+    block = tuple((hf_config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+
+    def get(name: str) -> torch.Tensor:
+        tensor = reader.get(name)
+        if tensor.dtype == torch.float8_e4m3fn:
+            return dequantize_fp8_block(tensor, reader.get(name + SCALE_SUFFIX), block)
+        return tensor
+
+    return get
+
+
+def _check_mtp_copies(config, get) -> None:
+    """The MTP layer's embedding and head are stored again in HF checkpoints; megatron shares the
+    main ones. Refuse copies that differ rather than drop them silently."""
+    for depth in range(config.mtp_num_layers or 0):
+        prefix = f"model.layers.{config.num_layers + depth}."
+        for copy, main in (("embed_tokens.weight", "model.embed_tokens.weight"),
+                           ("shared_head.head.weight", "lm_head.weight")):
+            try:
+                duplicate = get(prefix + copy)
+            except CheckpointError:
+                continue  # not stored: nothing to lose
+            if config.tie_word_embeddings and main == "lm_head.weight":
+                main = "model.embed_tokens.weight"
+            if not torch.equal(duplicate, get(main)):
+                raise CheckpointError(f"{prefix}{copy} differs from {main}; megatron's MTP shares the main "
+                                      "tensor, so converting would lose it")
+
+
+def _write_rank(job) -> dict:
+    """One rank file (runs in a worker); returns its digest for the manifest."""
+    from npu_dsv3.checkpoint import io
+    from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
+
+    hf_dir, save_dir, hf_config, flags, ranks = job
+    config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
+    par = ParallelLayout.from_flags(config, **flags)
+    get = _bf16_getter(HFCheckpointReader(hf_dir), hf_config)
+    path = rank_file(save_dir, par, *ranks)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    payload = rank_payload(config, par, get, *ranks)
+    with io.atomic_write(path) as tmp:
+        torch.save(payload, tmp)
+    return io.file_digest(path)
+
+
+def convert_hf_to_legacy(hf_dir: str, save_dir: str, flags: dict, workers: int = 1, resume: bool = False,
+                         progress: bool = True) -> dict:
+    """HF (BF16, FP32 or DeepSeek's FP8 release) -> legacy per-rank checkpoint in the layout ``flags`` give.
+
+    Writes ``release/mp_rank_*/model_optim_rng.pt`` (one worker per rank file),
+    the HF ``config.json`` beside them (the model config for the way back), and
+    ``latest_checkpointed_iteration.txt`` last, so a directory that has the
+    tracker is complete.
+    """
+    import time
+
+    from npu_dsv3.checkpoint import io
+    from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
+    from npu_dsv3.config import load_hf_config
+
+    start = time.monotonic()
+    hf_config = load_hf_config(hf_dir)
+    config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
+    par = ParallelLayout.from_flags(config, **flags)
+    reader = HFCheckpointReader(hf_dir)
+    _check_mtp_copies(config, _bf16_getter(reader, hf_config))
+    job = {"command": "convert hf2mcore", "input": os.path.realpath(hf_dir), "layout": flags}
+    manifest = io.prepare_output_dir(save_dir, resume, job)
+    rel = {ranks: os.path.relpath(rank_file(save_dir, par, *ranks), save_dir) for ranks in par.ranks()}
+    todo = set(manifest.pending(list(rel.values()), workers))
+    jobs = [(hf_dir, save_dir, hf_config, flags, ranks) for ranks, path in rel.items() if path in todo]
+    with io.progress(None, "hf2mcore", enabled=progress) as bar:
+
+        def finished(job, digest):
+            manifest.record(rel[job[-1]], digest)
+            bar.update(digest["size"])
+
+        io.parallel_map(_write_rank, jobs, workers, on_result=finished,
+                        label=lambda job: rank_file(save_dir, par, *job[-1]))
+    for extra in HF_EXTRA_FILES:  # kept for the way back to HF
+        if os.path.isfile(os.path.join(hf_dir, extra)) and not manifest.done(extra):
+            io.atomic_copy(os.path.join(hf_dir, extra), os.path.join(save_dir, extra))
+            manifest.record(extra)
+    hf_out = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    io.atomic_write_json(hf_out, os.path.join(save_dir, "config.json"))
+    with io.atomic_write(os.path.join(save_dir, TRACKER_FILE)) as tmp:
+        with open(tmp, "w") as f:
+            f.write(RELEASE)
+    return {"rank_files": len(rel), "written": len(jobs), "seconds": time.monotonic() - start}
+
+
+def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool = False, progress: bool = True,
+                         max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """Legacy per-rank checkpoint -> HF safetensors shards (<= ``max_shard_bytes``) + index + config.json.
+
+    Tensors are rebuilt one at a time from memory-mapped rank files and flushed
+    to a shard when it is full. Shard contents are deterministic, so ``resume``
+    keeps intact finished shards. MTP's embedding and head copies are written
+    as HF checkpoints store them.
+    """
+    import time
+
+    from npu_dsv3.checkpoint import io
+    from npu_dsv3.config import load_hf_config
+
+    start = time.monotonic()
+    hf_config = load_hf_config(load_dir)
+    config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
+    par = ParallelLayout.from_flags(config, **flags)
+    manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf",
+                                                        "input": os.path.realpath(load_dir), "layout": flags})
+    weight_map, shard, shard_bytes, total = {}, {}, 0, 0
+    main = {}
+
+    def flush():
+        nonlocal shard, shard_bytes
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        if not manifest.done(name):
+            io.atomic_save_safetensors({k: v.contiguous() for k, v in shard.items()}, os.path.join(save_dir, name),
+                                       metadata={"format": "pt"})
+            manifest.record(name)
+        weight_map.update({k: name for k in shard})
+        bar.update(shard_bytes)
+        shard, shard_bytes = {}, 0
+
+    def tensors():
+        for name, tensor in read_hf_tensors(load_dir, config, par):
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                main[name] = tensor
+            yield name, tensor
+            if name.endswith("shared_head.norm.weight"):  # the MTP layer's stored copies follow its norm
+                prefix = name[: -len("shared_head.norm.weight")]
+                # Own copies: safetensors refuses tensors that share memory.
+                yield prefix + "embed_tokens.weight", main["model.embed_tokens.weight"].clone()
+                head = main.get("lm_head.weight", main["model.embed_tokens.weight"])
+                yield prefix + "shared_head.head.weight", head.clone()
+
+    with io.progress(None, "mcore2hf", enabled=progress) as bar:
+        for name, tensor in tensors():
+            size = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + size > max_shard_bytes:
+                flush()
+            shard[name] = tensor
+            shard_bytes += size
+            total += size
+        if shard:
+            flush()
+    for extra in HF_EXTRA_FILES:
+        if os.path.isfile(os.path.join(load_dir, extra)) and not manifest.done(extra):
+            io.atomic_copy(os.path.join(load_dir, extra), os.path.join(save_dir, extra))
+            manifest.record(extra)
+    io.atomic_write_json(hf_config, os.path.join(save_dir, "config.json"))
+    # The index last: a directory that has one has all its shards.
+    io.atomic_write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
+                         os.path.join(save_dir, "model.safetensors.index.json"), sort_keys=True)
+    return {"shards": len(set(weight_map.values())), "bytes": total, "seconds": time.monotonic() - start}

@@ -124,6 +124,9 @@ def _layer_to_mcore(config, par, get, mc: str, hf: str, moe: bool, tp_rank: int,
     out = {}
     for spec in _layer_specs(config, moe):
         out[mc + spec.mcore] = sharding.shard(spec, [get(hf + s) for s in spec.hf], par.tp, tp_rank)
+    if moe and config.moe_router_enable_expert_bias:
+        # megatron keeps the bias in fp32 whatever the model dtype (its 1e-3 updates vanish in bf16).
+        out[mc + "mlp.router.expert_bias"] = out[mc + "mlp.router.expert_bias"].float()
     if not moe:
         return out
     etp_rank = tp_rank if par.etp > 1 else 0

@@ -1,0 +1,164 @@
+"""`npu-dsv3 convert hf2mcore / mcore2hf` and `verify --mcore-dir`, end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX
+from npu_dsv3.cli import main
+from npu_dsv3.tiny_model import cast_like_release, make_hf_model, save_hf
+
+LAYOUT = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
+          "--target-expert-parallel-size", "2", "--moe-grouped-gemm", "--num-layer-list", "1,3"]
+SOURCE = [flag.replace("--target-", "--source-") for flag in LAYOUT]
+
+
+def _tensors(directory):
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, name)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    hf = make_hf_model(seed=12, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+    path = save_hf(cast_like_release(hf, torch.bfloat16), str(tmp_path_factory.mktemp("hf")), with_mtp=True)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 512}, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mcore_dir(hf_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mcore") / "ckpt")
+    assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", out, "--workers", "2",
+                 "--no-progress", *LAYOUT]) == 0
+    return out
+
+
+def test_hf2mcore_writes_the_training_layout(mcore_dir):
+    with open(os.path.join(mcore_dir, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read() == "release"
+    ranks = sorted(os.listdir(os.path.join(mcore_dir, "release")))
+    assert ranks == [f"mp_rank_{t:02d}_{p:03d}_{e:03d}" for t in range(2) for p in range(2) for e in range(2)]
+    payload = torch.load(os.path.join(mcore_dir, "release", "mp_rank_01_001_001", "model_optim_rng.pt"),
+                         weights_only=True)
+    model = payload["model"]
+    # stage 1 holds layers 1..3 (local 0..2), the head and MTP; EP rank 1 holds experts 6..11
+    assert "decoder.layers.2.mlp.experts.weight1" in model and "decoder.layers.3.input_layernorm.weight" not in model
+    assert "output_layer.weight" in model and "mtp.layers.0.eh_proj.weight" in model
+    assert model["decoder.layers.0.mlp.router.expert_bias"].dtype == torch.float32
+
+
+def test_round_trip_through_the_cli_is_bit_exact_and_loads_in_transformers(hf_dir, mcore_dir, tmp_path):
+    out = str(tmp_path / "back")
+    assert main(["convert", "mcore2hf", "--load-dir", mcore_dir, "--save-dir", out, "--no-progress", *SOURCE]) == 0
+    original, back = _tensors(hf_dir), _tensors(out)
+    assert original.keys() == back.keys()
+    for key in original:
+        assert back[key].dtype == original[key].dtype and torch.equal(back[key], original[key]), key
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    assert set(index["weight_map"]) == set(original)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in original.values())
+    assert os.path.isfile(os.path.join(out, "tokenizer_config.json"))
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 203, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reference(ids).logits, reloaded(ids).logits)
+
+
+def test_verify_mcore_dir_matches_transformers(hf_dir, mcore_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "npu_dsv3", "verify", "--hf-dir", hf_dir, "--mcore-dir", mcore_dir,
+         "--seq-length", "16", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+         "--expert-model-parallel-size", "2", "--moe-grouped-gemm", "--num-layer-list", "1,3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["passed"] and result["mcore_dir"] == mcore_dir
+
+
+def _quantize_fp8(hf_dir, out_dir, block=128):
+    """DeepSeek's release format from a BF16 checkpoint: 2-D linear weights as float8 + block scales."""
+    os.makedirs(out_dir)
+    tensors = {}
+    for name, tensor in _tensors(hf_dir).items():
+        if tensor.dim() == 2 and "proj" in name:
+            rows, cols = tensor.shape
+            blocks = tensor.float().abs().amax().clamp(min=1e-12) / 448.0
+            scale = torch.full((-(-rows // block), -(-cols // block)), float(blocks))
+            tensors[name] = (tensor.float() / blocks).to(torch.float8_e4m3fn)
+            tensors[name + SCALE_SUFFIX] = scale
+        else:
+            tensors[name] = tensor
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def test_fp8_release_converts_directly_like_the_bf16_cast(hf_dir, tmp_path):
+    fp8 = str(tmp_path / "fp8")
+    _quantize_fp8(hf_dir, fp8)
+    flags = ["--target-expert-parallel-size", "2", "--moe-grouped-gemm", "--no-progress"]
+    assert main(["convert", "hf2mcore", "--load-dir", fp8, "--save-dir", str(tmp_path / "direct"), *flags]) == 0
+    assert main(["convert", "fp8-to-bf16", "--input-fp8-hf-path", fp8, "--output-bf16-hf-path",
+                 str(tmp_path / "bf16"), "--no-progress"]) == 0
+    assert main(["convert", "hf2mcore", "--load-dir", str(tmp_path / "bf16"), "--save-dir", str(tmp_path / "cast"),
+                 *flags]) == 0
+    for rank in ("mp_rank_00_000", "mp_rank_00_001"):
+        a = torch.load(tmp_path / "direct" / "release" / rank / "model_optim_rng.pt", weights_only=True)["model"]
+        b = torch.load(tmp_path / "cast" / "release" / rank / "model_optim_rng.pt", weights_only=True)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with open(tmp_path / "direct" / "config.json") as f:
+        assert "quantization_config" not in json.load(f)
+
+
+def test_resume_rewrites_only_what_is_missing(hf_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    args = ["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", str(out), "--no-progress", *LAYOUT]
+    assert main(args) == 0
+    files = sorted((out / "release").glob("*/model_optim_rng.pt"))
+    os.remove(files[0])
+    with open(files[1], "r+b") as f:
+        f.truncate(100)
+    before = {p: p.stat().st_mtime_ns for p in files[2:]}
+    assert main(args) == 2  # an existing checkpoint is never overwritten silently
+    assert main(args + ["--resume"]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert torch.load(files[1], weights_only=True)["model"]
+
+
+def test_bad_input_is_one_clear_error(hf_dir, tmp_path, capsys):
+    assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", str(tmp_path / "a"),
+                 "--target-tensor-parallel-size", "3"]) == 2
+    assert "--target-tensor-parallel-size" in capsys.readouterr().err
+    assert main(["convert", "mcore2hf", "--load-dir", str(tmp_path / "missing"), "--save-dir",
+                 str(tmp_path / "b")]) == 2
+    assert "no HF config" in capsys.readouterr().err
+
+
+def test_mtp_copies_that_differ_are_refused(hf_dir, tmp_path, capsys):
+    changed = str(tmp_path / "hf")
+    os.makedirs(changed)
+    tensors = _tensors(hf_dir)
+    tensors["model.layers.4.embed_tokens.weight"] = tensors["model.layers.4.embed_tokens.weight"] + 1
+    save_file(tensors, os.path.join(changed, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(hf_dir, "config.json")) as src, open(os.path.join(changed, "config.json"), "w") as dst:
+        dst.write(src.read())
+    assert main(["convert", "hf2mcore", "--load-dir", changed, "--save-dir", str(tmp_path / "out")]) == 2
+    assert "model.layers.4.embed_tokens.weight differs" in capsys.readouterr().err
