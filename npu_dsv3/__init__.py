@@ -55,6 +55,8 @@ _FEATURE_MODULES: tuple[str, ...] = ("npu_dsv3.backend", "npu_dsv3.model.patches
 # megatron-core warns at import that TransformerEngine / Apex are missing. That is
 # this package's design (Ascend and CPU have neither), so the warnings say nothing.
 warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex is not installed|Transformer Engine and Apex are not installed")
+# megatron-core 0.16.1's own default cuda_graph_scope trips its own deprecation check on every config.
+warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 # The backend module is callable: backend() -> current backend name.
 from npu_dsv3 import backend  # noqa: E402

@@ -162,3 +162,19 @@ def test_mtp_copies_that_differ_are_refused(hf_dir, tmp_path, capsys):
         dst.write(src.read())
     assert main(["convert", "hf2mcore", "--load-dir", changed, "--save-dir", str(tmp_path / "out")]) == 2
     assert "model.layers.4.embed_tokens.weight differs" in capsys.readouterr().err
+
+
+def test_recipes_round_trip(hf_dir, tmp_path):
+    shell = os.path.join(os.path.dirname(__file__), "..", "shell")
+    env = {**os.environ, "LOAD_DIR": hf_dir, "SAVE_DIR": str(tmp_path / "mcore"), "TP": "2", "PP": "2", "EP": "2",
+           "ETP": "2", "NUM_LAYERS": "6", "NOOP_LAYERS": "0,5", "VPP_LAYERS": "1", "SCHEDULE": "", "WORKERS": "2"}
+    dry = subprocess.run(["bash", os.path.join(shell, "ckpt_convert_deepseek3_hf2mcore.sh")],
+                         env={**env, "DRY_RUN": "1"}, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0 and "--num-layers-per-virtual-pipeline-stage 1" in dry.stdout
+    for script, load, save in (("hf2mcore", hf_dir, tmp_path / "mcore"), ("mcore2hf", tmp_path / "mcore", tmp_path / "hf")):
+        proc = subprocess.run(["bash", os.path.join(shell, f"ckpt_convert_deepseek3_{script}.sh")],
+                              env={**env, "LOAD_DIR": str(load), "SAVE_DIR": str(save)},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    original, back = _tensors(hf_dir), _tensors(tmp_path / "hf")
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)

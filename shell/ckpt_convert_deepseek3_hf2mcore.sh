@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# HF DeepSeek-V3 (BF16, or DeepSeek's FP8 release read directly) -> the megatron checkpoint
+# a training run with the same layout loads with --load.
+#
+#   LOAD_DIR=/data/DeepSeek-V3 SAVE_DIR=/data/dsv3-mcore-tp2pp8ep32 bash shell/ckpt_convert_deepseek3_hf2mcore.sh
+#
+# Layout (environment; defaults: the published A3 pretraining recipe): TP=2 PP=8 EP=32 ETP=1,
+# NUM_LAYERS=64 NOOP_LAYERS=61,62,63, NUM_LAYER_LIST, VPP_LAYERS (layers per virtual stage),
+# SCHEDULE=dualpipev, GROUPED_GEMM=1. WORKERS=8, RESUME=1 continues an interrupted run,
+# DRY_RUN=1 prints the command instead of running it.
+set -euo pipefail
+
+: "${LOAD_DIR:?set LOAD_DIR to the HF checkpoint directory}"
+: "${SAVE_DIR:?set SAVE_DIR to the megatron checkpoint directory to write}"
+TP=${TP:-2}
+PP=${PP:-8}
+EP=${EP:-32}
+ETP=${ETP:-1}
+NUM_LAYERS=${NUM_LAYERS:-64}
+NOOP_LAYERS=${NOOP_LAYERS-61,62,63}
+SCHEDULE=${SCHEDULE-dualpipev}
+WORKERS=${WORKERS:-8}
+
+cmd=(npu-dsv3 convert hf2mcore --load-dir "$LOAD_DIR" --save-dir "$SAVE_DIR"
+     --target-tensor-parallel-size "$TP" --target-pipeline-parallel-size "$PP"
+     --target-expert-parallel-size "$EP" --expert-tensor-parallel-size "$ETP"
+     --num-layers "$NUM_LAYERS" --workers "$WORKERS")
+[[ -n "$NOOP_LAYERS" ]] && cmd+=(--noop-layers "$NOOP_LAYERS")
+[[ -n "${NUM_LAYER_LIST:-}" ]] && cmd+=(--num-layer-list "$NUM_LAYER_LIST")
+[[ -n "${VPP_LAYERS:-}" ]] && cmd+=(--num-layers-per-virtual-pipeline-stage "$VPP_LAYERS")
+[[ -n "$SCHEDULE" ]] && cmd+=(--schedules-method "$SCHEDULE")
+[[ "${GROUPED_GEMM:-1}" == 1 ]] && cmd+=(--moe-grouped-gemm)
+[[ "${RESUME:-0}" == 1 ]] && cmd+=(--resume)
+
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    echo "${cmd[*]}"
+    exit 0
+fi
+exec "${cmd[@]}"
