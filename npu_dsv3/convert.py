@@ -147,13 +147,64 @@ def run_mcore2hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_reshard(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "reshard", help="megatron checkpoint in one layout -> another layout, without going through HF",
+        description="Rewrite a megatron checkpoint (--source-* layout) in another layout (--target-*). Options "
+                    "without a side (--expert-tensor-parallel-size, --num-layer-list, ...) take --source-/--target- "
+                    "prefixes here.")
+    p.add_argument("--load-dir", required=True, metavar="DIR")
+    p.add_argument("--save-dir", required=True, metavar="DIR")
+    for side in ("source", "target"):
+        group = p.add_argument_group(f"{side} layout")
+        group.add_argument(f"--{side}-tensor-parallel-size", type=_positive_int, default=1)
+        group.add_argument(f"--{side}-pipeline-parallel-size", type=_positive_int, default=1)
+        group.add_argument(f"--{side}-expert-parallel-size", type=_positive_int, default=1)
+        group.add_argument(f"--{side}-expert-tensor-parallel-size", type=_positive_int, default=1)
+        group.add_argument(f"--{side}-num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None)
+        group.add_argument(f"--{side}-num-layer-list", default=None)
+        group.add_argument(f"--{side}-noop-layers", default=None)
+        group.add_argument(f"--{side}-schedules-method", choices=["dualpipev"], default=None)
+        group.add_argument(f"--{side}-moe-grouped-gemm", action="store_true")
+        group.add_argument(f"--{side}-num-layers", type=_positive_int, default=None)
+    add_job_arguments(p)
+    p.set_defaults(_convert=run_reshard)
+    return p
+
+
+def _side_flags(args: argparse.Namespace, side: str) -> dict:
+    get = lambda name: getattr(args, f"{side}_{name}")  # noqa: E731
+    return dict(
+        tensor_model_parallel_size=get("tensor_parallel_size"),
+        pipeline_model_parallel_size=get("pipeline_parallel_size"),
+        expert_model_parallel_size=get("expert_parallel_size"),
+        expert_tensor_parallel_size=get("expert_tensor_parallel_size"),
+        num_layers_per_virtual_pipeline_stage=get("num_layers_per_virtual_pipeline_stage"),
+        num_layer_list=get("num_layer_list"),
+        noop_layers=get("noop_layers"),
+        schedules_method=get("schedules_method"),
+        num_layers=get("num_layers"),
+        moe_grouped_gemm=get("moe_grouped_gemm"),
+    )
+
+
+def run_reshard(args: argparse.Namespace) -> int:
+    from npu_dsv3.checkpoint.mcore_legacy import reshard_legacy
+
+    summary = reshard_legacy(args.load_dir, args.save_dir, _side_flags(args, "source"), _side_flags(args, "target"),
+                             workers=args.workers, resume=args.resume, progress=args.progress)
+    print(f"wrote {args.save_dir}: {summary['written']} of {summary['rank_files']} rank files in "
+          f"{summary['seconds']:.1f} s", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- subcommand
 
-CONVERSIONS = [add_fp8_to_bf16, add_hf2mcore, add_mcore2hf]
+CONVERSIONS = [add_fp8_to_bf16, add_hf2mcore, add_mcore2hf, add_reshard]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("convert", help="convert checkpoints (fp8-to-bf16, hf2mcore, mcore2hf)",
+    p = subparsers.add_parser("convert", help="convert checkpoints (fp8-to-bf16, hf2mcore, mcore2hf, reshard)",
                               description="Convert checkpoints between formats.")
     conversions = p.add_subparsers(dest="conversion", metavar="CONVERSION", required=True)
     for add in CONVERSIONS:

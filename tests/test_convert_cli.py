@@ -178,3 +178,25 @@ def test_recipes_round_trip(hf_dir, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
     original, back = _tensors(hf_dir), _tensors(tmp_path / "hf")
     assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+
+
+def test_reshard_between_layouts_equals_converting_from_hf(hf_dir, mcore_dir, tmp_path):
+    target = ["--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "2",
+              "--target-expert-parallel-size", "3", "--target-num-layers-per-virtual-pipeline-stage", "1",
+              "--target-noop-layers", "0,5"]
+    source = ["--source-tensor-parallel-size", "2", "--source-pipeline-parallel-size", "2",
+              "--source-expert-parallel-size", "2", "--source-moe-grouped-gemm", "--source-num-layer-list", "1,3"]
+    assert main(["convert", "reshard", "--load-dir", mcore_dir, "--save-dir", str(tmp_path / "b"),
+                 "--no-progress", "--workers", "2", *source, *target]) == 0
+    direct = [flag.replace("--target-num-layers-per", "--num-layers-per").replace("--target-noop", "--noop")
+              for flag in target]
+    assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", str(tmp_path / "direct"),
+                 "--no-progress", *direct]) == 0
+    resharded = sorted((tmp_path / "b" / "release").glob("*/model_optim_rng.pt"))
+    assert len(resharded) == 6
+    for path in resharded:
+        a = torch.load(path, weights_only=True)
+        b = torch.load(tmp_path / "direct" / path.relative_to(tmp_path / "b"), weights_only=True)
+        for chunk in ("model0", "model1", "model2"):
+            assert a[chunk].keys() == b[chunk].keys()
+            assert all(torch.equal(a[chunk][k], b[chunk][k]) for k in a[chunk]), (path, chunk)

@@ -50,8 +50,8 @@ def load_rank(root: str, par: ParallelLayout, tp_rank: int, pp_rank: int, ep_ran
         raise CheckpointError(f"cannot read {path} ({e})") from e
 
 
-def read_hf_tensors(root: str, config, par: ParallelLayout) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of the whole model from a legacy checkpoint, rank files memory-mapped."""
+def legacy_source(root: str, config, par: ParallelLayout) -> HFFromRanks:
+    """HF tensors by name from a legacy checkpoint, rank files memory-mapped on first use."""
     cache: Dict[Tuple[int, int, int], dict] = {}
 
     def fetch(tp_rank, pp_rank, ep_rank, chunk):
@@ -64,7 +64,12 @@ def read_hf_tensors(root: str, config, par: ParallelLayout) -> Iterator[Tuple[st
                                   "--source-pipeline-parallel-size / --num-layers-per-virtual-pipeline-stage")
         return cache[key][name]
 
-    return HFFromRanks(config, par, fetch, lambda *key: rank_file(root, par, *key), cache.clear).hf_tensors()
+    return HFFromRanks(config, par, fetch, lambda *key: rank_file(root, par, *key))
+
+
+def read_hf_tensors(root: str, config, par: ParallelLayout) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of the whole model from a legacy checkpoint, in checkpoint order."""
+    return legacy_source(root, config, par).hf_tensors()
 
 
 # --------------------------------------------------------------------------- conversion jobs
@@ -115,50 +120,54 @@ def _check_mtp_copies(config, get) -> None:
                                       "tensor, so converting would lose it")
 
 
+def _source_getter(source: tuple, hf_config: dict):
+    """``get(HF name)`` for a conversion's input: ("hf", dir) or ("mcore", dir, layout flags)."""
+    from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
+
+    if source[0] == "hf":
+        return _bf16_getter(HFCheckpointReader(source[1]), hf_config)
+    _, load_dir, flags = source
+    config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
+    return legacy_source(load_dir, config, ParallelLayout.from_flags(config, **flags)).get
+
+
 def _write_rank(job) -> dict:
     """One rank file (runs in a worker); returns its digest for the manifest."""
     from npu_dsv3.checkpoint import io
-    from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
 
-    hf_dir, save_dir, hf_config, flags, ranks = job
+    source, save_dir, hf_config, flags, ranks = job
     config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
     par = ParallelLayout.from_flags(config, **flags)
-    get = _bf16_getter(HFCheckpointReader(hf_dir), hf_config)
     path = rank_file(save_dir, par, *ranks)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    payload = rank_payload(config, par, get, *ranks)
+    payload = rank_payload(config, par, _source_getter(source, hf_config), *ranks)
     with io.atomic_write(path) as tmp:
         torch.save(payload, tmp)
     return io.file_digest(path)
 
 
-def convert_hf_to_legacy(hf_dir: str, save_dir: str, flags: dict, workers: int = 1, resume: bool = False,
-                         progress: bool = True) -> dict:
-    """HF (BF16, FP32 or DeepSeek's FP8 release) -> legacy per-rank checkpoint in the layout ``flags`` give.
-
-    Writes ``release/mp_rank_*/model_optim_rng.pt`` (one worker per rank file),
-    the HF ``config.json`` beside them (the model config for the way back), and
-    ``latest_checkpointed_iteration.txt`` last, so a directory that has the
-    tracker is complete.
-    """
+def _write_layout(source: tuple, save_dir: str, flags: dict, command: str, workers: int, resume: bool,
+                  progress: bool) -> dict:
+    """Every rank file of the layout ``flags`` give, from ``source``; config.json, tokenizer
+    files and, last, the tracker (a directory that has it is complete)."""
     import time
 
     from npu_dsv3.checkpoint import io
-    from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
     from npu_dsv3.config import load_hf_config
 
     start = time.monotonic()
-    hf_config = load_hf_config(hf_dir)
+    source_dir = source[1]
+    hf_config = load_hf_config(source_dir)
     config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
     par = ParallelLayout.from_flags(config, **flags)
-    reader = HFCheckpointReader(hf_dir)
-    _check_mtp_copies(config, _bf16_getter(reader, hf_config))
-    job = {"command": "convert hf2mcore", "input": os.path.realpath(hf_dir), "layout": flags}
+    if source[0] == "hf":
+        _check_mtp_copies(config, _source_getter(source, hf_config))
+    job = {"command": command, "input": os.path.realpath(source_dir), "layout": flags}
     manifest = io.prepare_output_dir(save_dir, resume, job)
     rel = {ranks: os.path.relpath(rank_file(save_dir, par, *ranks), save_dir) for ranks in par.ranks()}
     todo = set(manifest.pending(list(rel.values()), workers))
-    jobs = [(hf_dir, save_dir, hf_config, flags, ranks) for ranks, path in rel.items() if path in todo]
-    with io.progress(None, "hf2mcore", enabled=progress) as bar:
+    jobs = [(source, save_dir, hf_config, flags, ranks) for ranks, path in rel.items() if path in todo]
+    with io.progress(None, command.split()[-1], enabled=progress) as bar:
 
         def finished(job, digest):
             manifest.record(rel[job[-1]], digest)
@@ -167,8 +176,8 @@ def convert_hf_to_legacy(hf_dir: str, save_dir: str, flags: dict, workers: int =
         io.parallel_map(_write_rank, jobs, workers, on_result=finished,
                         label=lambda job: rank_file(save_dir, par, *job[-1]))
     for extra in HF_EXTRA_FILES:  # kept for the way back to HF
-        if os.path.isfile(os.path.join(hf_dir, extra)) and not manifest.done(extra):
-            io.atomic_copy(os.path.join(hf_dir, extra), os.path.join(save_dir, extra))
+        if os.path.isfile(os.path.join(source_dir, extra)) and not manifest.done(extra):
+            io.atomic_copy(os.path.join(source_dir, extra), os.path.join(save_dir, extra))
             manifest.record(extra)
     hf_out = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     io.atomic_write_json(hf_out, os.path.join(save_dir, "config.json"))
@@ -176,6 +185,24 @@ def convert_hf_to_legacy(hf_dir: str, save_dir: str, flags: dict, workers: int =
         with open(tmp, "w") as f:
             f.write(RELEASE)
     return {"rank_files": len(rel), "written": len(jobs), "seconds": time.monotonic() - start}
+
+
+def convert_hf_to_legacy(hf_dir: str, save_dir: str, flags: dict, workers: int = 1, resume: bool = False,
+                         progress: bool = True) -> dict:
+    """HF (BF16, FP32 or DeepSeek's FP8 release) -> legacy per-rank checkpoint in the layout ``flags`` give.
+
+    Writes ``release/mp_rank_*/model_optim_rng.pt`` (one worker per rank file)
+    and the HF ``config.json`` beside them (the model config for the way back).
+    """
+    return _write_layout(("hf", hf_dir), save_dir, flags, "convert hf2mcore", workers, resume, progress)
+
+
+def reshard_legacy(load_dir: str, save_dir: str, source_flags: dict, target_flags: dict, workers: int = 1,
+                   resume: bool = False, progress: bool = True) -> dict:
+    """Legacy checkpoint in layout A -> layout B directly: each target rank file takes the
+    pieces it needs from the memory-mapped source rank files, never a whole HF model."""
+    return _write_layout(("mcore", load_dir, source_flags), save_dir, target_flags, "convert reshard", workers,
+                         resume, progress)
 
 
 def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool = False, progress: bool = True,
@@ -199,7 +226,6 @@ def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool
     manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf",
                                                         "input": os.path.realpath(load_dir), "layout": flags})
     weight_map, shard, shard_bytes, total = {}, {}, 0, 0
-    main = {}
 
     def flush():
         nonlocal shard, shard_bytes
@@ -212,17 +238,18 @@ def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool
         bar.update(shard_bytes)
         shard, shard_bytes = {}, 0
 
+    source = legacy_source(load_dir, config, par)
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+
     def tensors():
-        for name, tensor in read_hf_tensors(load_dir, config, par):
-            if name in ("model.embed_tokens.weight", "lm_head.weight"):
-                main[name] = tensor
-            yield name, tensor
-            if name.endswith("shared_head.norm.weight"):  # the MTP layer's stored copies follow its norm
+        for name in source.names():
+            yield name, source.get(name)
+            if name.endswith("shared_head.norm.weight"):
+                # HF checkpoints store the MTP layer's embedding and head again; own copies,
+                # since safetensors refuses tensors that share memory.
                 prefix = name[: -len("shared_head.norm.weight")]
-                # Own copies: safetensors refuses tensors that share memory.
-                yield prefix + "embed_tokens.weight", main["model.embed_tokens.weight"].clone()
-                head = main.get("lm_head.weight", main["model.embed_tokens.weight"])
-                yield prefix + "shared_head.head.weight", head.clone()
+                yield prefix + "embed_tokens.weight", source.get("model.embed_tokens.weight").clone()
+                yield prefix + "shared_head.head.weight", source.get(head).clone()
 
     with io.progress(None, "mcore2hf", enabled=progress) as bar:
         for name, tensor in tensors():

@@ -183,16 +183,37 @@ def chunk_state_dict(config, par: ParallelLayout, get: Callable[[str], torch.Ten
 
 
 class HFFromRanks:
-    """Rebuilds HF tensors from ranks' model chunks, one pipeline stage at a time.
+    """HF tensors, by name, from ranks' model chunks: the inverse of ``chunk_state_dict``.
 
-    ``fetch(tp_rank, pp_rank, ep_rank, chunk)`` returns that chunk's state dict;
-    ``describe(tp_rank, pp_rank, ep_rank)`` names where it came from, for errors;
-    ``release()`` is called when a stage is done so its files can be dropped.
+    ``fetch(tp_rank, pp_rank, ep_rank, chunk)`` returns that chunk's state dict
+    (memory-mapped files, say) and ``describe(tp_rank, pp_rank, ep_rank)`` names
+    it in errors. ``get(name)`` rebuilds one HF tensor from the pieces that hold
+    it, so a converter can read in any order (``reshard`` reads in the target
+    layout's order) while only the touched pieces are paged in.
     """
 
-    def __init__(self, config, par: ParallelLayout, fetch: Callable, describe: Callable, release: Callable = lambda: None):
+    def __init__(self, config, par: ParallelLayout, fetch: Callable, describe: Callable):
         self.config, self.par = config, par
-        self.fetch, self.describe, self.release = fetch, describe, release
+        self.fetch, self.describe = fetch, describe
+        self._where: Dict[str, Callable[[], Dict[str, torch.Tensor]]] = {}
+        self._last: Dict[str, torch.Tensor] = {}
+        self._index()
+
+    def names(self) -> List[str]:
+        """Every HF tensor name, in checkpoint order (embedding, layers, norm, head, MTP)."""
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise CheckpointError(f"{name} is not a tensor of this model")
+        if name not in self._last:
+            # A merge can yield siblings (gate and up): keep them for the next call only.
+            self._last = self._where[name]()
+        return self._last.pop(name)
+
+    def hf_tensors(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.get(name)
 
     def _pieces(self, pp_rank, chunk, name, ep_rank=0, ranks=None) -> List[torch.Tensor]:
         pieces = []
@@ -206,57 +227,79 @@ class HFFromRanks:
             pieces.append(sd[name])
         return pieces
 
-    def hf_tensors(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        """(HF name, tensor) for the whole model, layer by layer."""
+    def _add(self, hf_names, build):
+        for name in hf_names:
+            self._where[name] = build
+
+    def _spec(self, pp_rank, chunk, mc: str, hf: str, spec: sharding.Spec):
+        def build():
+            merged = sharding.merge(spec, self._pieces(pp_rank, chunk, mc + spec.mcore))
+            return {hf + name: tensor for name, tensor in zip(spec.hf, merged)}
+        self._add([hf + name for name in spec.hf], build)
+
+    def _vocab(self, pp_rank, chunk, mc_name: str, hf_name: str):
+        def build():
+            return {hf_name: torch.cat(self._pieces(pp_rank, chunk, mc_name), 0)[: self.config.vocab_size]}
+        self._add([hf_name], build)
+
+    def _index(self):
         config, layout = self.config, self.par.pipeline
         pattern = moe_layer_pattern(config)
         for pp_rank, chunk in layout.stages():
-            if layout.has_embedding(pp_rank, chunk) and (pp_rank, chunk) == layout.first_stage():
-                yield "model.embed_tokens.weight", self._vocab("embedding.word_embeddings.weight", pp_rank, chunk)
+            if (pp_rank, chunk) == layout.first_stage():
+                self._vocab(pp_rank, chunk, "embedding.word_embeddings.weight", "model.embed_tokens.weight")
             for local, global_index in enumerate(layout.chunk_layers(pp_rank, chunk)):
                 hf_index = layout.real_layer(global_index)
                 if hf_index is not None:
-                    yield from self._layer(pp_rank, chunk, f"decoder.layers.{local}.", f"model.layers.{hf_index}.",
-                                           bool(pattern[hf_index]))
+                    self._layer(pp_rank, chunk, f"decoder.layers.{local}.", f"model.layers.{hf_index}.",
+                                bool(pattern[hf_index]))
             if layout.has_head(pp_rank, chunk):
-                yield "model.norm.weight", self._pieces(pp_rank, chunk, "decoder.final_layernorm.weight")[0]
+                self._spec(pp_rank, chunk, "", "model.", sharding.Spec("decoder.final_layernorm.weight",
+                                                                       ("norm.weight",), sharding.REPLICATED))
                 if not config.tie_word_embeddings:
-                    yield "lm_head.weight", self._vocab("output_layer.weight", pp_rank, chunk)
+                    self._vocab(pp_rank, chunk, "output_layer.weight", "lm_head.weight")
                 for depth in range(config.mtp_num_layers or 0):
                     mc, hf = f"mtp.layers.{depth}.", f"model.layers.{config.num_layers + depth}."
                     for spec in sharding.mtp_specs():
-                        for hf_name, tensor in zip(spec.hf, sharding.merge(spec, self._pieces(pp_rank, chunk, mc + spec.mcore))):
-                            yield hf + hf_name, tensor
-                    yield from self._layer(pp_rank, chunk, mc + "transformer_layer.", hf, bool(config.num_moe_experts))
-            self.release()  # this stage's rank files are done with
-
-    def _vocab(self, name, pp_rank, chunk) -> torch.Tensor:
-        return torch.cat(self._pieces(pp_rank, chunk, name), 0)[: self.config.vocab_size]
+                        self._spec(pp_rank, chunk, mc, hf, spec)
+                    self._layer(pp_rank, chunk, mc + "transformer_layer.", hf, bool(config.num_moe_experts))
+        # Layer order in the checkpoint: by HF layer index, whatever the pipeline placement.
+        order = {name: i for i, name in enumerate(self._where)}
+        self._where = dict(sorted(self._where.items(), key=lambda item: (_hf_layer(item[0]), order[item[0]])))
 
     def _layer(self, pp_rank, chunk, mc, hf, moe):
         for spec in _layer_specs(self.config, moe):
-            for hf_name, tensor in zip(spec.hf, sharding.merge(spec, self._pieces(pp_rank, chunk, mc + spec.mcore))):
-                yield hf + hf_name, tensor
+            self._spec(pp_rank, chunk, mc, hf, spec)
         if not moe:
             return
-        par, hidden = self.par, self.config.hidden_size
-        etp_ranks = range(par.etp)  # expert-TP rank r lives in the file of tensor rank r
-        for ep_rank in range(par.ep):
-            experts = _local_experts(self.config, par, ep_rank)
-            if par.grouped_gemm:
+        per_rank = self.config.num_moe_experts // self.par.ep
+        for e in range(self.config.num_moe_experts):
+            expert = f"{hf}mlp.experts.{e}."
+            self._add([expert + n for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")],
+                      self._expert_builder(pp_rank, chunk, mc, expert, e // per_rank, e % per_rank, per_rank))
+
+    def _expert_builder(self, pp_rank, chunk, mc, expert, ep_rank, local, per_rank):
+        etp_ranks = range(self.par.etp)  # expert-TP rank r lives in the file of tensor rank r
+        hidden = self.config.hidden_size
+
+        def build():
+            if self.par.grouped_gemm:
                 w1 = self._pieces(pp_rank, chunk, f"{mc}mlp.experts.weight1", ep_rank, etp_ranks)
                 w2 = self._pieces(pp_rank, chunk, f"{mc}mlp.experts.weight2", ep_rank, etp_ranks)
-                views = [sharding.split_grouped(a, b, len(experts), hidden) for a, b in zip(w1, w2)]
-                fc1 = [[v[0][i] for v in views] for i in range(len(experts))]
-                fc2 = [[v[1][i] for v in views] for i in range(len(experts))]
+                views = [sharding.split_grouped(a, b, per_rank, hidden) for a, b in zip(w1, w2)]
+                fc1, fc2 = [v[0][local] for v in views], [v[1][local] for v in views]
             else:
-                fc1 = [[p.t() for p in self._pieces(pp_rank, chunk, f"{mc}mlp.experts.local_experts.{i}.linear_fc1.weight",
-                                                     ep_rank, etp_ranks)] for i in range(len(experts))]
-                fc2 = [[p.t() for p in self._pieces(pp_rank, chunk, f"{mc}mlp.experts.local_experts.{i}.linear_fc2.weight",
-                                                     ep_rank, etp_ranks)] for i in range(len(experts))]
-            for i, e in enumerate(experts):
-                gate, up, down = sharding.merge_expert(fc1[i], fc2[i])
-                expert = f"{hf}mlp.experts.{e}."
-                yield expert + "gate_proj.weight", gate
-                yield expert + "up_proj.weight", up
-                yield expert + "down_proj.weight", down
+                prefix = f"{mc}mlp.experts.local_experts.{local}."
+                fc1 = [p.t() for p in self._pieces(pp_rank, chunk, prefix + "linear_fc1.weight", ep_rank, etp_ranks)]
+                fc2 = [p.t() for p in self._pieces(pp_rank, chunk, prefix + "linear_fc2.weight", ep_rank, etp_ranks)]
+            gate, up, down = sharding.merge_expert(fc1, fc2)
+            return {expert + "gate_proj.weight": gate, expert + "up_proj.weight": up, expert + "down_proj.weight": down}
+
+        return build
+
+
+def _hf_layer(name: str) -> int:
+    """Sort key: -1 for the embedding, the layer index, then after all layers."""
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2])
+    return -1 if name == "model.embed_tokens.weight" else 1 << 30
