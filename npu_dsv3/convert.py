@@ -64,40 +64,50 @@ def run_fp8_to_bf16(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- hf2mcore / mcore2hf
 
 
-def _add_layout_arguments(p: argparse.ArgumentParser, side: str) -> None:
-    """The layout flags of MindSpeed-LLM's converter; ``side`` is "target" or "source"."""
-    p.add_argument(f"--{side}-tensor-parallel-size", type=_positive_int, default=1)
-    p.add_argument(f"--{side}-pipeline-parallel-size", type=_positive_int, default=1)
-    p.add_argument(f"--{side}-expert-parallel-size", type=_positive_int, default=1)
-    p.add_argument("--expert-tensor-parallel-size", type=_positive_int, default=1,
-                   help="1 (DeepSeek-V3 recipes) or the tensor-parallel size")
-    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None)
-    p.add_argument("--num-layer-list", default=None, metavar="N,N,...", help="layers per pipeline stage")
-    p.add_argument("--noop-layers", default=None, metavar="I,I,...",
-                   help="global indices of identity layers that pad --num-layers")
-    p.add_argument("--schedules-method", choices=["dualpipev"], default=None)
-    p.add_argument("--moe-grouped-gemm", action="store_true",
-                   help="experts as GroupedMLP weight1/weight2 (else one MLP per expert)")
-    p.add_argument("--num-layers", type=_positive_int, default=None,
-                   help="decoder layers including --noop-layers (default: config.json's + noop layers)")
+_SIDED = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size")
+_SHARED = ("expert_tensor_parallel_size", "num_layers_per_virtual_pipeline_stage", "num_layer_list", "noop_layers",
+           "schedules_method", "num_layers", "moe_grouped_gemm")
+
+
+def _add_layout_arguments(p: argparse.ArgumentParser, side: str, prefix_all: bool = False) -> None:
+    """The layout flags of MindSpeed-LLM's converter for ``side`` ("target" or "source").
+
+    hf2mcore / mcore2hf have one megatron side, so only the parallel sizes carry
+    the prefix (``--target-tensor-parallel-size``, ``--num-layer-list``);
+    reshard has two and prefixes every flag (``--source-num-layer-list``).
+    """
+    group = p.add_argument_group(f"{side} layout")
+    pre = f"--{side}-" if prefix_all else "--"
+    for name in _SIDED:
+        group.add_argument(f"--{side}-{name.replace('_', '-')}", type=_positive_int, default=1)
+    group.add_argument(f"{pre}expert-tensor-parallel-size", type=_positive_int, default=1,
+                       help="1 (DeepSeek-V3 recipes) or the tensor-parallel size")
+    group.add_argument(f"{pre}num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None)
+    group.add_argument(f"{pre}num-layer-list", default=None, metavar="N,N,...", help="layers per pipeline stage")
+    group.add_argument(f"{pre}noop-layers", default=None, metavar="I,I,...",
+                       help="global indices of identity layers that pad --num-layers")
+    group.add_argument(f"{pre}schedules-method", choices=["dualpipev"], default=None)
+    group.add_argument(f"{pre}num-layers", type=_positive_int, default=None,
+                       help="decoder layers including the noop layers (default: config.json's + noop layers)")
+    group.add_argument(f"{pre}moe-grouped-gemm", action="store_true",
+                       help="experts as GroupedMLP weight1/weight2 (else one MLP per expert)")
+
+
+def _layout_flags(args: argparse.Namespace, side: str, prefix_all: bool = False) -> dict:
+    """The ``ParallelLayout.from_flags`` keywords for ``side``."""
+    flags = {
+        "tensor_model_parallel_size": getattr(args, f"{side}_tensor_parallel_size"),
+        "pipeline_model_parallel_size": getattr(args, f"{side}_pipeline_parallel_size"),
+        "expert_model_parallel_size": getattr(args, f"{side}_expert_parallel_size"),
+    }
+    for name in _SHARED:
+        flags[name] = getattr(args, f"{side}_{name}" if prefix_all else name)
+    return flags
+
+
+def _add_save_format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-format", choices=["torch"], default="torch",
                    help="torch: the legacy per-rank mp_rank_* files")
-
-
-def _layout_flags(args: argparse.Namespace, side: str) -> dict:
-    get = lambda name: getattr(args, f"{side}_{name}")  # noqa: E731
-    return dict(
-        tensor_model_parallel_size=get("tensor_parallel_size"),
-        pipeline_model_parallel_size=get("pipeline_parallel_size"),
-        expert_model_parallel_size=get("expert_parallel_size"),
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
-        num_layer_list=args.num_layer_list,
-        noop_layers=args.noop_layers,
-        schedules_method=args.schedules_method,
-        num_layers=args.num_layers,
-        moe_grouped_gemm=args.moe_grouped_gemm,
-    )
 
 
 def add_hf2mcore(subparsers) -> argparse.ArgumentParser:
@@ -108,6 +118,7 @@ def add_hf2mcore(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--load-dir", required=True, metavar="DIR", help="HF checkpoint directory")
     p.add_argument("--save-dir", required=True, metavar="DIR", help="megatron checkpoint directory to write")
     _add_layout_arguments(p, "target")
+    _add_save_format(p)
     add_job_arguments(p)
     p.set_defaults(_convert=run_hf2mcore)
     return p
@@ -156,42 +167,18 @@ def add_reshard(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--load-dir", required=True, metavar="DIR")
     p.add_argument("--save-dir", required=True, metavar="DIR")
     for side in ("source", "target"):
-        group = p.add_argument_group(f"{side} layout")
-        group.add_argument(f"--{side}-tensor-parallel-size", type=_positive_int, default=1)
-        group.add_argument(f"--{side}-pipeline-parallel-size", type=_positive_int, default=1)
-        group.add_argument(f"--{side}-expert-parallel-size", type=_positive_int, default=1)
-        group.add_argument(f"--{side}-expert-tensor-parallel-size", type=_positive_int, default=1)
-        group.add_argument(f"--{side}-num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None)
-        group.add_argument(f"--{side}-num-layer-list", default=None)
-        group.add_argument(f"--{side}-noop-layers", default=None)
-        group.add_argument(f"--{side}-schedules-method", choices=["dualpipev"], default=None)
-        group.add_argument(f"--{side}-moe-grouped-gemm", action="store_true")
-        group.add_argument(f"--{side}-num-layers", type=_positive_int, default=None)
+        _add_layout_arguments(p, side, prefix_all=True)
+    _add_save_format(p)
     add_job_arguments(p)
     p.set_defaults(_convert=run_reshard)
     return p
 
 
-def _side_flags(args: argparse.Namespace, side: str) -> dict:
-    get = lambda name: getattr(args, f"{side}_{name}")  # noqa: E731
-    return dict(
-        tensor_model_parallel_size=get("tensor_parallel_size"),
-        pipeline_model_parallel_size=get("pipeline_parallel_size"),
-        expert_model_parallel_size=get("expert_parallel_size"),
-        expert_tensor_parallel_size=get("expert_tensor_parallel_size"),
-        num_layers_per_virtual_pipeline_stage=get("num_layers_per_virtual_pipeline_stage"),
-        num_layer_list=get("num_layer_list"),
-        noop_layers=get("noop_layers"),
-        schedules_method=get("schedules_method"),
-        num_layers=get("num_layers"),
-        moe_grouped_gemm=get("moe_grouped_gemm"),
-    )
-
-
 def run_reshard(args: argparse.Namespace) -> int:
     from npu_dsv3.checkpoint.mcore_legacy import reshard_legacy
 
-    summary = reshard_legacy(args.load_dir, args.save_dir, _side_flags(args, "source"), _side_flags(args, "target"),
+    summary = reshard_legacy(args.load_dir, args.save_dir, _layout_flags(args, "source", True),
+                             _layout_flags(args, "target", True),
                              workers=args.workers, resume=args.resume, progress=args.progress)
     print(f"wrote {args.save_dir}: {summary['written']} of {summary['rank_files']} rank files in "
           f"{summary['seconds']:.1f} s", file=sys.stderr)

@@ -17,24 +17,12 @@ from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
 
+from op_asserts import assert_close
 from npu_dsv3.ops import apply_rotary, gmm, mla_attention, permute, reference_attention, rms_norm, swiglu, unpermute
 from npu_dsv3.ops.attention import QUERY_CHUNK
 from npu_dsv3.ops.gmm import _grouped_mm_ok
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
-
-
-def assert_close(actual, expected, dtype, tol_scale=1.0, what=""):
-    """max |actual - expected| <= tol * max(1, max |expected|), compared in float64."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.detach().double(), expected.detach().double()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    if e.numel() == 0:
-        return
-    err = (a - e).abs().max().item()
-    bound = _TOL[dtype] * tol_scale * max(1.0, e.abs().max().item())
-    assert err <= bound, f"{what} ({dtype}): max error {err:.3g} > {bound:.3g}"
 
 
 def _grads(out, inputs, upstream):

@@ -8,12 +8,14 @@ dtypes, shapes) match the documented API. They say nothing about NPU numerics;
 ``tests/test_npu_smoke.py`` (``-m npu``) does that on hardware.
 """
 
+import functools
 import math
 
 import pytest
 import torch
 
 import npu_emulation
+import op_asserts
 from npu_dsv3.ops.attention import mla_attention, npu_mla_attention
 from npu_dsv3.ops.gmm import gmm, group_list, npu_gmm
 from npu_dsv3.ops.permute import _topk_indices, npu_permute, npu_unpermute, permute, unpermute
@@ -21,20 +23,9 @@ from npu_dsv3.ops.rms_norm import npu_rms_norm, rms_norm
 from npu_dsv3.ops.rotary import apply_rotary, npu_apply_rotary
 from npu_dsv3.ops.swiglu import npu_swiglu, swiglu
 
+# The NPU path must also return the portable path's dtype.
+assert_close = functools.partial(op_asserts.assert_close, same_dtype=True)
 DTYPES = [torch.float32, torch.bfloat16]
-_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}
-
-
-def assert_close(actual, expected, dtype, tol_scale=1.0, what=""):
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    a, e = actual.detach().double(), expected.detach().double()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    if e.numel() == 0:
-        return
-    err = (a - e).abs().max().item()
-    bound = _TOL[dtype] * tol_scale * max(1.0, e.abs().max().item())
-    assert err <= bound, f"{what} ({dtype}): max error {err:.3g} > {bound:.3g}"
 
 
 def _pair(t):
