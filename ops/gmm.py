@@ -90,12 +90,14 @@ class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, offsets = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.contiguous()  # autograd may hand over a stride-0 (expanded) gradient
         grad_x = grad_w = None
+        # Transposed views, not copies: the kernel takes either stride order, and a copy of
+        # every expert's weight on each backward costs more than the GEMM's packing.
         if ctx.needs_input_grad[0]:
-            grad_x = torch._grouped_mm(grad_out, weight.transpose(1, 2).contiguous(), offs=offsets)
+            grad_x = torch._grouped_mm(grad_out, weight.transpose(1, 2), offs=offsets)
         if ctx.needs_input_grad[1]:
-            grad_w = torch._grouped_mm(x.t().contiguous(), grad_out, offs=offsets)
+            grad_w = torch._grouped_mm(x.t(), grad_out, offs=offsets)
         return grad_x, grad_w, None
 
 
