@@ -73,6 +73,8 @@ import threading
 import time
 import warnings
 
+from machine import cpu_model, usable_cores
+
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -101,24 +103,6 @@ SOURCE_LAYOUT = [flag.replace("--target-", "--source-") for flag in LAYOUT]
 
 
 # --------------------------------------------------------------------------- machine
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def mem_total_gib() -> float:
