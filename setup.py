@@ -29,6 +29,8 @@ setup(
         "transformers>=5.0,<6",
         "tqdm",
         "numpy",
+        # megatron.core.dist_checkpointing's own writer (torch_dist saves) measures memory with it.
+        "psutil",
     ],
     extras_require={
         "npu": ["torch_npu"],  # choose the release matching your torch and CANN

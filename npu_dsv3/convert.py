@@ -66,7 +66,8 @@ def run_fp8_to_bf16(args: argparse.Namespace) -> int:
 
 _SIDED = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size")
 _SHARED = ("expert_tensor_parallel_size", "num_layers_per_virtual_pipeline_stage", "num_layer_list", "noop_layers",
-           "schedules_method", "num_layers", "moe_grouped_gemm")
+           "schedules_method", "num_layers", "moe_grouped_gemm", "moe_tp_extend_ep", "mla_mm_split",
+           "first_k_dense_replace", "mtp_num_layers")
 
 
 def _add_layout_arguments(p: argparse.ArgumentParser, side: str, prefix_all: bool = False) -> None:
@@ -91,6 +92,17 @@ def _add_layout_arguments(p: argparse.ArgumentParser, side: str, prefix_all: boo
                        help="decoder layers including the noop layers (default: config.json's + noop layers)")
     group.add_argument(f"{pre}moe-grouped-gemm", action="store_true",
                        help="experts as GroupedMLP weight1/weight2 (else one MLP per expert)")
+    group.add_argument(f"{pre}moe-tp-extend-ep", action="store_true",
+                       help="the TP ranks of an EP rank hold different whole experts (experts split over EP x TP; "
+                            "--expert-tensor-parallel-size 1)")
+    group.add_argument(f"{pre}mla-mm-split", action="store_true",
+                       help="MLA's up-projections as linear_qk_nope/linear_qk_rope and linear_kv_nope/linear_v")
+    # Model sizes default to config.json; smaller values convert part of the model.
+    group.add_argument(f"{pre}first-k-dense-replace", type=int, default=None, metavar="K",
+                       help="dense layers before the MoE layers; below the checkpoint's, its first K dense "
+                            "layers then its MoE layers (default: config.json's)")
+    group.add_argument(f"{pre}mtp-num-layers", type=int, default=None, metavar="N",
+                       help="MTP layers to convert, 0 for none (default: config.json's)")
 
 
 def _layout_flags(args: argparse.Namespace, side: str, prefix_all: bool = False) -> dict:
@@ -106,8 +118,26 @@ def _layout_flags(args: argparse.Namespace, side: str, prefix_all: bool = False)
 
 
 def _add_save_format(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--save-format", choices=["torch"], default="torch",
-                   help="torch: the legacy per-rank mp_rank_* files")
+    p.add_argument("--save-format", choices=["torch", "torch_dist"], default="torch",
+                   help="torch: the legacy per-rank mp_rank_* files of exactly this layout; torch_dist: "
+                        "megatron.core.dist_checkpointing, loadable by any layout with this tensor-parallel "
+                        "size (vocabulary padding)")
+
+
+def _is_dist(load_dir: str) -> bool:
+    from npu_dsv3.checkpoint.mcore_dist import release_dir
+
+    return release_dir(load_dir) is not None
+
+
+def _ignored_source_flags(args: argparse.Namespace, flags: dict) -> None:
+    """torch_dist checkpoints carry their own layout: say so rather than silently ignore --source-* flags."""
+    defaults = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "expert_model_parallel_size": 1,
+                "expert_tensor_parallel_size": 1, "moe_grouped_gemm": False}
+    given = sorted(k for k, v in flags.items() if v not in (None, False) and defaults.get(k) != v)
+    if given:
+        print(f"note: {args.load_dir} is a torch_dist checkpoint, which any layout reads; the source layout "
+              f"flags ({', '.join(given)}) are not needed and were not used", file=sys.stderr)
 
 
 def add_hf2mcore(subparsers) -> argparse.ArgumentParser:
@@ -127,6 +157,8 @@ def add_hf2mcore(subparsers) -> argparse.ArgumentParser:
 def run_hf2mcore(args: argparse.Namespace) -> int:
     from npu_dsv3.checkpoint.mcore_legacy import convert_hf_to_legacy
 
+    if args.save_format == "torch_dist":
+        return _report_dist(args, ("hf", args.load_dir), _layout_flags(args, "target"), "convert hf2mcore")
     summary = convert_hf_to_legacy(args.load_dir, args.save_dir, _layout_flags(args, "target"),
                                    workers=args.workers, resume=args.resume, progress=args.progress)
     print(f"wrote {args.save_dir}: {summary['written']} of {summary['rank_files']} rank files "
@@ -148,11 +180,28 @@ def add_mcore2hf(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _report_dist(args: argparse.Namespace, source: tuple, flags: dict, command: str) -> int:
+    from npu_dsv3.checkpoint.mcore_dist import convert_to_dist
+
+    summary = convert_to_dist(source, args.save_dir, flags, command, workers=args.workers, resume=args.resume,
+                              progress=args.progress)
+    print(f"wrote {args.save_dir}: torch_dist, {summary['pieces']} tensors, {summary['bytes'] / 1e9:.2f} GB "
+          f"in {summary['seconds']:.1f} s", file=sys.stderr)
+    return 0
+
+
 def run_mcore2hf(args: argparse.Namespace) -> int:
+    from npu_dsv3.checkpoint.mcore_dist import convert_dist_to_hf
     from npu_dsv3.checkpoint.mcore_legacy import convert_legacy_to_hf
 
-    summary = convert_legacy_to_hf(args.load_dir, args.save_dir, _layout_flags(args, "source"),
-                                   resume=args.resume, progress=args.progress)
+    flags = _layout_flags(args, "source")
+    if _is_dist(args.load_dir):
+        _ignored_source_flags(args, {k: v for k, v in flags.items() if k != "mtp_num_layers"})
+        summary = convert_dist_to_hf(args.load_dir, args.save_dir, flags.get("mtp_num_layers"), resume=args.resume,
+                                     progress=args.progress)
+    else:
+        summary = convert_legacy_to_hf(args.load_dir, args.save_dir, flags, resume=args.resume,
+                                       progress=args.progress)
     print(f"wrote {args.save_dir}: {summary['shards']} shards, {summary['bytes'] / 1e9:.2f} GB "
           f"in {summary['seconds']:.1f} s", file=sys.stderr)
     return 0
@@ -177,6 +226,22 @@ def add_reshard(subparsers) -> argparse.ArgumentParser:
 def run_reshard(args: argparse.Namespace) -> int:
     from npu_dsv3.checkpoint.mcore_legacy import reshard_legacy
 
+    source_flags, target_flags = _layout_flags(args, "source", True), _layout_flags(args, "target", True)
+    if _is_dist(args.load_dir):
+        _ignored_source_flags(args, source_flags)
+        source = ("dist", args.load_dir)
+    else:
+        source = ("mcore", args.load_dir, source_flags)
+    if args.save_format == "torch_dist":
+        return _report_dist(args, source, target_flags, "convert reshard")
+    if source[0] == "dist":
+        from npu_dsv3.checkpoint.mcore_dist import convert_to_legacy
+
+        summary = convert_to_legacy(args.load_dir, args.save_dir, target_flags, workers=args.workers,
+                                    resume=args.resume, progress=args.progress)
+        print(f"wrote {args.save_dir}: {summary['written']} of {summary['rank_files']} rank files in "
+              f"{summary['seconds']:.1f} s", file=sys.stderr)
+        return 0
     summary = reshard_legacy(args.load_dir, args.save_dir, _layout_flags(args, "source", True),
                              _layout_flags(args, "target", True),
                              workers=args.workers, resume=args.resume, progress=args.progress)

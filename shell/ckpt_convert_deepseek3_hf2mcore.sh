@@ -6,8 +6,10 @@
 #
 # Layout (environment; defaults: the published A3 pretraining recipe): TP=2 PP=8 EP=32 ETP=1,
 # NUM_LAYERS=64 NOOP_LAYERS=61,62,63, NUM_LAYER_LIST, VPP_LAYERS (layers per virtual stage),
-# SCHEDULE=dualpipev, GROUPED_GEMM=1. WORKERS=8, RESUME=1 continues an interrupted run,
-# DRY_RUN=1 prints the command instead of running it.
+# SCHEDULE=dualpipev, GROUPED_GEMM=1; MOE_TP_EXTEND_EP=1 and MLA_MM_SPLIT=1 (off by default; the A3
+# recipe trains with --mla-mm-split) add those flags, MTP_NUM_LAYERS=0 leaves MTP out,
+# FIRST_K_DENSE_REPLACE keeps fewer dense layers (model sizes default to config.json's).
+# WORKERS=8, RESUME=1 continues an interrupted run, DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 
 : "${LOAD_DIR:?set LOAD_DIR to the HF checkpoint directory}"
@@ -30,6 +32,10 @@ cmd=(npu-dsv3 convert hf2mcore --load-dir "$LOAD_DIR" --save-dir "$SAVE_DIR"
 [[ -n "${VPP_LAYERS:-}" ]] && cmd+=(--num-layers-per-virtual-pipeline-stage "$VPP_LAYERS")
 [[ -n "$SCHEDULE" ]] && cmd+=(--schedules-method "$SCHEDULE")
 [[ "${GROUPED_GEMM:-1}" == 1 ]] && cmd+=(--moe-grouped-gemm)
+[[ "${MOE_TP_EXTEND_EP:-0}" == 1 ]] && cmd+=(--moe-tp-extend-ep)
+[[ "${MLA_MM_SPLIT:-0}" == 1 ]] && cmd+=(--mla-mm-split)
+[[ -n "${MTP_NUM_LAYERS:-}" ]] && cmd+=(--mtp-num-layers "$MTP_NUM_LAYERS")
+[[ -n "${FIRST_K_DENSE_REPLACE:-}" ]] && cmd+=(--first-k-dense-replace "$FIRST_K_DENSE_REPLACE")
 [[ "${RESUME:-0}" == 1 ]] && cmd+=(--resume)
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then

@@ -200,7 +200,7 @@ def convert_fp8_to_bf16(input_dir: str, output_dir: str, workers: int = 1, resum
     config.json loses ``quantization_config``; every other file is copied byte for
     byte. ``workers`` shards are converted at a time, each worker holding one
     output shard in memory. With ``resume`` an interrupted run in ``output_dir``
-    is continued: intact finished files (sha256 in the manifest) are kept.
+    is continued: intact finished files (size and CRC-32 in the manifest) are kept.
 
     Returns a summary: shard counts, input bytes and seconds.
     """

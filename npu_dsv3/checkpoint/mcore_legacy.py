@@ -4,18 +4,21 @@ The layout MindSpeed-LLM users load with ``--load``: one file per (tensor,
 pipeline, expert) rank, each holding that rank's model chunks (``model`` or
 ``model0``, ``model1``, ... with virtual pipeline stages) under megatron's local
 names (``decoder.layers.{i}`` counts from 0 in each chunk, noop layers included).
-Each rank file is built from the HF tensors it needs and written on its own,
-so memory stays at about one rank file; reading maps files (``mmap``) and
-rebuilds one HF tensor at a time.
+Each rank file is streamed: its structure comes from the tensors' shapes alone,
+then each tensor is built from the HF tensors it needs and written into place
+(``writers.save_torch_streamed``), so memory stays at about one HF tensor
+whatever the model or rank-file size. The way back maps rank files (``mmap``)
+and writes each safetensors shard header first, one rebuilt HF tensor at a time.
 """
 
 import os
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
-from npu_dsv3.checkpoint.rank_state import HFFromRanks, ParallelLayout, chunk_state_dict
+from npu_dsv3.checkpoint.rank_state import (HFFromRanks, ParallelLayout, chunk_state_dict, chunk_state_pieces,
+                                            effective_hf_config, source_getter)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -33,6 +36,7 @@ def rank_file(root: str, par: ParallelLayout, tp_rank: int, pp_rank: int, ep_ran
 
 
 def rank_payload(config, par, get, tp_rank, pp_rank, ep_rank) -> dict:
+    """A rank file's whole content in memory: the reference the streamed writer is tested against."""
     payload = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
     for chunk in range(par.pipeline.num_chunks):
         sd = chunk_state_dict(config, par, get, tp_rank, pp_rank, ep_rank, chunk)
@@ -50,14 +54,45 @@ def load_rank(root: str, par: ParallelLayout, tp_rank: int, pp_rank: int, ep_ran
         raise CheckpointError(f"cannot read {path} ({e})") from e
 
 
+def rank_plan(config, par, meta_get, get, tp_rank, pp_rank, ep_rank):
+    """What ``writers.save_torch_streamed`` needs to write ``rank_payload``: the payload with
+    meta tensors (``chunk_state_dict`` run on ``meta_get``'s shapes, no data) and one
+    producer per tensor, in the payload's order (``chunk_state_pieces`` on ``get``)."""
+    skeleton = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
+    producers = []
+    for chunk in range(par.pipeline.num_chunks):
+        shapes = chunk_state_dict(config, par, meta_get, tp_rank, pp_rank, ep_rank, chunk)
+        pieces = chunk_state_pieces(config, par, get, tp_rank, pp_rank, ep_rank, chunk)
+        if list(shapes) != list(pieces):
+            raise RuntimeError(f"chunk_state_pieces disagrees with chunk_state_dict on chunk {chunk}: "
+                               f"{sorted(set(shapes) ^ set(pieces)) or 'the order differs'}")
+        skeleton[par.chunk_key(chunk)] = shapes
+        producers += pieces.values()
+    return skeleton, producers
+
+
 def legacy_source(root: str, config, par: ParallelLayout) -> HFFromRanks:
     """HF tensors by name from a legacy checkpoint, rank files memory-mapped on first use."""
+    return _legacy_source(root, config, par, meta=False)
+
+
+def legacy_meta_source(root: str, config, par: ParallelLayout) -> HFFromRanks:
+    """``legacy_source`` giving meta tensors: every HF tensor's shape and dtype, no data read."""
+    return _legacy_source(root, config, par, meta=True)
+
+
+def _as_meta(rank: dict) -> dict:
+    return {key: {name: t.to("meta") for name, t in value.items()} if isinstance(value, dict) else value
+            for key, value in rank.items()}
+
+
+def _legacy_source(root: str, config, par: ParallelLayout, meta: bool) -> HFFromRanks:
     cache: Dict[Tuple[int, int, int], dict] = {}
 
     def fetch(tp_rank, pp_rank, ep_rank, chunk):
         key = (tp_rank, pp_rank, ep_rank)
         if key not in cache:
-            cache[key] = load_rank(root, par, *key)
+            cache[key] = _as_meta(load_rank(root, par, *key)) if meta else load_rank(root, par, *key)
         name = par.chunk_key(chunk)
         if name not in cache[key]:
             raise CheckpointError(f"{rank_file(root, par, *key)} has no '{name}': check "
@@ -120,30 +155,127 @@ def _check_mtp_copies(config, get) -> None:
                                       "tensor, so converting would lose it")
 
 
-def _source_getter(source: tuple, hf_config: dict):
-    """``get(HF name)`` for a conversion's input: ("hf", dir) or ("mcore", dir, layout flags)."""
-    from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
+class _HFPreadReader:
+    """HF tensors by name, read with ``pread`` into memory of their own.
 
+    safetensors' ``get_tensor`` copies out of a memory map, and every page a map
+    has touched stays in the process's resident set until the file is closed: a
+    rank file's conversion would show RSS growing with the HF bytes it read (page
+    cache the kernel can reclaim, but counted, and it competes with the writes).
+    Read this way, a tensor's memory is freed when the tensor is. The
+    ``HFCheckpointReader`` still owns the index and the one-line errors.
+    """
+
+    def __init__(self, hf_dir: str):
+        from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
+
+        self.reader = HFCheckpointReader(hf_dir)
+        self._files: Dict[str, Tuple[int, dict]] = {}
+
+    def _entry(self, name: str):
+        from npu_dsv3.checkpoint import io
+
+        if name not in self.reader:
+            self.reader.get(name)  # raises the reader's error naming the checkpoint
+        filename = self.reader.weight_map[name]
+        if filename not in self._files:
+            self.reader._open(filename)  # the reader's one-line error for a missing or unreadable shard
+            header, data_start = io.safetensors_header(os.path.join(self.reader.path, filename))
+            self._files[filename] = (data_start, header)
+        data_start, header = self._files[filename]
+        return os.path.join(self.reader.path, filename), data_start, header[name]
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A meta tensor of ``name``'s shape and dtype: nothing is read but the shard's header."""
+        from npu_dsv3.checkpoint import writers
+
+        _, _, info = self._entry(name)
+        return torch.empty(info["shape"], dtype=writers.dtype_from_safetensors(info["dtype"]), device="meta")
+
+    def get(self, name: str) -> torch.Tensor:
+        from npu_dsv3.checkpoint import writers
+
+        path, data_start, info = self._entry(name)
+        begin, end = info["data_offsets"]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(data_start + begin)
+            view, done = memoryview(out.numpy()), 0
+            while done < len(view) and (n := f.readinto(view[done:])):
+                done += n
+        if done != end - begin:
+            raise CheckpointError(f"cannot read tensor {name} from {path}: the file is truncated")
+        return out.view(writers.dtype_from_safetensors(info["dtype"])).reshape(info["shape"])
+
+
+def _hf_meta_getter(reader: _HFPreadReader):
+    """``reader``'s tensors as meta tensors of the shape and dtype ``_bf16_getter`` returns
+    (FP8 weights come out BF16)."""
+
+    def get(name: str) -> torch.Tensor:
+        tensor = reader.meta(name)
+        return tensor.to(torch.bfloat16) if tensor.dtype == torch.float8_e4m3fn else tensor
+
+    return get
+
+
+def _source_meta_getter(source: tuple, hf_config: dict):
+    """``_source_getter``'s shapes and dtypes as meta tensors, without reading data."""
     if source[0] == "hf":
-        return _bf16_getter(HFCheckpointReader(source[1]), hf_config)
+        return _hf_meta_getter(_HFPreadReader(source[1]))
+    if source[0] == "dist":  # a torch_dist checkpoint
+        from npu_dsv3.checkpoint.mcore_dist import DistSource, release_dir
+
+        return DistSource(release_dir(source[1]), hf_config).shape
+    _, load_dir, flags = source
+    config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
+    return legacy_meta_source(load_dir, config, ParallelLayout.from_flags(config, **flags)).get
+
+
+def _source_getter(source: tuple, hf_config: dict):
+    """``get(HF name)`` for a conversion's input: ("hf", dir), ("mcore", dir, layout flags) or ("dist", dir)."""
+    if source[0] == "hf":
+        return _bf16_getter(_HFPreadReader(source[1]), hf_config)
+    if source[0] == "dist":  # a torch_dist checkpoint
+        from npu_dsv3.checkpoint.mcore_dist import DistSource, release_dir
+
+        return DistSource(release_dir(source[1]), hf_config).get
     _, load_dir, flags = source
     config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
     return legacy_source(load_dir, config, ParallelLayout.from_flags(config, **flags)).get
 
 
-def _write_rank(job) -> dict:
-    """One rank file (runs in a worker); returns its digest for the manifest."""
-    from npu_dsv3.checkpoint import io
+def conversion_configs(source: tuple, flags: dict) -> Tuple[dict, dict]:
+    """(the source's config.json as its flags read it, config.json of the model a conversion writes
+    with ``flags``: the model-size flags applied, see ``rank_state.effective_hf_config``)."""
+    from npu_dsv3.config import load_hf_config
 
-    source, save_dir, hf_config, flags, ranks = job
+    source_hf = load_hf_config(source[1])
+    if source[0] == "mcore":
+        source_hf = effective_hf_config(source_hf, source[2], select_layers=False)
+    return source_hf, effective_hf_config(source_hf, flags)
+
+
+def conversion_input(source: tuple, source_hf: dict, hf_config: dict):
+    """(get, meta_get) of a conversion's input by the HF names of the model written; ``meta_get``
+    gives shapes and dtypes as meta tensors without reading data."""
+    return (source_getter(_source_getter(source, source_hf), source_hf, hf_config),
+            source_getter(_source_meta_getter(source, source_hf), source_hf, hf_config))
+
+
+def _write_rank(job) -> dict:
+    """One rank file, streamed (runs in a worker); returns its digest for the manifest."""
+    from npu_dsv3.checkpoint import io, writers
+
+    source, save_dir, source_hf, hf_config, flags, ranks = job
     config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
     par = ParallelLayout.from_flags(config, **flags)
     path = rank_file(save_dir, par, *ranks)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    payload = rank_payload(config, par, _source_getter(source, hf_config), *ranks)
+    get, meta_get = conversion_input(source, source_hf, hf_config)
+    skeleton, producers = rank_plan(config, par, meta_get, get, *ranks)
     with io.atomic_write(path) as tmp:
-        torch.save(payload, tmp)
-    return io.file_digest(path)
+        return writers.save_torch_streamed(skeleton, producers, tmp)
 
 
 def _write_layout(source: tuple, save_dir: str, flags: dict, command: str, workers: int, resume: bool,
@@ -153,21 +285,20 @@ def _write_layout(source: tuple, save_dir: str, flags: dict, command: str, worke
     import time
 
     from npu_dsv3.checkpoint import io
-    from npu_dsv3.config import load_hf_config
 
     start = time.monotonic()
     source_dir = source[1]
-    hf_config = load_hf_config(source_dir)
+    source_hf, hf_config = conversion_configs(source, flags)
     config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
     par = ParallelLayout.from_flags(config, **flags)
     if source[0] == "hf":
-        _check_mtp_copies(config, _source_getter(source, hf_config))
+        _check_mtp_copies(config, conversion_input(source, source_hf, hf_config)[0])
     job = {"command": command, "input": os.path.realpath(source_dir), "layout": flags}
     manifest = io.prepare_output_dir(save_dir, resume, job)
     rel = {ranks: os.path.relpath(rank_file(save_dir, par, *ranks), save_dir) for ranks in par.ranks()}
     todo = set(manifest.pending(list(rel.values()), workers))
-    jobs = [(source, save_dir, hf_config, flags, ranks) for ranks, path in rel.items() if path in todo]
-    with io.progress(None, command.split()[-1], enabled=progress) as bar:
+    jobs = [(source, save_dir, source_hf, hf_config, flags, ranks) for ranks, path in rel.items() if path in todo]
+    with io.progress(None, command.split()[-1], enabled=progress) as bar, io.single_threaded_torch():
 
         def finished(job, digest):
             manifest.record(rel[job[-1]], digest)
@@ -205,14 +336,77 @@ def reshard_legacy(load_dir: str, save_dir: str, source_flags: dict, target_flag
                          resume, progress)
 
 
+def _with_mtp_copies(names, hf_config: dict) -> List[Tuple[str, str]]:
+    """(HF name, name it is read by) in checkpoint order. HF checkpoints store the MTP layer's
+    embedding and head again after its ``shared_head.norm``; megatron shares the main ones."""
+    head = "model.embed_tokens.weight" if hf_config.get("tie_word_embeddings", False) else "lm_head.weight"
+    out = []
+    for name in names:
+        out.append((name, name))
+        if name.endswith("shared_head.norm.weight"):
+            prefix = name[: -len("shared_head.norm.weight")]
+            out += [(prefix + "embed_tokens.weight", "model.embed_tokens.weight"),
+                    (prefix + "shared_head.head.weight", head)]
+    return out
+
+
+def write_hf_checkpoint(source, hf_config: dict, extras_dir: str, save_dir: str, manifest, progress: bool = True,
+                        max_shard_bytes: int = MAX_SHARD_BYTES, shapes=None, desc: str = "mcore2hf") -> dict:
+    """HF safetensors shards (<= ``max_shard_bytes``) + index + config.json from ``source``, into
+    ``save_dir`` (already prepared, ``manifest`` its ``io.Manifest``).
+
+    ``source`` has ``names()`` (HF names in checkpoint order) and ``get(name)`` (builds one
+    tensor); ``shapes`` has the same ``get`` returning tensors of the right shape and dtype,
+    meta tensors ideally (default: ``source``, which then builds every tensor twice). Every
+    shard is planned from the shapes, then written header first and filled tensor by tensor
+    as ``source`` builds them, so memory stays at about one tensor whatever the shard size.
+    Shards already in the manifest and intact are kept without building their tensors. MTP's
+    embedding and head copies are written as HF checkpoints store them; tokenizer files are
+    copied from ``extras_dir``; the index comes last (a directory that has one is complete).
+    """
+    import time
+
+    from npu_dsv3.checkpoint import io, writers
+
+    start = time.monotonic()
+    names = _with_mtp_copies(source.names(), hf_config)
+    plan = {}
+    for name, read_as in names:
+        tensor = (shapes or source).get(read_as)
+        plan[name] = (tuple(tensor.shape), tensor.dtype)
+    sizes = {name: writers.tensor_nbytes(*plan[name]) for name in plan}
+    shards = {f"model-{i + 1:05d}.safetensors": shard
+              for i, shard in enumerate(io.pack_shards(sizes.items(), max_shard_bytes))}
+    done = {file for file in shards if manifest.done(file)}
+    read_as = dict(names)
+    with io.progress(sum(sizes.values()), desc, enabled=progress,
+                     done_bytes=sum(sizes[n] for file in done for n in shards[file])) as bar:
+        for file, shard in shards.items():
+            if file in done:
+                continue
+            with io.atomic_write(os.path.join(save_dir, file)) as tmp:
+                digest = writers.save_safetensors_streamed([(n, *plan[n]) for n in shard],
+                                                           (source.get(read_as[n]) for n in shard), tmp,
+                                                           metadata={"format": "pt"}, on_tensor=bar.update)
+            manifest.record(file, digest)
+    for extra in HF_EXTRA_FILES:
+        if os.path.isfile(os.path.join(extras_dir, extra)) and not manifest.done(extra):
+            io.atomic_copy(os.path.join(extras_dir, extra), os.path.join(save_dir, extra))
+            manifest.record(extra)
+    io.atomic_write_json(hf_config, os.path.join(save_dir, "config.json"))
+    weight_map = {name: file for file, shard in shards.items() for name in shard}
+    io.atomic_write_json({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
+                         os.path.join(save_dir, "model.safetensors.index.json"), sort_keys=True)
+    return {"shards": len(shards), "bytes": sum(sizes.values()), "seconds": time.monotonic() - start}
+
+
 def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool = False, progress: bool = True,
                          max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
     """Legacy per-rank checkpoint -> HF safetensors shards (<= ``max_shard_bytes``) + index + config.json.
 
-    Tensors are rebuilt one at a time from memory-mapped rank files and flushed
-    to a shard when it is full. Shard contents are deterministic, so ``resume``
-    keeps intact finished shards. MTP's embedding and head copies are written
-    as HF checkpoints store them.
+    Tensors are rebuilt one at a time from memory-mapped rank files and written
+    straight into their planned shard (``write_hf_checkpoint``). Shard contents are
+    deterministic, so ``resume`` keeps intact finished shards.
     """
     import time
 
@@ -220,53 +414,13 @@ def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool
     from npu_dsv3.config import load_hf_config
 
     start = time.monotonic()
-    hf_config = load_hf_config(load_dir)
+    # Rank files fix the layers; only MTP may be left out (--mtp-num-layers 0).
+    hf_config = effective_hf_config(load_hf_config(load_dir), flags, select_layers=False)
     config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
     par = ParallelLayout.from_flags(config, **flags)
     manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf",
                                                         "input": os.path.realpath(load_dir), "layout": flags})
-    weight_map, shard, shard_bytes, total = {}, {}, 0, 0
-
-    def flush():
-        nonlocal shard, shard_bytes
-        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-        if not manifest.done(name):
-            io.atomic_save_safetensors({k: v.contiguous() for k, v in shard.items()}, os.path.join(save_dir, name),
-                                       metadata={"format": "pt"})
-            manifest.record(name)
-        weight_map.update({k: name for k in shard})
-        bar.update(shard_bytes)
-        shard, shard_bytes = {}, 0
-
-    source = legacy_source(load_dir, config, par)
-    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-
-    def tensors():
-        for name in source.names():
-            yield name, source.get(name)
-            if name.endswith("shared_head.norm.weight"):
-                # HF checkpoints store the MTP layer's embedding and head again; own copies,
-                # since safetensors refuses tensors that share memory.
-                prefix = name[: -len("shared_head.norm.weight")]
-                yield prefix + "embed_tokens.weight", source.get("model.embed_tokens.weight").clone()
-                yield prefix + "shared_head.head.weight", source.get(head).clone()
-
-    with io.progress(None, "mcore2hf", enabled=progress) as bar:
-        for name, tensor in tensors():
-            size = tensor.numel() * tensor.element_size()
-            if shard and shard_bytes + size > max_shard_bytes:
-                flush()
-            shard[name] = tensor
-            shard_bytes += size
-            total += size
-        if shard:
-            flush()
-    for extra in HF_EXTRA_FILES:
-        if os.path.isfile(os.path.join(load_dir, extra)) and not manifest.done(extra):
-            io.atomic_copy(os.path.join(load_dir, extra), os.path.join(save_dir, extra))
-            manifest.record(extra)
-    io.atomic_write_json(hf_config, os.path.join(save_dir, "config.json"))
-    # The index last: a directory that has one has all its shards.
-    io.atomic_write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
-                         os.path.join(save_dir, "model.safetensors.index.json"), sort_keys=True)
-    return {"shards": len(set(weight_map.values())), "bytes": total, "seconds": time.monotonic() - start}
+    with io.single_threaded_torch():
+        summary = write_hf_checkpoint(legacy_source(load_dir, config, par), hf_config, load_dir, save_dir, manifest,
+                                      progress, max_shard_bytes, shapes=legacy_meta_source(load_dir, config, par))
+    return {**summary, "seconds": time.monotonic() - start}

@@ -28,19 +28,32 @@ class ParallelLayout:
     ep: int = 1
     etp: int = 1
     grouped_gemm: bool = True
+    tp_extend_ep: bool = False
+    """``--moe-tp-extend-ep``: the TP ranks of an EP rank hold different whole experts."""
+    mla_mm_split: bool = False
+    """``--mla-mm-split``: MLA's up-projections stored as one linear per part (``sharding.HeadSplit``)."""
 
     def __post_init__(self):
         if self.etp not in (1, self.tp):
             raise LayoutError(
                 f"--expert-tensor-parallel-size {self.etp} must be 1 or equal --target-tensor-parallel-size {self.tp}"
             )
+        if self.tp_extend_ep and self.etp != 1:
+            raise LayoutError(f"--moe-tp-extend-ep keeps every expert whole: --expert-tensor-parallel-size must be "
+                              f"1, not {self.etp}")
 
     @classmethod
     def from_flags(cls, config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                    expert_model_parallel_size=1, expert_tensor_parallel_size=1,
                    num_layers_per_virtual_pipeline_stage=None, num_layer_list=None, noop_layers=None,
-                   schedules_method=None, num_layers=None, moe_grouped_gemm=True) -> "ParallelLayout":
-        """The layout the converter / training flags of the same names describe."""
+                   schedules_method=None, num_layers=None, moe_grouped_gemm=True, moe_tp_extend_ep=False,
+                   mla_mm_split=False, first_k_dense_replace=None, mtp_num_layers=None) -> "ParallelLayout":
+        """The layout the converter / training flags of the same names describe.
+
+        ``config`` is the model's: the model-size flags (``num_layers``,
+        ``first_k_dense_replace``, ``mtp_num_layers``) must agree with it; build it
+        from ``effective_hf_config`` to apply them.
+        """
         noop = frozenset(int(i) for i in _int_list(noop_layers))
         par = cls(
             PipelineLayout(
@@ -53,9 +66,10 @@ class ParallelLayout:
                 mtp_num_layers=config.mtp_num_layers or 0,
             ),
             tp=tensor_model_parallel_size, ep=expert_model_parallel_size, etp=expert_tensor_parallel_size,
-            grouped_gemm=moe_grouped_gemm,
+            grouped_gemm=moe_grouped_gemm, tp_extend_ep=moe_tp_extend_ep, mla_mm_split=mla_mm_split,
         )
         check_layout(config, par)
+        _check_model_sizes(config, first_k_dense_replace, mtp_num_layers)
         return par
 
     def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
@@ -74,6 +88,32 @@ class ParallelLayout:
 
     def chunk_key(self, chunk: int) -> str:
         return "model" if self.pipeline.num_chunks == 1 else f"model{chunk}"
+
+    # Expert placement. Plain EP: EP rank e holds experts [e * n, (e + 1) * n), n = E / EP, sliced
+    # over the expert-TP ranks. --moe-tp-extend-ep: tensor rank t of EP rank e holds the whole
+    # experts [(e * TP + t) * n, (e * TP + t + 1) * n), n = E / (EP * TP); the local expert
+    # offset of MindSpeed's BaseMoELayer (Ascend/MindSpeed,
+    # mindspeed/core/transformer/moe/moe_feature/overlap/moe_layer.py) and the chunk index
+    # ep_rank * tp + tp_rank of MindSpeed-LLM's converter (Ascend/MindSpeed-LLM,
+    # mindspeed_llm/tasks/checkpoint/convert_hf2mg.py). Attention, dense MLPs and shared
+    # experts stay TP-split as usual.
+
+    def experts_per_rank(self, num_experts: int) -> int:
+        return num_experts // (self.ep * self.tp if self.tp_extend_ep else self.ep)
+
+    def local_experts(self, num_experts: int, tp_rank: int, ep_rank: int) -> range:
+        """Global ids of the routed experts in rank (tp_rank, ep_rank)'s file, in local order."""
+        n = self.experts_per_rank(num_experts)
+        group = ep_rank * self.tp + tp_rank if self.tp_extend_ep else ep_rank
+        return range(group * n, (group + 1) * n)
+
+    def expert_home(self, num_experts: int, expert: int) -> Tuple[int, range, int]:
+        """(EP rank, tensor ranks whose files hold its expert-TP slices in order, local index) of an expert."""
+        group, local = divmod(expert, self.experts_per_rank(num_experts))
+        if self.tp_extend_ep:
+            ep_rank, tp_rank = divmod(group, self.tp)
+            return ep_rank, range(tp_rank, tp_rank + 1), local
+        return group, range(self.etp), local  # expert-TP rank r lives in the file of tensor rank r
 
 
 def _int_list(value) -> List[int]:
@@ -97,6 +137,11 @@ def check_layout(config, par: ParallelLayout) -> None:
         raise LayoutError(
             f"{config.num_moe_experts} experts do not divide over --target-expert-parallel-size {par.ep}"
         )
+    if par.tp_extend_ep and config.num_moe_experts and config.num_moe_experts % (par.ep * par.tp):
+        raise LayoutError(
+            f"--moe-tp-extend-ep: {config.num_moe_experts} experts do not divide over --target-expert-parallel-size "
+            f"{par.ep} x --target-tensor-parallel-size {par.tp}"
+        )
     checks = [("attention heads", config.num_attention_heads, par.tp),
               ("kv_lora_rank + qk_rope_head_dim", config.kv_lora_rank + config.qk_pos_emb_head_dim, par.tp),
               ("ffn_hidden_size", config.ffn_hidden_size, par.tp)]
@@ -110,20 +155,99 @@ def check_layout(config, par: ParallelLayout) -> None:
                               "change --target-tensor-parallel-size / --expert-tensor-parallel-size")
 
 
-def _layer_specs(config, moe: bool) -> List[sharding.Spec]:
-    specs = sharding.attention_specs(config.q_lora_rank)
+def _check_model_sizes(config, first_k_dense_replace, mtp_num_layers) -> None:
+    """The model-size flags, where given, describe ``config``."""
+    mtp = config.mtp_num_layers or 0
+    if mtp_num_layers is not None and mtp_num_layers != mtp:
+        raise LayoutError(f"--mtp-num-layers {mtp_num_layers}, but the model config has {mtp} MTP layer(s)")
+    pattern = moe_layer_pattern(config)
+    dense = pattern.index(1) if 1 in pattern else len(pattern)
+    if first_k_dense_replace is not None and min(first_k_dense_replace, config.num_layers) != dense:
+        raise LayoutError(f"--first-k-dense-replace {first_k_dense_replace}, but the model config's first "
+                          f"{dense} layers are dense")
+
+
+def effective_hf_config(hf_config: dict, flags: dict, select_layers: bool = True) -> dict:
+    """config.json of the model a conversion writes: ``hf_config`` (the source's) with the
+    model-size flags applied as MindSpeed-LLM's converter reads them (Ascend/MindSpeed-LLM,
+    mindspeed_llm/tasks/checkpoint/convert_hf2mg.py); unset flags keep the source's values.
+
+    - ``--num-layers`` (noop layers included) keeps the first layers; more than the source has is an error;
+    - ``--first-k-dense-replace K`` below the source's keeps dense layers 0..K-1, then the MoE
+      layers from the source's first one on (``source_layer_map``); above it is an error, since
+      the source has no dense weights for those layers;
+    - ``--mtp-num-layers`` keeps that many MTP layers (0: none); more than the source has is an error.
+
+    ``select_layers=False`` is for a megatron source, whose rank files fix its layers: only MTP
+    layers may be dropped, and ``ParallelLayout.from_flags`` checks the other flags against the config.
+    """
+    for name in ("first_k_dense_replace", "mtp_num_layers"):
+        if (flags.get(name) or 0) < 0:
+            raise LayoutError(f"--{name.replace('_', '-')} must be >= 0, not {flags[name]}")
+    layers, first_k = hf_config["num_hidden_layers"], hf_config.get("first_k_dense_replace", 0)
+    mtp = hf_config.get("num_nextn_predict_layers") or 0
+    want_mtp = mtp if flags.get("mtp_num_layers") is None else flags["mtp_num_layers"]
+    if want_mtp > mtp:
+        raise LayoutError(f"--mtp-num-layers {want_mtp}: the checkpoint has {mtp} MTP layer(s), there is no "
+                          f"model.layers.{layers + mtp}.eh_proj.weight")
+    out = {**hf_config, "num_nextn_predict_layers": want_mtp}
+    if not select_layers:
+        return out
+    noop = len(_int_list(flags.get("noop_layers")))
+    want_layers = flags["num_layers"] - noop if flags.get("num_layers") else layers
+    if not 1 <= want_layers <= layers:
+        raise LayoutError(f"--num-layers {flags['num_layers']} minus {noop} --noop-layers is {want_layers} layers; "
+                          f"the checkpoint has {layers} (model.layers.0 to model.layers.{layers - 1})")
+    want_k = first_k if flags.get("first_k_dense_replace") is None else flags["first_k_dense_replace"]
+    if min(want_k, want_layers) > first_k:
+        raise LayoutError(f"--first-k-dense-replace {want_k}: layer {first_k} would be dense, but the checkpoint's "
+                          f"is MoE (there is no model.layers.{first_k}.mlp.gate_proj.weight); use at most {first_k}")
+    if want_k != first_k and hf_config.get("moe_layer_freq", 1) != 1:
+        raise LayoutError(f"--first-k-dense-replace {want_k} differs from the checkpoint's {first_k}, which "
+                          f"only works with moe_layer_freq 1, not {hf_config['moe_layer_freq']}")
+    return {**out, "num_hidden_layers": want_layers, "first_k_dense_replace": want_k}
+
+
+def source_layer_map(source_hf_config: dict, hf_config: dict) -> Dict[int, int]:
+    """HF layer index in the model ``hf_config`` describes -> in the source it was cut from
+    by ``effective_hf_config`` (decoder layers, then MTP layers)."""
+    layers, first_k = hf_config["num_hidden_layers"], hf_config.get("first_k_dense_replace", 0)
+    source_first_k = source_hf_config.get("first_k_dense_replace", 0)
+    out = {i: i if i < first_k else i - first_k + source_first_k for i in range(layers)}
+    for depth in range(hf_config.get("num_nextn_predict_layers") or 0):
+        out[layers + depth] = source_hf_config["num_hidden_layers"] + depth
+    return out
+
+
+def source_getter(get: Callable[[str], torch.Tensor], source_hf_config: dict, hf_config: dict):
+    """``get`` by the HF names of the model ``hf_config`` describes, reading the source's layers."""
+    layers = source_layer_map(source_hf_config, hf_config)
+    if all(i == j for i, j in layers.items()):
+        return get
+
+    def get_selected(name: str) -> torch.Tensor:
+        if name.startswith("model.layers."):
+            index, rest = name[len("model.layers."):].split(".", 1)
+            name = f"model.layers.{layers[int(index)]}.{rest}"
+        return get(name)
+
+    return get_selected
+
+
+def _layer_specs(config, par: ParallelLayout, moe: bool) -> list:
+    specs = sharding.attention_specs(config, par.mla_mm_split)
     return specs + (sharding.moe_specs(config) if moe else sharding.dense_mlp_specs())
 
 
-def _local_experts(config, par: ParallelLayout, ep_rank: int) -> range:
-    per_rank = config.num_moe_experts // par.ep
-    return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+def _shard(spec, get, hf: str, mc: str, par: ParallelLayout, tp_rank: int) -> Dict[str, torch.Tensor]:
+    pieces = sharding.shard(spec, [get(hf + s) for s in spec.hf], par.tp, tp_rank)
+    return {mc + name: piece for name, piece in zip(sharding.mcore_names(spec), pieces)}
 
 
 def _layer_to_mcore(config, par, get, mc: str, hf: str, moe: bool, tp_rank: int, ep_rank: int):
     out = {}
-    for spec in _layer_specs(config, moe):
-        out[mc + spec.mcore] = sharding.shard(spec, [get(hf + s) for s in spec.hf], par.tp, tp_rank)
+    for spec in _layer_specs(config, par, moe):
+        out.update(_shard(spec, get, hf, mc, par, tp_rank))
     if moe and config.moe_router_enable_expert_bias:
         # megatron keeps the bias in fp32 whatever the model dtype (its 1e-3 updates vanish in bf16).
         out[mc + "mlp.router.expert_bias"] = out[mc + "mlp.router.expert_bias"].float()
@@ -131,7 +255,7 @@ def _layer_to_mcore(config, par, get, mc: str, hf: str, moe: bool, tp_rank: int,
         return out
     etp_rank = tp_rank if par.etp > 1 else 0
     fc1, fc2 = [], []
-    for e in _local_experts(config, par, ep_rank):
+    for e in par.local_experts(config.num_moe_experts, tp_rank, ep_rank):
         expert = f"{hf}mlp.experts.{e}."
         fc1.append(sharding.expert_fc1(get(expert + "gate_proj.weight"), get(expert + "up_proj.weight"),
                                        par.etp, etp_rank))
@@ -174,7 +298,7 @@ def chunk_state_dict(config, par: ParallelLayout, get: Callable[[str], torch.Ten
         for depth in range(config.mtp_num_layers or 0):
             mc, hf = f"mtp.layers.{depth}.", f"model.layers.{config.num_layers + depth}."
             for spec in sharding.mtp_specs():
-                out[mc + spec.mcore] = sharding.shard(spec, [get(hf + s) for s in spec.hf], par.tp, tp_rank)
+                out.update(_shard(spec, get, hf, mc, par, tp_rank))
             out.update(_layer_to_mcore(config, par, get, mc + "transformer_layer.", hf,
                                        bool(config.num_moe_experts), tp_rank, ep_rank))
     return out
@@ -231,9 +355,10 @@ class HFFromRanks:
         for name in hf_names:
             self._where[name] = build
 
-    def _spec(self, pp_rank, chunk, mc: str, hf: str, spec: sharding.Spec):
+    def _spec(self, pp_rank, chunk, mc: str, hf: str, spec):
         def build():
-            merged = sharding.merge(spec, self._pieces(pp_rank, chunk, mc + spec.mcore))
+            pieces = [self._pieces(pp_rank, chunk, mc + name) for name in sharding.mcore_names(spec)]
+            merged = sharding.merge(spec, pieces)
             return {hf + name: tensor for name, tensor in zip(spec.hf, merged)}
         self._add([hf + name for name in spec.hf], build)
 
@@ -268,18 +393,18 @@ class HFFromRanks:
         self._where = dict(sorted(self._where.items(), key=lambda item: (_hf_layer(item[0]), order[item[0]])))
 
     def _layer(self, pp_rank, chunk, mc, hf, moe):
-        for spec in _layer_specs(self.config, moe):
+        for spec in _layer_specs(self.config, self.par, moe):
             self._spec(pp_rank, chunk, mc, hf, spec)
         if not moe:
             return
-        per_rank = self.config.num_moe_experts // self.par.ep
         for e in range(self.config.num_moe_experts):
             expert = f"{hf}mlp.experts.{e}."
             self._add([expert + n for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")],
-                      self._expert_builder(pp_rank, chunk, mc, expert, e // per_rank, e % per_rank, per_rank))
+                      self._expert_builder(pp_rank, chunk, mc, expert, e))
 
-    def _expert_builder(self, pp_rank, chunk, mc, expert, ep_rank, local, per_rank):
-        etp_ranks = range(self.par.etp)  # expert-TP rank r lives in the file of tensor rank r
+    def _expert_builder(self, pp_rank, chunk, mc, expert, e):
+        ep_rank, etp_ranks, local = self.par.expert_home(self.config.num_moe_experts, e)
+        per_rank = self.par.experts_per_rank(self.config.num_moe_experts)
         hidden = self.config.hidden_size
 
         def build():
@@ -303,3 +428,67 @@ def _hf_layer(name: str) -> int:
     if name.startswith("model.layers."):
         return int(name.split(".")[2])
     return -1 if name == "model.embed_tokens.weight" else 1 << 30
+
+
+def chunk_state_pieces(config, par: ParallelLayout, get: Callable[[str], torch.Tensor], tp_rank: int,
+                       pp_rank: int, ep_rank: int, chunk: int) -> Dict[str, Callable[[], Iterator[torch.Tensor]]]:
+    """The lazy twin of ``chunk_state_dict``: the same names in the same order, each mapped to
+    a function that builds that tensor only when called and yields it in pieces whose bytes,
+    concatenated, are the tensor's (GroupedMLP's weight1 / weight2 one expert at a time, which
+    is their storage order). A writer can then stream a rank file while holding about one HF
+    tensor rather than the whole chunk. Tests check it against ``chunk_state_dict`` bit for bit."""
+    layout = par.pipeline
+    pattern = moe_layer_pattern(config)
+    out: Dict[str, Callable[[], Iterator[torch.Tensor]]] = {}
+
+    def whole(build, *args):
+        return lambda: iter((build(*args),))
+
+    def specs(spec_list, mc, hf):
+        for spec in spec_list:
+            for name in sharding.mcore_names(spec):  # a HeadSplit spec reads its HF tensor once per part
+                out[mc + name] = whole(lambda spec, name: _shard(spec, get, hf, mc, par, tp_rank)[name],
+                                       spec, mc + name)
+
+    def layer(mc, hf, moe):
+        specs(_layer_specs(config, par, moe), mc, hf)
+        if moe and config.moe_router_enable_expert_bias:
+            bias = out[mc + "mlp.router.expert_bias"]
+            out[mc + "mlp.router.expert_bias"] = lambda: (t.float() for t in bias())  # fp32, as chunk_state_dict
+        if not moe:
+            return
+        experts = par.local_experts(config.num_moe_experts, tp_rank, ep_rank)
+        etp_rank = tp_rank if par.etp > 1 else 0
+
+        def fc1(e):
+            expert = f"{hf}mlp.experts.{e}."
+            return sharding.expert_fc1(get(expert + "gate_proj.weight"), get(expert + "up_proj.weight"),
+                                       par.etp, etp_rank)
+
+        def fc2(e):
+            return sharding.expert_fc2(get(f"{hf}mlp.experts.{e}.down_proj.weight"), par.etp, etp_rank)
+
+        if par.grouped_gemm:
+            out[f"{mc}mlp.experts.weight1"] = lambda: map(fc1, experts)
+            out[f"{mc}mlp.experts.weight2"] = lambda: map(fc2, experts)
+            return
+        for local, e in enumerate(experts):
+            out[f"{mc}mlp.experts.local_experts.{local}.linear_fc1.weight"] = whole(lambda e: fc1(e).t(), e)
+            out[f"{mc}mlp.experts.local_experts.{local}.linear_fc2.weight"] = whole(lambda e: fc2(e).t(), e)
+
+    if layout.has_embedding(pp_rank, chunk):
+        out["embedding.word_embeddings.weight"] = whole(
+            lambda: _vocab_rows(config, par, get("model.embed_tokens.weight"), tp_rank))
+    for local, global_index in enumerate(layout.chunk_layers(pp_rank, chunk)):
+        hf_index = layout.real_layer(global_index)
+        if hf_index is not None:
+            layer(f"decoder.layers.{local}.", f"model.layers.{hf_index}.", bool(pattern[hf_index]))
+    if layout.has_head(pp_rank, chunk):
+        out["decoder.final_layernorm.weight"] = whole(get, "model.norm.weight")
+        if not config.tie_word_embeddings:
+            out["output_layer.weight"] = whole(lambda: _vocab_rows(config, par, get("lm_head.weight"), tp_rank))
+        for depth in range(config.mtp_num_layers or 0):
+            mc, hf = f"mtp.layers.{depth}.", f"model.layers.{config.num_layers + depth}."
+            specs(sharding.mtp_specs(), mc, hf)
+            layer(mc + "transformer_layer.", hf, bool(config.num_moe_experts))
+    return out

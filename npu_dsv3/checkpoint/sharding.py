@@ -11,6 +11,9 @@ projections, fc1, MTP's eh_proj) split their output rows; row-parallel linears
 split gate and up separately; the vocabulary is padded and split by rows;
 norms, the router and the expert bias are replicated. Routed experts are split
 by expert over EP and, within an expert, like fc1/fc2 over the expert-TP group.
+With ``--mla-mm-split`` MLA's up-projections, whose HF rows are per head
+[nope | rope] (q_b_proj) or [nope | v] (kv_b_proj), are stored as one
+column-parallel linear per part (``HeadSplit``), each split by heads.
 """
 
 from dataclasses import dataclass
@@ -28,20 +31,46 @@ class Spec:
     cut: str
 
 
-def attention_specs(q_lora_rank) -> List[Spec]:
+@dataclass(frozen=True)
+class HeadSplit:
+    """One HF up-projection whose rows are, per head, ``sizes`` rows of each part in turn,
+    stored as one megatron tensor per part: ``mcore[k]`` holds part k's rows of every head."""
+
+    mcore: Tuple[str, ...]
+    hf: Tuple[str]
+    sizes: Tuple[int, ...]
+
+
+def mcore_names(spec) -> Tuple[str, ...]:
+    return spec.mcore if isinstance(spec, HeadSplit) else (spec.mcore,)
+
+
+def _up_proj(name: str, hf: str, parts: Dict[str, int], mla_mm_split: bool):
+    """MLA's up-projection ``name`` whole, or with --mla-mm-split as MindSpeed-LLM's
+    separate matmuls (names of mindspeed_llm/tasks/checkpoint/model_builder.py)."""
+    if not mla_mm_split:
+        return Spec(f"self_attention.{name}.weight", (hf,), ROWS)
+    return HeadSplit(tuple(f"self_attention.{part}.weight" for part in parts), (hf,), tuple(parts.values()))
+
+
+def attention_specs(config, mla_mm_split: bool = False) -> list:
+    nope, rope, v = config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim
     specs = [Spec("input_layernorm.weight", ("input_layernorm.weight",), REPLICATED)]
-    if q_lora_rank is None:
+    if config.q_lora_rank is None:
+        # MindSpeed splits only the up-projections behind a LoRA down-projection.
         specs.append(Spec("self_attention.linear_q_proj.weight", ("self_attn.q_proj.weight",), ROWS))
     else:
         specs += [
             Spec("self_attention.linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",), ROWS),
             Spec("self_attention.q_layernorm.weight", ("self_attn.q_a_layernorm.weight",), REPLICATED),
-            Spec("self_attention.linear_q_up_proj.weight", ("self_attn.q_b_proj.weight",), ROWS),
+            _up_proj("linear_q_up_proj", "self_attn.q_b_proj.weight",
+                     {"linear_qk_nope": nope, "linear_qk_rope": rope}, mla_mm_split),
         ]
     return specs + [
         Spec("self_attention.linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",), ROWS),
         Spec("self_attention.kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",), REPLICATED),
-        Spec("self_attention.linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",), ROWS),
+        _up_proj("linear_kv_up_proj", "self_attn.kv_b_proj.weight",
+                 {"linear_kv_nope": nope, "linear_v": v}, mla_mm_split),
         Spec("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), COLS),
         Spec("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), REPLICATED),
     ]
@@ -79,20 +108,35 @@ def _split(tensor: torch.Tensor, dim: int, parts: int, rank: int, what: str) -> 
     return tensor.chunk(parts, dim=dim)[rank]
 
 
-def shard(spec: Spec, sources: Sequence[torch.Tensor], parts: int, rank: int) -> torch.Tensor:
-    """This rank's piece of ``spec``'s tensor (``parts`` ranks in its TP group)."""
+def _head_parts(tensor: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
+    """[heads * sum(sizes), in] -> one [heads * size, in] tensor per part, heads in order."""
+    per_head = tensor.reshape(-1, sum(sizes), tensor.shape[-1])
+    return [part.reshape(-1, tensor.shape[-1]) for part in per_head.split(list(sizes), dim=1)]
+
+
+def shard(spec, sources: Sequence[torch.Tensor], parts: int, rank: int) -> List[torch.Tensor]:
+    """This rank's piece of each of ``mcore_names(spec)`` (``parts`` ranks in its TP group)."""
+    if isinstance(spec, HeadSplit):
+        # Rows split by whole heads: the attention-head count is checked to divide over TP.
+        pieces = zip(_head_parts(sources[0], spec.sizes), spec.mcore)
+        return [_split(part, 0, parts, rank, name) for part, name in pieces]
     if spec.cut == REPLICATED:
-        return sources[0]
+        return [sources[0]]
     if spec.cut == ROWS:
-        return _split(sources[0], 0, parts, rank, spec.mcore)
+        return [_split(sources[0], 0, parts, rank, spec.mcore)]
     if spec.cut == COLS:
-        return _split(sources[0], 1, parts, rank, spec.mcore)
+        return [_split(sources[0], 1, parts, rank, spec.mcore)]
     gate, up = sources
-    return torch.cat([_split(gate, 0, parts, rank, spec.mcore), _split(up, 0, parts, rank, spec.mcore)])
+    return [torch.cat([_split(gate, 0, parts, rank, spec.mcore), _split(up, 0, parts, rank, spec.mcore)])]
 
 
-def merge(spec: Spec, pieces: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """The HF sources of ``spec`` from every rank's piece, in rank order (inverse of ``shard``)."""
+def merge(spec, pieces: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
+    """The HF sources of ``spec`` (inverse of ``shard``); ``pieces[k]`` holds every rank's
+    piece of ``mcore_names(spec)[k]``, in rank order."""
+    if isinstance(spec, HeadSplit):
+        heads = [torch.cat(ranks, 0).view(-1, size, ranks[0].shape[-1]) for ranks, size in zip(pieces, spec.sizes)]
+        return [torch.cat(heads, 1).reshape(-1, heads[0].shape[-1])]
+    pieces = pieces[0]
     if spec.cut == REPLICATED:
         return [pieces[0]]
     if spec.cut == ROWS:

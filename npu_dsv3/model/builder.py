@@ -15,8 +15,12 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, divisible_
     return -(-vocab_size // multiple) * multiple
 
 
-def build_model(config, pre_process=None, post_process=None, vp_stage=None) -> GPTModel:
-    """The model chunk for this rank (and virtual stage); pre/post default to the PP position."""
+def build_model(config, pre_process=None, post_process=None, vp_stage=None, padded_vocab=None) -> GPTModel:
+    """The model chunk for this rank (and virtual stage); pre/post default to the PP position.
+
+    ``padded_vocab``: the embedding rows when they must match another layout's padding
+    (a distributed checkpoint for TP 8 written from one process).
+    """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
@@ -24,7 +28,7 @@ def build_model(config, pre_process=None, post_process=None, vp_stage=None) -> G
     return GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, vp_stage=vp_stage),
-        vocab_size=padded_vocab_size(config.vocab_size, config.tensor_model_parallel_size),
+        vocab_size=padded_vocab or padded_vocab_size(config.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=config.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,

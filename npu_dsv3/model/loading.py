@@ -46,14 +46,18 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides):
 
 
 def load_mcore(path: str, dtype: torch.dtype = torch.float32, **layout):
-    """The model from a legacy per-rank megatron checkpoint of any layout, in one process.
+    """The model from a megatron checkpoint of any layout, in one process.
 
-    ``layout`` takes the layout flags by their names (``tensor_model_parallel_size``,
-    ``pipeline_model_parallel_size``, ``expert_model_parallel_size``,
-    ``expert_tensor_parallel_size``, ``num_layers_per_virtual_pipeline_stage``,
-    ``num_layer_list``, ``noop_layers``, ``schedules_method``, ``moe_grouped_gemm``).
-    The model config is the ``config.json`` the converter writes beside the checkpoint.
+    A torch_dist checkpoint is read by ``megatron.core.dist_checkpointing.load`` into
+    this single-rank model (megatron reshards; ``layout`` is not needed). A legacy
+    per-rank one needs ``layout``: the layout flags by their names
+    (``tensor_model_parallel_size``, ``pipeline_model_parallel_size``,
+    ``expert_model_parallel_size``, ``expert_tensor_parallel_size``,
+    ``num_layers_per_virtual_pipeline_stage``, ``num_layer_list``, ``noop_layers``,
+    ``schedules_method``, ``moe_grouped_gemm``). The model config is the
+    ``config.json`` the converter writes beside the checkpoint.
     """
+    from npu_dsv3.checkpoint.mcore_dist import release_dir
     from npu_dsv3.checkpoint.mcore_legacy import read_hf_tensors
 
     ensure_single_process_group()
@@ -62,6 +66,9 @@ def load_mcore(path: str, dtype: torch.dtype = torch.float32, **layout):
     config = hf_to_mcore_config_dpskv3(hf_config, params_dtype=dtype, bf16=dtype == torch.bfloat16,
                                        use_cpu_initialization=True, perform_initialization=False,
                                        moe_grouped_gemm=grouped)
+    dist_dir = release_dir(path)
+    if dist_dir is not None:
+        return _load_dist(config, dist_dir).eval()
     tensors = dict(read_hf_tensors(path, config, ParallelLayout.from_flags(config, **layout)))
     model = build_model(config)
     load_hf_weights(model, tensors.__getitem__, path)
@@ -92,3 +99,23 @@ def load_hf_weights(model, get: Callable[[str], torch.Tensor], source: str) -> N
             )
         with torch.no_grad():
             target.copy_(value)
+
+
+def _load_dist(config, directory: str):
+    """megatron's own distributed-checkpoint load, at this model's (single-rank) layout."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    from npu_dsv3.model.builder import padded_vocab_size
+
+    stored = dist_checkpointing.load_tensors_metadata(directory)
+    rows = stored["embedding.word_embeddings.weight"].global_shape[0]
+    if rows < padded_vocab_size(config.vocab_size):
+        raise CheckpointError(f"{directory} has {rows} embedding rows for a vocabulary of {config.vocab_size}")
+    model = build_model(config, padded_vocab=rows)
+    try:
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, directory)
+    except CheckpointingException as e:
+        raise CheckpointError(f"{directory} does not fit the model in config.json ({e})") from e
+    model.load_state_dict(state["model"])
+    return model
