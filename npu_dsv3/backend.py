@@ -349,6 +349,14 @@ def _record_stream(self, stream) -> None:
     return None
 
 
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    # megatron's version copies only CUDA tensors, so on CPU the all-to-all split sizes stay
+    # tensors, which all_to_all_single refuses; take the host copy (a list-like array) here too.
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().numpy().copy()
+    return tensor
+
+
 _TENSOR_METHODS = {
     torch.Tensor.cuda: _tensor_cuda,
     torch.Tensor.to: _tensor_to,
@@ -447,6 +455,8 @@ def _register_cpu_adapter() -> None:
         "megatron's setter queues a lazy CUDA call that never runs on CPU: set the CPU generator now")
     cpu("torch.Tensor.record_stream", _record_stream,
         "MoE dispatcher records D2H copies on a side stream; no CPU kernel and nothing to record")
+    cpu("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu", _host_copy,
+        "the alltoall dispatcher's split sizes must be host arrays, as its device-to-host copy makes them on GPU")
     cpu("torch.cuda.nvtx.range_push", _nvtx_noop, "NVTX profiling ranges: no-op without CUDA")
     cpu("torch.cuda.nvtx.range_pop", _nvtx_noop, "NVTX profiling ranges: no-op without CUDA")
     cpu("npu_dsv3.backend.cuda_to_cpu.mode", CudaToCpuMode(),

@@ -106,7 +106,8 @@ def mtp_tensors(saved: dict, cfg, seed: int = 1) -> dict:
     out[mtp + "hnorm.weight"] = 1.0 + 0.3 * torch.randn(h, generator=gen)
     out[mtp + "eh_proj.weight"] = 0.05 * torch.randn(h, 2 * h, generator=gen)
     out[mtp + "shared_head.norm.weight"] = 1.0 + 0.3 * torch.randn(h, generator=gen)
-    out[mtp + "shared_head.head.weight"] = state["lm_head.weight"].clone()
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    out[mtp + "shared_head.head.weight"] = state[head].clone()
     out[mtp + "embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
     return out
 

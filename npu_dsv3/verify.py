@@ -66,7 +66,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="pass if max|ours - hf| <= tolerance * max|hf| (default %(default)s)")
     mcore = p.add_argument_group("megatron checkpoint (compare it instead of our model loaded from --hf-dir)")
-    mcore.add_argument("--mcore-dir", default=None, metavar="DIR", help="a checkpoint written by convert hf2mcore")
+    mcore.add_argument("--mcore-dir", default=None, metavar="DIR",
+                       help="a checkpoint written by convert hf2mcore; a torch_dist one needs no layout flags")
     for flag in LAYOUT_FLAGS:
         mcore.add_argument(f"--{flag.replace('_', '-')}", type=int, default=1)
     mcore.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
@@ -74,6 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     mcore.add_argument("--noop-layers", default=None)
     mcore.add_argument("--schedules-method", choices=["dualpipev"], default=None)
     mcore.add_argument("--moe-grouped-gemm", action="store_true")
+    mcore.add_argument("--moe-tp-extend-ep", action="store_true")
+    mcore.add_argument("--mla-mm-split", action="store_true")
     return p
 
 
@@ -83,7 +86,7 @@ LAYOUT_FLAGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "e
 
 def _layout(args) -> dict:
     names = LAYOUT_FLAGS + ("num_layers_per_virtual_pipeline_stage", "num_layer_list", "noop_layers",
-                            "schedules_method", "moe_grouped_gemm")
+                            "schedules_method", "moe_grouped_gemm", "moe_tp_extend_ep", "mla_mm_split")
     return {name: getattr(args, name) for name in names}
 
 

@@ -9,6 +9,8 @@
 # SCHEDULE=dualpipev, GROUPED_GEMM=1; MOE_TP_EXTEND_EP=1 and MLA_MM_SPLIT=1 (off by default; the A3
 # recipe trains with --mla-mm-split) add those flags, MTP_NUM_LAYERS=0 leaves MTP out,
 # FIRST_K_DENSE_REPLACE keeps fewer dense layers (model sizes default to config.json's).
+# SAVE_FORMAT=torch (default: per-rank mp_rank_* files of exactly this layout) or torch_dist
+# (megatron dist_checkpointing: one copy of each tensor, loadable by any layout with this TP).
 # WORKERS=8, RESUME=1 continues an interrupted run, DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 
@@ -26,7 +28,7 @@ WORKERS=${WORKERS:-8}
 cmd=(npu-dsv3 convert hf2mcore --load-dir "$LOAD_DIR" --save-dir "$SAVE_DIR"
      --target-tensor-parallel-size "$TP" --target-pipeline-parallel-size "$PP"
      --target-expert-parallel-size "$EP" --expert-tensor-parallel-size "$ETP"
-     --num-layers "$NUM_LAYERS" --workers "$WORKERS")
+     --num-layers "$NUM_LAYERS" --workers "$WORKERS" --save-format "${SAVE_FORMAT:-torch}")
 [[ -n "$NOOP_LAYERS" ]] && cmd+=(--noop-layers "$NOOP_LAYERS")
 [[ -n "${NUM_LAYER_LIST:-}" ]] && cmd+=(--num-layer-list "$NUM_LAYER_LIST")
 [[ -n "${VPP_LAYERS:-}" ]] && cmd+=(--num-layers-per-virtual-pipeline-stage "$VPP_LAYERS")

@@ -200,3 +200,31 @@ def test_reshard_between_layouts_equals_converting_from_hf(hf_dir, mcore_dir, tm
         for chunk in ("model0", "model1", "model2"):
             assert a[chunk].keys() == b[chunk].keys()
             assert all(torch.equal(a[chunk][k], b[chunk][k]) for k in a[chunk]), (path, chunk)
+
+
+def test_model_size_flags_and_split_layouts_end_to_end(hf_dir, tmp_path):
+    # The last three (MoE) layers, no MTP, experts over EP x TP and MLA's up-projections split.
+    out, back = str(tmp_path / "mcore"), str(tmp_path / "back")
+    layout = ["--moe-grouped-gemm", "--moe-tp-extend-ep", "--mla-mm-split"]
+    assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", out, "--no-progress",
+                 "--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--num-layers", "3",
+                 "--first-k-dense-replace", "0", "--mtp-num-layers", "0", *layout]) == 0
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert (config["num_hidden_layers"], config["first_k_dense_replace"], config["num_nextn_predict_layers"]) == (3, 0, 0)
+    assert main(["convert", "mcore2hf", "--load-dir", out, "--save-dir", back, "--no-progress",
+                 "--source-tensor-parallel-size", "2", "--source-expert-parallel-size", "2", *layout]) == 0
+    original, restored = _tensors(hf_dir), _tensors(back)
+    expected = {}
+    for name, tensor in original.items():
+        if name.startswith("model.layers."):
+            index, rest = name[len("model.layers."):].split(".", 1)
+            if int(index) in (1, 2, 3):
+                expected[f"model.layers.{int(index) - 1}.{rest}"] = tensor
+        else:
+            expected[name] = tensor
+    assert restored.keys() == expected.keys()
+    assert all(torch.equal(restored[k], expected[k]) for k in expected)
+    AutoModelForCausalLM.from_pretrained(back)  # transformers builds the three-layer model from it
+    assert main(["verify", "--hf-dir", back, "--mcore-dir", out, "--tensor-model-parallel-size", "2",
+                 "--expert-model-parallel-size", "2", *layout]) == 0

@@ -185,3 +185,39 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_refused(dist_dir, tmp_path
     assert main(["convert", "mcore2hf", "--load-dir", str(other), "--save-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "decoder.layers.4." in err and "missing" in err
+
+
+def test_model_size_flags_select_what_is_written_and_read(hf_dir, dist_dir, tmp_path, capsys):
+    out, back = str(tmp_path / "dist"), str(tmp_path / "back")
+    assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", out, "--save-format", "torch_dist",
+                 "--num-layers", "3", "--first-k-dense-replace", "0", "--no-progress"]) == 0
+    assert main(["convert", "mcore2hf", "--load-dir", out, "--save-dir", back, "--no-progress"]) == 0
+    original, restored = _tensors(hf_dir), _tensors(back)
+    # the three MoE layers 1..3 become 0..2; MTP (layer 4 of the source) becomes layer 3
+    for name, tensor in restored.items():
+        if name.startswith("model.layers."):
+            index, rest = name[len("model.layers."):].split(".", 1)
+            name = f"model.layers.{int(index) + 1}.{rest}"
+        assert torch.equal(tensor, original[name]), name
+    assert main(["convert", "mcore2hf", "--load-dir", dist_dir, "--save-dir", str(tmp_path / "no-mtp"),
+                 "--mtp-num-layers", "0", "--no-progress"]) == 0
+    assert not any(".layers.4." in name for name in _tensors(str(tmp_path / "no-mtp")))
+    assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", str(tmp_path / "x"), "--save-format",
+                 "torch_dist", "--moe-tp-extend-ep", "--target-expert-parallel-size", "2",
+                 "--target-tensor-parallel-size", "2", "--moe-grouped-gemm"]) == 2
+    assert "--moe-tp-extend-ep is written only with --save-format torch" in capsys.readouterr().err
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    hf = make_hf_model(seed=3, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                       tie_word_embeddings=True)
+    hf_dir = save_hf(hf, str(tmp_path / "hf"), with_mtp=True)
+    dist, back = str(tmp_path / "dist"), str(tmp_path / "back")
+    assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", dist, "--save-format", "torch_dist",
+                 "--no-progress"]) == 0
+    assert main(["convert", "mcore2hf", "--load-dir", dist, "--save-dir", back, "--no-progress"]) == 0
+    original, restored = _tensors(hf_dir), _tensors(back)
+    assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
+    ids = torch.randint(0, 203, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(forward_logits(load_mcore(dist), ids), forward_logits(load_hf(hf_dir), ids))

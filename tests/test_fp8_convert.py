@@ -127,6 +127,48 @@ def test_dequantize_is_the_block_formula_bit_exactly(shape):
     assert bit_equal(dequantize_fp8_block(weight, scale), reference_dequant(weight, scale))
 
 
+def _bit_equal_nan(a, b):
+    """Bit-exact, except that NaN compares by position: fp32 -> bf16 casts are free in
+    which NaN they produce (torch's vector and scalar paths differ)."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and bit_equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
+
+
+def test_dequantize_every_byte_value_in_every_block():
+    """All 256 patterns (NaN 0x7f/0xff, -0, subnormals 0x01..0x07, +-448) under scales that make
+    products overflow to inf, underflow to bf16 subnormals and zero, and round to even."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat(300 * 3)[: 300 * 700].view(300, 700)
+    weight = codes.view(torch.float8_e4m3fn)
+    scale = torch.tensor([[2.0 ** 126, 1.0, 2.0 ** -130, 3.0 ** -5, 1e-45, 7.0 / 3.0],
+                          [-0.0, 0.1, 2.0 ** -140, 1.0 + 2.0 ** -9, float("inf"), 1e30],
+                          [-2.5, 1.0 / 448.0, 2.0 ** -120, 65504.0, 1e-38, float("nan")]])
+    out, expected = dequantize_fp8_block(weight, scale), reference_dequant(weight, scale)
+    assert _bit_equal_nan(out, expected)
+    assert torch.isinf(out).any() and torch.isnan(out).any() and (out.view(torch.int16) == -32768).any()
+
+
+@pytest.mark.parametrize("shape,block", [((1, 300), 128), ((257, 1), 128), ((385, 129), 128), ((70, 50), (32, 16)),
+                                         ((0, 5), 128)])
+def test_dequantize_ragged_edges_and_other_blocks(shape, block):
+    weight = _fp8(*shape, seed=7)
+    rows, cols = (block, block) if isinstance(block, int) else block
+    g = torch.Generator().manual_seed(8)
+    scale = torch.rand(-(-shape[0] // rows), -(-shape[1] // cols), generator=g) * 1e-3
+    expected = torch.empty(shape)
+    for i in range(shape[0]):  # the formula, element by element
+        for j in range(shape[1]):
+            expected[i, j] = weight[i, j].float() * scale[i // rows, j // cols]
+    assert bit_equal(dequantize_fp8_block(weight, scale, block), expected.to(torch.bfloat16))
+
+
+def test_dequantize_writes_into_out_and_reads_views():
+    weight = _fp8(300, 400, 9)[:, 100:]  # not contiguous
+    scale = _scale(weight, 10)
+    out = torch.full((300, 300), 5.0, dtype=torch.bfloat16)
+    assert dequantize_fp8_block(weight, scale, out=out) is out
+    assert bit_equal(out, reference_dequant(weight, scale))
+
+
 def test_dequantize_rejects_a_scale_of_the_wrong_shape():
     weight = _fp8(300, 200, 0)
     with pytest.raises(ValueError, match=r"expected \(3, 2\)"):
@@ -186,6 +228,13 @@ def test_config_loses_quantization_and_other_files_are_identical(fp8_dir, clean_
     from npu_dsv3.config import hf_to_mcore_config_dpskv3, load_hf_config
 
     hf_to_mcore_config_dpskv3(load_hf_config(os.path.join(out, "config.json")))  # the FP8 config is refused
+
+
+def test_manifest_digests_computed_while_writing_match_the_files(clean_run):
+    out = clean_run[0]
+    files = io.Manifest(out).files
+    assert set(SHARDS) <= set(files)
+    assert {rel: io.file_digest(os.path.join(out, rel)) for rel in files} == files
 
 
 def test_two_workers_write_the_same_bytes(fp8_dir, clean_run, tmp_path):

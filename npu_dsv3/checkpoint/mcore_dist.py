@@ -12,7 +12,7 @@ of those pieces is exactly one HF tensor. So a conversion is a renaming:
 - which HF tensor fills which piece comes from ``rank_state.chunk_state_dict``
   (the one HF -> megatron mapping of this package), traced once on tiny
   stand-in tensors (:func:`_trace_sources`);
-- torch's DCP writer asks for each piece when it writes it (:class:`_LazyPlanner`),
+- torch's DCP writer asks for each piece when it writes it (``LazyPlanner`` in :func:`_strategy`),
   and a file is at most ``FILE_BYTES``, so memory stays at a few tensors
   whatever the model size.
 
@@ -23,12 +23,11 @@ them by their global position, so noop layers are only allowed at the end.
 """
 
 import copy
-import io as pyio
 import json
 import os
 import queue
 import threading
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -75,8 +74,8 @@ def _single_rank_config(hf_config: dict, dtype: torch.dtype):
                                      moe_grouped_gemm=False)
 
 
-def _trace_sources(config) -> Dict[str, Tuple[List[str], int]]:
-    """``{single-rank parameter: ([HF names stacked along rows], padding rows in units of 1)}``.
+def _trace_sources(config) -> Dict[str, Tuple[List[str], bool]]:
+    """``{single-rank parameter: ([HF names stacked along its rows], whether zero rows pad it)}``.
 
     Runs ``chunk_state_dict`` on 1 x 2 stand-ins whose values name their HF tensor
     (the second column tells a transpose apart), with a one-row vocabulary; the
@@ -104,7 +103,7 @@ def _trace_sources(config) -> Dict[str, Tuple[List[str], int]]:
             raise LayoutError(f"{param} is not a stack of HF tensors along its rows: torch_dist cannot "
                               "be written for this layout yet")
         sources = [names[int(i) - 1] for i in rows[:, 0].tolist() if i > 0]
-        traced[param] = (sources, int((rows[:, 0] == 0).sum()))
+        traced[param] = (sources, bool((rows[:, 0] == 0).any()))
     return traced
 
 
@@ -125,10 +124,11 @@ def plan_pieces(hf_config: dict, dtype: torch.dtype, padded_vocab: Optional[int]
     Pieces keep the dtype ``dtype_of(HF name)`` gives (a checkpoint may mix bf16 and
     fp32), except where megatron keeps a parameter in another dtype than the model's
     (the fp32 expert bias)."""
-    from npu_dsv3.model.builder import padded_vocab_size
-
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from npu_dsv3.checkpoint.rank_state import _hf_layer
+    from npu_dsv3.model.builder import padded_vocab_size
 
     config = _single_rank_config(hf_config, dtype)
     model = _meta_model(config, padded_vocab or padded_vocab_size(config.vocab_size))
@@ -158,8 +158,6 @@ def plan_pieces(hf_config: dict, dtype: torch.dtype, padded_vocab: Optional[int]
                 add(sh_ten, value.data)
         elif isinstance(value, ShardedTensor):
             add(value, value.data if value.data._base is None else value.data._base)
-    from npu_dsv3.checkpoint.rank_state import _hf_layer
-
     order = {p.hf_name: i for i, p in enumerate(pieces)}
     pieces.sort(key=lambda p: (_hf_layer(p.hf_name), order[p.hf_name]))
     return sharded, pieces, config
@@ -174,8 +172,10 @@ def _placeholders(sharded, pieces) -> dict:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
+    # On the meta device: megatron's save makes every stand-in contiguous, which would allocate an
+    # expanded CPU scalar at full size, i.e. the whole model.
     out = {str(i): dataclasses.replace(p.sharded, dtype=p.dtype,
-                                       data=torch.empty((), dtype=p.dtype).expand(p.sharded.local_shape))
+                                       data=torch.empty(p.sharded.local_shape, dtype=p.dtype, device="meta"))
            for i, p in enumerate(pieces)}
     for value in nested_values(sharded):
         if isinstance(value, ShardedObject):
@@ -224,7 +224,8 @@ def _result(entry: dict):
 
 def _writer_class():
     from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.filesystem import FileSystem, _write_files_from_queue
+    from torch.distributed.checkpoint.filesystem import FileSystem, _write_item
+    from torch.distributed.checkpoint.planner import WriteItemType
 
     class AtomicFileSystem(FileSystem):
         """Each .distcp file appears under its name only once complete (and fsync'ed)."""
@@ -259,22 +260,38 @@ def _writer_class():
                 else:
                     results.extend(stored)
 
+            def data(item):
+                if item.type == WriteItemType.BYTE_IO:
+                    return planner.resolve_data(item)
+                tensor = planner.resolve_data(item).detach()
+                # torch.save writes a tensor's whole storage: a view gets storage of its own.
+                return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
+
             def write(job):
                 name, items = job
-                files, out = queue.Queue(), queue.Queue()
-                files.put((self.fs.concat_path(self.path, name), name, items))
-                _write_files_from_queue(self.fs.create_stream, files, out, planner, self.transforms, 0, False, 1,
-                                        self.serialization_format)
-                written = out.get_nowait()
+                written = []
+                # One item at a time, each dropped once written (torch's _write_files_from_queue keeps
+                # every tensor of a file until the file is closed); byte items first, as torch writes them.
+                with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+                    for item in sorted(items, key=lambda item: item.type != WriteItemType.BYTE_IO):
+                        written.append(_write_item(self.transforms, stream, data(item), item, name,
+                                                   self.serialization_format))
                 os.makedirs(os.path.dirname(self._results_path(name)), exist_ok=True)
                 io.atomic_write_json([_result_json(r) for r in written], self._results_path(name))
                 self.manifest.record(self._relpath(name))
                 self.on_file(sum(r.size_in_bytes for r in written))
                 return written
 
-            with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                for written in pool.map(write, todo):
-                    results.extend(written)
+            crc = torch.serialization.get_crc32_options()
+            # Each tensor is a torch.save zip whose CRC-32s cost ~20% of the write; DCP reads them back
+            # with torch.load, which never checks them, and the manifest's digest covers the whole file.
+            torch.serialization.set_crc32_options(False)
+            try:
+                with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                    for written in pool.map(write, todo):
+                        results.extend(written)
+            finally:
+                torch.serialization.set_crc32_options(crc)
             future = torch.futures.Future()
             future.set_result(results)
             return future
