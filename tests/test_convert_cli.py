@@ -7,33 +7,21 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from checkpoint_files import hf_tensors, release_like_hf_dir
 from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX
 from npu_dsv3.cli import main
-from npu_dsv3.tiny_model import cast_like_release, make_hf_model, save_hf
 
 LAYOUT = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
           "--target-expert-parallel-size", "2", "--moe-grouped-gemm", "--num-layer-list", "1,3"]
 SOURCE = [flag.replace("--target-", "--source-") for flag in LAYOUT]
 
 
-def _tensors(directory):
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(directory, name)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    hf = make_hf_model(seed=12, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
-    path = save_hf(cast_like_release(hf, torch.bfloat16), str(tmp_path_factory.mktemp("hf")), with_mtp=True)
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 512}, f)
-    return path
+    return release_like_hf_dir(str(tmp_path_factory.mktemp("hf")), seed=12)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +49,7 @@ def test_hf2mcore_writes_the_training_layout(mcore_dir):
 def test_round_trip_through_the_cli_is_bit_exact_and_loads_in_transformers(hf_dir, mcore_dir, tmp_path):
     out = str(tmp_path / "back")
     assert main(["convert", "mcore2hf", "--load-dir", mcore_dir, "--save-dir", out, "--no-progress", *SOURCE]) == 0
-    original, back = _tensors(hf_dir), _tensors(out)
+    original, back = hf_tensors(hf_dir), hf_tensors(out)
     assert original.keys() == back.keys()
     for key in original:
         assert back[key].dtype == original[key].dtype and torch.equal(back[key], original[key]), key
@@ -93,7 +81,7 @@ def _quantize_fp8(hf_dir, out_dir, block=128):
     """DeepSeek's release format from a BF16 checkpoint: 2-D linear weights as float8 + block scales."""
     os.makedirs(out_dir)
     tensors = {}
-    for name, tensor in _tensors(hf_dir).items():
+    for name, tensor in hf_tensors(hf_dir).items():
         if tensor.dim() == 2 and "proj" in name:
             rows, cols = tensor.shape
             blocks = tensor.float().abs().amax().clamp(min=1e-12) / 448.0
@@ -155,7 +143,7 @@ def test_bad_input_is_one_clear_error(hf_dir, tmp_path, capsys):
 def test_mtp_copies_that_differ_are_refused(hf_dir, tmp_path, capsys):
     changed = str(tmp_path / "hf")
     os.makedirs(changed)
-    tensors = _tensors(hf_dir)
+    tensors = hf_tensors(hf_dir)
     tensors["model.layers.4.embed_tokens.weight"] = tensors["model.layers.4.embed_tokens.weight"] + 1
     save_file(tensors, os.path.join(changed, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(hf_dir, "config.json")) as src, open(os.path.join(changed, "config.json"), "w") as dst:
@@ -176,7 +164,7 @@ def test_recipes_round_trip(hf_dir, tmp_path):
                               env={**env, "LOAD_DIR": str(load), "SAVE_DIR": str(save)},
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    original, back = _tensors(hf_dir), _tensors(tmp_path / "hf")
+    original, back = hf_tensors(hf_dir), hf_tensors(tmp_path / "hf")
     assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
 
 
@@ -214,7 +202,7 @@ def test_model_size_flags_and_split_layouts_end_to_end(hf_dir, tmp_path):
     assert (config["num_hidden_layers"], config["first_k_dense_replace"], config["num_nextn_predict_layers"]) == (3, 0, 0)
     assert main(["convert", "mcore2hf", "--load-dir", out, "--save-dir", back, "--no-progress",
                  "--source-tensor-parallel-size", "2", "--source-expert-parallel-size", "2", *layout]) == 0
-    original, restored = _tensors(hf_dir), _tensors(back)
+    original, restored = hf_tensors(hf_dir), hf_tensors(back)
     expected = {}
     for name, tensor in original.items():
         if name.startswith("model.layers."):

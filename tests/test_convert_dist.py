@@ -8,32 +8,20 @@ import sys
 import pytest
 import torch
 from megatron.core import dist_checkpointing
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from checkpoint_files import hf_tensors, release_like_hf_dir
 from npu_dsv3.checkpoint import mcore_dist
 from npu_dsv3.checkpoint.mcore_dist import DistSource, release_dir
 from npu_dsv3.cli import main
 from npu_dsv3.config import load_hf_config
 from npu_dsv3.model import forward_logits, load_hf, load_mcore
-from npu_dsv3.tiny_model import cast_like_release, make_hf_model, save_hf
-
-
-def _tensors(directory):
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(directory, name)))
-    return out
+from npu_dsv3.tiny_model import make_hf_model, save_hf
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    hf = make_hf_model(seed=21, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
-    path = save_hf(cast_like_release(hf, torch.bfloat16), str(tmp_path_factory.mktemp("hf")), with_mtp=True)
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 512}, f)
-    return path
+    return release_like_hf_dir(str(tmp_path_factory.mktemp("hf")), seed=21)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +65,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(hf_dir, dist_dir, tmp
     assert main(["convert", "mcore2hf", "--load-dir", dist_dir, "--save-dir", out, "--no-progress",
                  "--source-tensor-parallel-size", "2"]) == 0
     assert "torch_dist checkpoint" in capsys.readouterr().err  # the unused source flag is reported
-    original, back = _tensors(hf_dir), _tensors(out)
+    original, back = hf_tensors(hf_dir), hf_tensors(out)
     assert original.keys() == back.keys()
     for key in original:
         assert back[key].dtype == original[key].dtype and torch.equal(back[key], original[key]), key
@@ -112,7 +100,7 @@ def test_reads_what_megatron_itself_saved(hf_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("release")
     source = DistSource(release_dir(str(tmp_path / "ckpt")), load_hf_config(hf_dir))
-    original = _tensors(hf_dir)
+    original = hf_tensors(hf_dir)
     duplicates = {k for k in original if k.endswith(("layers.4.embed_tokens.weight", "shared_head.head.weight"))}
     assert set(source.names()) == original.keys() - duplicates
     for name in source.names():
@@ -138,7 +126,7 @@ def test_small_files_resume_and_a_damaged_file_is_rewritten(hf_dir, tmp_path, mo
     assert all(f.stat().st_mtime_ns == t for f, t in before.items())
     back = tmp_path / "back"
     assert main(["convert", "mcore2hf", "--load-dir", str(out), "--save-dir", str(back), "--no-progress"]) == 0
-    original, restored = _tensors(hf_dir), _tensors(back)
+    original, restored = hf_tensors(hf_dir), hf_tensors(back)
     assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
 
 
@@ -192,7 +180,7 @@ def test_model_size_flags_select_what_is_written_and_read(hf_dir, dist_dir, tmp_
     assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", out, "--save-format", "torch_dist",
                  "--num-layers", "3", "--first-k-dense-replace", "0", "--no-progress"]) == 0
     assert main(["convert", "mcore2hf", "--load-dir", out, "--save-dir", back, "--no-progress"]) == 0
-    original, restored = _tensors(hf_dir), _tensors(back)
+    original, restored = hf_tensors(hf_dir), hf_tensors(back)
     # the three MoE layers 1..3 become 0..2; MTP (layer 4 of the source) becomes layer 3
     for name, tensor in restored.items():
         if name.startswith("model.layers."):
@@ -201,7 +189,7 @@ def test_model_size_flags_select_what_is_written_and_read(hf_dir, dist_dir, tmp_
         assert torch.equal(tensor, original[name]), name
     assert main(["convert", "mcore2hf", "--load-dir", dist_dir, "--save-dir", str(tmp_path / "no-mtp"),
                  "--mtp-num-layers", "0", "--no-progress"]) == 0
-    assert not any(".layers.4." in name for name in _tensors(str(tmp_path / "no-mtp")))
+    assert not any(".layers.4." in name for name in hf_tensors(str(tmp_path / "no-mtp")))
     assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", str(tmp_path / "x"), "--save-format",
                  "torch_dist", "--moe-tp-extend-ep", "--target-expert-parallel-size", "2",
                  "--target-tensor-parallel-size", "2", "--moe-grouped-gemm"]) == 2
@@ -216,7 +204,7 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", dist, "--save-format", "torch_dist",
                  "--no-progress"]) == 0
     assert main(["convert", "mcore2hf", "--load-dir", dist, "--save-dir", back, "--no-progress"]) == 0
-    original, restored = _tensors(hf_dir), _tensors(back)
+    original, restored = hf_tensors(hf_dir), hf_tensors(back)
     assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
     ids = torch.randint(0, 203, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
