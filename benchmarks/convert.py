@@ -3,7 +3,7 @@
 
     python benchmarks/convert.py            # 1x, 2x, 4x model size (a few minutes on 2 cores)
     python benchmarks/convert.py --quick    # smoke run: 1x with fewer layers (< 1 minute)
-    python benchmarks/convert.py --profile  # also cProfile both conversions at the largest scale
+    python benchmarks/convert.py --profile  # also cProfile the conversions at the largest scale
 
 What is measured, in ONE run, per scale:
 
@@ -17,8 +17,11 @@ What is measured, in ONE run, per scale:
   32 MiB) is the same at every scale and the model size grows ~1x, 2x, 4x.
 - ``npu-dsv3 convert hf2mcore`` into TP2 PP2 EP4 grouped-GEMM, with ``--workers 1``
   and ``--workers 2``, then ``npu-dsv3 convert mcore2hf`` of that checkpoint back
-  to HF. Each is a subprocess started exactly as users start it (the
-  ``npu-dsv3`` console script, ``--no-progress``), under ``/usr/bin/time -v``.
+  to HF, for both output formats: the legacy per-rank files (``--save-format
+  torch``, which repeat weights over ranks) and ``--save-format torch_dist``
+  (megatron's dist_checkpointing, each tensor once). Each is a subprocess started
+  exactly as users start it (the ``npu-dsv3`` console script, ``--no-progress``),
+  under ``/usr/bin/time -v``.
 - A plain copy of each conversion's INPUT directory on the same disk, with the
   converter's durability semantics: every file is written to a temp name,
   fsync'ed, renamed, and its directory fsync'ed (``npu_dsv3.checkpoint.io.atomic_write``
@@ -48,8 +51,9 @@ the reported time is the best run; memory is the worst run.
 
 Targets (``target <name>: <value> (<bound>) PASS|MISS``): conversion throughput
 >= 0.7 x copy throughput at the largest scale, wall and in-process, in-process both
-per byte READ and per byte WRITTEN (hf2mcore writes 2.3 x what it reads: the legacy
-layout repeats weights over ranks, so per byte read it cannot reach copy speed);
+per byte READ and per byte WRITTEN (legacy hf2mcore writes 2.3 x what it reads: the legacy
+layout repeats weights over ranks, so per byte read it cannot reach copy speed; torch_dist
+writes about what it reads);
 peak RSS (ru_maxrss) flat from 1x to 4x (growth <= one largest tensor). The diagnostics
 after the table say how many bytes each conversion writes per byte it reads (the
 training layout repeats weights over ranks) and what part is start-up; with
@@ -102,6 +106,9 @@ QUICK_LAYERS = 2
 LAYOUT = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
           "--target-expert-parallel-size", "4", "--moe-grouped-gemm"]
 SOURCE_LAYOUT = [flag.replace("--target-", "--source-") for flag in LAYOUT]
+# Output formats and the hf2mcore flags that select them: legacy per-rank files (`--save-format torch`,
+# the default) and megatron's dist_checkpointing format, which stores each tensor once.
+FORMATS = {"legacy": [], "torch_dist": ["--save-format", "torch_dist"]}
 
 
 # --------------------------------------------------------------------------- machine
@@ -473,73 +480,87 @@ def best_of(repeat: int, run_once) -> dict:
     return best
 
 
-def run_scale(scale, layers: int, root: str, keep: bool, repeat: int) -> dict:
-    hf = os.path.join(root, f"hf-{layers}L")
-    t0 = time.perf_counter()
-    info = write_hf_checkpoint(hf, layers)
-    info["scale"] = scale
-    info["generate_s"] = time.perf_counter() - t0
-    cli = npu_dsv3_command()
-    steps = {}
-
-    def copy_baseline(src, name):
-        def once(i):
-            dst = os.path.join(root, f"copy-{name}-{layers}L-{i}")
-            r = measure([sys.executable, "-c", COPY_SCRIPT, src, dst], root, f"copy-{name}", sample=i == 0)
-            r["input_bytes"] = r["output_bytes"] = dir_bytes(src)
-            if dir_bytes(dst) != r["input_bytes"]:
-                raise RuntimeError(f"the copy baseline {dst} is incomplete")
-            shutil.rmtree(dst)
-            return r
-
-        return best_of(repeat + 1, once)  # cheap, and the disk's rate varies most
-
-    hf_copy = copy_baseline(hf, "hf")
-    mcore = os.path.join(root, f"mcore-{layers}L")
-    for workers in (1, 2):
-        def once(i, workers=workers):
-            out = os.path.join(root, f"mcore-w{workers}-{layers}L-{i}")
-            r = measure([*cli, "convert", "hf2mcore", "--load-dir", hf, "--save-dir", out, *LAYOUT,
-                         "--workers", str(workers), "--no-progress"], root, f"hf2mcore-w{workers}",
-                        sample=i == 0)
-            r["input_bytes"] = dir_bytes(hf)
-            r["output_bytes"] = dir_bytes(out)
-            r["largest_output_file"] = largest_file(os.path.join(out, "release"))
-            r["rank_files"] = sum(1 for _ in os.scandir(os.path.join(out, "release")))
-            if workers == 1 and not os.path.exists(mcore):
-                os.replace(out, mcore)  # the input of mcore2hf
-            else:
-                shutil.rmtree(out)
-            return r
-
-        r = best_of(repeat, once)
-        r["copy"] = hf_copy
-        steps[f"hf2mcore --workers {workers}"] = r
-    mcore_copy = copy_baseline(mcore, "mcore")
-    back = os.path.join(root, f"hf-back-{layers}L")
-
+def copy_baseline(src: str, root: str, label: str, repeat: int) -> dict:
+    """The fsync'ed copy of ``src``, best of ``repeat`` + 1 (cheap, and the disk's rate varies most)."""
     def once(i):
-        shutil.rmtree(back, ignore_errors=True)
-        r = measure([*cli, "convert", "mcore2hf", "--load-dir", mcore, "--save-dir", back, *SOURCE_LAYOUT,
-                     "--no-progress"], root, "mcore2hf", sample=i == 0)
-        r["input_bytes"] = dir_bytes(mcore)
-        r["output_bytes"] = dir_bytes(back)
+        dst = os.path.join(root, f"copy-{label}-{i}")
+        r = measure([sys.executable, "-c", COPY_SCRIPT, src, dst], root, f"copy-{label}", sample=i == 0)
+        r["input_bytes"] = r["output_bytes"] = dir_bytes(src)
+        if dir_bytes(dst) != r["input_bytes"]:
+            raise RuntimeError(f"the copy baseline {dst} is incomplete")
+        shutil.rmtree(dst)
         return r
 
-    r = best_of(repeat, once)
-    r["copy"] = mcore_copy
-    steps["mcore2hf"] = r
-    # Sanity: the way back has every tensor and the same tensor bytes (the tests check bit-exactness).
+    return best_of(repeat + 1, once)
+
+
+def to_mcore(fmt: str, hf: str, out: str, workers: int, root: str, sample: bool) -> dict:
+    """One ``hf2mcore`` run in format ``fmt`` into ``out``."""
+    r = measure([*npu_dsv3_command(), "convert", "hf2mcore", "--load-dir", hf, "--save-dir", out, *LAYOUT,
+                 *FORMATS[fmt], "--workers", str(workers), "--no-progress"], root, f"hf2mcore-{fmt}-w{workers}",
+                sample=sample)
+    release = os.path.join(out, "release")
+    r.update(input_bytes=dir_bytes(hf), output_bytes=dir_bytes(out), largest_output_file=largest_file(release),
+             output_files=sum(len(names) for _, _, names in os.walk(release)))
+    return r
+
+
+def to_hf(fmt: str, mcore: str, back: str, root: str, sample: bool) -> dict:
+    """One ``mcore2hf`` run from the ``fmt`` checkpoint ``mcore`` into ``back`` (a torch_dist checkpoint
+    carries its layout: no --source-* flags)."""
+    shutil.rmtree(back, ignore_errors=True)
+    r = measure([*npu_dsv3_command(), "convert", "mcore2hf", "--load-dir", mcore, "--save-dir", back,
+                 *(SOURCE_LAYOUT if fmt == "legacy" else ()), "--no-progress"], root, f"mcore2hf-{fmt}",
+                sample=sample)
+    r.update(input_bytes=dir_bytes(mcore), output_bytes=dir_bytes(back))
+    return r
+
+
+def check_round_trip(hf: str, back: str) -> None:
+    """The way back has every tensor and the same tensor bytes (the tests check bit-exactness)."""
     with open(os.path.join(hf, "model.safetensors.index.json")) as f:
         a = json.load(f)
     with open(os.path.join(back, "model.safetensors.index.json")) as f:
         b = json.load(f)
     if set(a["weight_map"]) != set(b["weight_map"]) or a["metadata"]["total_size"] != b["metadata"]["total_size"]:
         raise RuntimeError(f"mcore2hf output {back} does not hold the tensors of {hf}")
-    info["steps"] = steps
-    info["paths"] = {"hf": hf, "mcore": mcore}
+
+
+def run_format(fmt: str, hf: str, hf_copy: dict, root: str, layers: int, repeat: int, keep: bool):
+    """hf2mcore with --workers 1 and 2, then mcore2hf of the --workers 1 output: the steps and that output."""
+    steps, mcore = {}, os.path.join(root, f"{fmt}-{layers}L")
+    for workers in (1, 2):
+        def once(i, workers=workers):
+            out = os.path.join(root, f"{fmt}-w{workers}-{layers}L-{i}")
+            r = to_mcore(fmt, hf, out, workers, root, sample=i == 0)
+            if workers == 1 and not os.path.exists(mcore):
+                os.replace(out, mcore)  # the input of mcore2hf
+            else:
+                shutil.rmtree(out)
+            return r
+
+        steps[f"{fmt} hf2mcore --workers {workers}"] = {**best_of(repeat, once), "copy": hf_copy}
+    mcore_copy = copy_baseline(mcore, root, f"{fmt}-{layers}L", repeat)
+    back = os.path.join(root, f"hf-back-{fmt}-{layers}L")
+    steps[f"{fmt} mcore2hf"] = {**best_of(repeat, lambda i: to_hf(fmt, mcore, back, root, sample=i == 0)),
+                                "copy": mcore_copy}
+    check_round_trip(hf, back)
     if not keep:
         shutil.rmtree(back)
+    return steps, mcore
+
+
+def run_scale(scale, layers: int, root: str, keep: bool, repeat: int) -> dict:
+    hf = os.path.join(root, f"hf-{layers}L")
+    t0 = time.perf_counter()
+    info = write_hf_checkpoint(hf, layers)
+    info["scale"] = scale
+    info["generate_s"] = time.perf_counter() - t0
+    hf_copy = copy_baseline(hf, root, f"hf-{layers}L", repeat)
+    info["steps"], info["paths"] = {}, {"hf": hf}
+    for fmt in FORMATS:
+        steps, info["paths"][fmt] = run_format(fmt, hf, hf_copy, root, layers, repeat, keep)
+        info["steps"].update(steps)
     return info
 
 
@@ -667,28 +688,41 @@ def real_rank_file_bytes(flags: dict) -> dict:
                 total += t.numel() * t.element_size()
         sizes[ranks] = total
     largest = max(nbytes(s, t) for s, t in specs.values())
+    tensor_bytes = sum(nbytes(s, t) for s, t in specs.values())
+    # torch_dist stores each tensor once: the model less the MTP layer's copies of the embedding and head
+    # (megatron shares the main ones), plus the vocabulary padding to a multiple of 128 x TP.
+    copies = sum(nbytes(*specs[n]) for n in specs if n.startswith(f"model.layers.{hf['num_hidden_layers']}.")
+                 and n.endswith(("embed_tokens.weight", "shared_head.head.weight")))
+    vocab, multiple = hf["vocab_size"], 128 * flags["tensor_model_parallel_size"]
+    pad_rows = -vocab % multiple
+    tables = 1 if hf.get("tie_word_embeddings") else 2
     return {"files": len(sizes), "largest": max(sizes.values()), "total": sum(sizes.values()),
-            "tensor_bytes": sum(nbytes(s, t) for s, t in specs.values()), "largest_tensor": largest}
+            "tensor_bytes": tensor_bytes, "largest_tensor": largest,
+            "dist_total": tensor_bytes - copies + tables * pad_rows * hf["hidden_size"] * 2}
 
 
-def fit(xs, ys):
-    """Least-squares y = a + b x."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
-    return my - b * mx, b
+def memory_line(step: str, small: dict, big: dict, boot: dict, real: dict) -> str:
+    """Peak memory of ``step`` from the smallest to the largest scale, and its bound at 671B: ALL of the
+    measured peak above start-up charged to tensors (k largest tensors), scaled to 671B's largest tensor."""
+    lo, hi = small["steps"][step], big["steps"][step]
+    largest, start_rss, start_anon = big["largest_tensor_bytes"], boot["maxrss_kib"] * 1024, \
+        boot["tree_peak_anon_kib"] * 1024
+    k = (hi["maxrss_kib"] * 1024 - start_rss) / largest
+    k_anon = (hi["tree_peak_anon_kib"] * 1024 - start_anon) / largest
+    flat = (hi["maxrss_kib"] - lo["maxrss_kib"]) * 1024 <= largest
+    return (f"  {step} memory: peak RSS {lo['maxrss_kib'] / 1024:.0f} -> {hi['maxrss_kib'] / 1024:.0f} MiB and "
+            f"anonymous {lo['tree_peak_anon_kib'] / 1024:.0f} -> {hi['tree_peak_anon_kib'] / 1024:.0f} MiB from "
+            f"{small['scale']}x to {big['scale']}x (model {big['dir_bytes'] / small['dir_bytes']:.1f} x larger); at "
+            f"{big['scale']}x start-up + {k:.1f} x largest tensor ({largest / MIB:.0f} MiB) in RSS, + {k_anon:.1f} x "
+            f"in anonymous memory => at 671B per process <= "
+            + (f"{(start_rss + k * real['largest_tensor']) / GB:.1f} GB RSS, " if flat else
+               "? GB RSS (not flat: it grows with the model), ")
+            + f"{(start_anon + k_anon * real['largest_tensor']) / GB:.1f} GB anonymous")
 
 
 def projection(results: list, boot: dict) -> list:
     big = results[-1]
-    w1, w2, back = (big["steps"][k] for k in ("hf2mcore --workers 1", "hf2mcore --workers 2", "mcore2hf"))
-    # In-process rates at the largest scale: start-up excluded, everything else the converter does included.
-    basis = f"in-process at {big['scale']}x"
-    per_worker = w2["output_bytes"] / w2["inproc_s"] / GB / 2
-    one = w1["output_bytes"] / w1["inproc_s"] / GB
-    back_rate = back["input_bytes"] / back["inproc_s"] / GB
-    copy_rate = rate(w1["copy"])
+    steps = big["steps"]
     lines = ["PROJECTION (computed, not measured): DeepSeek-V3 671B from the rates and memory measured above"]
     try:
         flags = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=8, expert_model_parallel_size=32,
@@ -696,42 +730,41 @@ def projection(results: list, boot: dict) -> list:
         real = real_rank_file_bytes(flags)
     except Exception as e:  # the projection must not sink the measurement
         return lines + [f"  (the 671B layout could not be computed: {e})"]
+    # In-process rates at the largest scale: start-up excluded, everything else the converter does included.
+    written = {k: r["output_bytes"] / r["inproc_s"] / GB for k, r in steps.items()}
+    read = {k: r["input_bytes"] / r["inproc_s"] / GB for k, r in steps.items()}
+    per_worker = written["legacy hf2mcore --workers 2"] / 2
+    copy_rate = rate(steps["legacy hf2mcore --workers 1"]["copy"])
+    legacy, dist = real["total"], real["dist_total"]
     lines.append(f"  model: {real['tensor_bytes'] / 1e12:.2f} TB of BF16 tensors (MTP included; the FP8 release is "
-                 f"~0.69 TB); the A3 recipe layout TP2 PP8 EP32 dualpipev, noop 61,62,63 (sizes from the converter's "
-                 f"own mapping on meta tensors) is {real['files']} rank files, {real['total'] / 1e12:.2f} TB in all "
-                 f"({real['total'] / real['tensor_bytes']:.2f} x the model: non-expert weights repeat in every EP rank, "
-                 f"experts in both TP ranks with ETP 1), largest {real['largest'] / GB:.2f} GB; largest tensor "
-                 f"{real['largest_tensor'] / GB:.2f} GB (embedding / lm_head 129280 x 7168 bf16)")
-    lines.append(f"  rates ({basis}): hf2mcore {per_worker:.3f} GB/s written per single-threaded worker "
-                 f"(--workers 2 on {usable_cores()} cores, / 2), {one:.3f} GB/s with --workers 1 "
-                 f"(in-process, 1 torch thread); mcore2hf {back_rate:.3f} GB/s read; "
+                 f"~0.69 TB); largest tensor {real['largest_tensor'] / GB:.2f} GB (embedding / lm_head 129280 x 7168)")
+    lines.append(f"  legacy, the A3 recipe layout TP2 PP8 EP32 dualpipev, noop 61,62,63 (sizes from the converter's "
+                 f"own mapping on meta tensors): {real['files']} rank files, {legacy / 1e12:.2f} TB in all "
+                 f"({legacy / real['tensor_bytes']:.2f} x the model: non-expert weights repeat in every EP rank, "
+                 f"experts in both TP ranks with ETP 1), largest {real['largest'] / GB:.2f} GB")
+    lines.append(f"  torch_dist (any layout with TP 2): each tensor once, {dist / 1e12:.2f} TB (the model less the "
+                 f"MTP copies of embedding and head)")
+    lines.append(f"  rates (in-process at {big['scale']}x, bytes written for hf2mcore, read for mcore2hf): legacy "
+                 f"hf2mcore {per_worker:.3f} GB/s per single-threaded worker (--workers 2 on {usable_cores()} cores, "
+                 f"/ 2); torch_dist hf2mcore {written['torch_dist hf2mcore --workers 1']:.3f} GB/s (--workers 1), "
+                 f"{written['torch_dist hf2mcore --workers 2']:.3f} GB/s (--workers 2: threads of one process); "
+                 f"mcore2hf legacy {read['legacy mcore2hf']:.3f}, torch_dist {read['torch_dist mcore2hf']:.3f} GB/s; "
                  f"fsync'ed copy {copy_rate:.2f} GB/s")
-    cells = [f"{n} workers {real['total'] / (per_worker * GB * n) / 3600:.1f} h" for n in (1, 8, 16, 32, 64)]
-    lines.append(f"  hf2mcore, BF16 input: " + ", ".join(cells) + " if the CPU is the limit; writing "
-                 f"{real['total'] / 1e12:.2f} TB needs {real['total'] / copy_rate / GB / 3600:.1f} h at this disk's "
-                 f"copy rate, so beyond ~{copy_rate / per_worker:.0f} workers the disk decides")
+    cells = [f"{n} workers {legacy / (per_worker * GB * n) / 3600:.1f} h" for n in (1, 8, 16, 32, 64)]
+    lines.append("  legacy hf2mcore, BF16 input: " + ", ".join(cells) + f" if the CPU is the limit; writing "
+                 f"{legacy / 1e12:.2f} TB needs {legacy / copy_rate / GB / 3600:.1f} h at this disk's copy rate, so "
+                 f"beyond ~{copy_rate / per_worker:.0f} workers the disk decides")
+    best_dist = max(written["torch_dist hf2mcore --workers 1"], written["torch_dist hf2mcore --workers 2"])
+    lines.append(f"  torch_dist hf2mcore, BF16 input, one process: {dist / (best_dist * GB) / 3600:.1f} h; at this "
+                 f"disk's copy rate {dist / copy_rate / GB / 3600:.1f} h")
     lines.append("  hf2mcore, FP8 input: the same bytes are written; the dequantisation (not measured here) comes on top")
-    lines.append(f"  mcore2hf (one process, no --workers): reads {real['total'] / 1e12:.2f} TB at {back_rate:.3f} GB/s "
-                 f"= {real['total'] / (back_rate * GB) / 3600:.1f} h")
+    lines.append(f"  mcore2hf (one process): legacy reads {legacy / 1e12:.2f} TB = "
+                 f"{legacy / (read['legacy mcore2hf'] * GB) / 3600:.1f} h; torch_dist reads {dist / 1e12:.2f} TB = "
+                 f"{dist / (read['torch_dist mcore2hf'] * GB) / 3600:.1f} h")
     if len(results) > 1:
-        small = results[0]
-        largest, start_rss = big["largest_tensor_bytes"], boot["maxrss_kib"] * 1024
-        start_anon = boot["tree_peak_anon_kib"] * 1024
-        for step in ("hf2mcore --workers 1", "mcore2hf"):
-            lo, hi = (r["steps"][step] for r in (small, big))
-            # Charging ALL of the measured peak above start-up to tensors (k) gives an upper bound at 671B.
-            k = (hi["maxrss_kib"] * 1024 - start_rss) / largest
-            k_anon = (hi["tree_peak_anon_kib"] * 1024 - start_anon) / largest
-            lines.append(f"  {step} memory: peak RSS {lo['maxrss_kib'] / 1024:.0f} -> {hi['maxrss_kib'] / 1024:.0f} MiB "
-                         f"and anonymous {lo['tree_peak_anon_kib'] / 1024:.0f} -> {hi['tree_peak_anon_kib'] / 1024:.0f}"
-                         f" MiB from {small['scale']}x to {big['scale']}x (model {big['dir_bytes'] / small['dir_bytes']:.1f}"
-                         f" x larger); at {big['scale']}x start-up + {k:.1f} x largest tensor ({largest / MIB:.0f} MiB) "
-                         f"in RSS, + {k_anon:.1f} x in anonymous memory => at 671B per process <= "
-                         + (f"{(start_rss + k * real['largest_tensor']) / GB:.1f} GB RSS, "
-                            if (hi["maxrss_kib"] - lo["maxrss_kib"]) * 1024 <= largest else
-                            "? GB RSS (not flat: it follows the memory-mapped input), ")
-                         + f"{(start_anon + k_anon * real['largest_tensor']) / GB:.1f} GB anonymous "
-                         f"(largest tensor {real['largest_tensor'] / GB:.2f} GB)")
+        for step in ("legacy hf2mcore --workers 1", "legacy mcore2hf", "torch_dist hf2mcore --workers 1",
+                     "torch_dist hf2mcore --workers 2", "torch_dist mcore2hf"):
+            lines.append(memory_line(step, results[0], big, boot, real))
     return lines
 
 
@@ -740,21 +773,45 @@ def projection(results: list, boot: dict) -> list:
 
 PROFILE_KEYS = [
     ("torch.save of the skeleton (skip_data)", "serialization.py", "save"),
-    ("torch.load (mmap)", "serialization.py", "load"),
+    ("torch.load (rank-file pickles, meta tensors)", "serialization.py", "load"),
     ("streamed rank files (save_torch_streamed)", "writers.py", "save_torch_streamed"),
     ("streamed safetensors (save_safetensors_streamed)", "writers.py", "save_safetensors_streamed"),
     ("rank plan (meta pass: chunk_state_dict on shapes)", "mcore_legacy.py", "rank_plan"),
+    ("torch_dist plan (meta model, sharded_state_dict)", "mcore_dist.py", "plan_pieces"),
+    ("DCP write_data (the .distcp files)", "mcore_dist.py", "write_data"),
+    ("DCP _write_item (one torch.save per tensor)", "filesystem.py", "_write_item"),
+    ("DCP collectives on one process (pickled plans)", "distributed_c10d.py", "gather_object"),
     ("os.pwrite", "~", "<built-in method posix.pwrite>"),
-    ("file write (safetensors)", "~", "<method 'write' of '_io.BufferedWriter' objects>"),
+    ("file write", "~", "<method 'write' of '_io.BufferedWriter' objects>"),
     ("zlib.crc32 (zip CRCs and manifest digest)", "~", "<built-in method zlib.crc32>"),
     ("torch.cat", "~", "<built-in method torch.cat>"),
     ("contiguous (transposing copies)", "~", "<method 'contiguous' of 'torch._C.TensorBase' objects>"),
     ("os.fsync", "~", "<built-in method posix.fsync>"),
     ("HF tensor read (pread)", "mcore_legacy.py", "get"),
+    ("rank-file tensor read (pread)", "mcore_legacy.py", "_read_tensor"),
+    ("torch_dist tensor read (one DCP load each)", "mcore_dist.py", "get"),
     ("MTP copy check (torch.equal)", "mcore_legacy.py", "_check_mtp_copies"),
     ("conversion total (convert_*)", "mcore_legacy.py", "convert_hf_to_legacy"),
     ("conversion total (convert_*)", "mcore_legacy.py", "convert_legacy_to_hf"),
+    ("conversion total (convert_*)", "mcore_dist.py", "convert_to_dist"),
+    ("conversion total (convert_*)", "mcore_dist.py", "convert_dist_to_hf"),
 ]
+# cProfile sees one thread: torch_dist's writer pool runs in the calling thread under it.
+PROFILE_SCRIPT = r"""
+import concurrent.futures, sys
+class Inline:
+    def __init__(self, max_workers=1):
+        pass
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return False
+    def map(self, fn, items):
+        return list(map(fn, items))
+concurrent.futures.ThreadPoolExecutor = Inline
+from npu_dsv3.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def profile(res: dict, root: str) -> list:
@@ -762,16 +819,21 @@ def profile(res: dict, root: str) -> list:
     import pstats
 
     lines = []
-    hf, mcore = res["paths"]["hf"], res["paths"]["mcore"]
-    jobs = [("hf2mcore", ["hf2mcore", "--load-dir", hf, "--save-dir", os.path.join(root, "prof-mcore"), *LAYOUT]),
-            ("mcore2hf", ["mcore2hf", "--load-dir", mcore, "--save-dir", os.path.join(root, "prof-hf"),
-                          *SOURCE_LAYOUT])]
+    hf, legacy, dist = (res["paths"][k] for k in ("hf", "legacy", "torch_dist"))
+    to_mcore_args = ["hf2mcore", "--load-dir", hf, "--save-dir", os.path.join(root, "prof-mcore"), *LAYOUT]
+    to_hf_args = ["mcore2hf", "--save-dir", os.path.join(root, "prof-hf")]
+    jobs = [("legacy hf2mcore", to_mcore_args), ("legacy mcore2hf", [*to_hf_args, "--load-dir", legacy, *SOURCE_LAYOUT]),
+            ("torch_dist hf2mcore", [*to_mcore_args, *FORMATS["torch_dist"]]),
+            ("torch_dist mcore2hf", [*to_hf_args, "--load-dir", dist])]
+    script = os.path.join(root, "profiled.py")
+    with open(script, "w") as f:
+        f.write(PROFILE_SCRIPT)
     for name, args in jobs:
-        out = os.path.join(root, f"{name}.prof")
+        out = os.path.join(root, f"{name.replace(' ', '-')}.prof")
         os.sync()
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cProfile", "-o", out, "-m", "npu_dsv3", "convert", *args,
-                        "--no-progress"], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "cProfile", "-o", out, script, "convert", *args, "--no-progress"],
+                       check=True, capture_output=True)
         wall = time.perf_counter() - start
         stats = pstats.Stats(out)
         lines.append(f"profile {name} at {res['scale']}x ({res['dir_bytes'] / 1e6:.0f} MB), wall {wall:.1f} s "
@@ -790,8 +852,8 @@ def profile(res: dict, root: str) -> list:
             shutil.rmtree(os.path.join(root, p), ignore_errors=True)
     # What-if runs: the SAME converter, with one cost switched off by a wrapper (the converter is not edited),
     # to size the fixes the profile suggests. Each prints the converter's in-process seconds.
-    w1 = res["steps"]["hf2mcore --workers 1"]
-    lines.append(f"what-if hf2mcore at {res['scale']}x (wrapper switches one cost off; converter unchanged; "
+    w1 = res["steps"]["legacy hf2mcore --workers 1"]
+    lines.append(f"what-if legacy hf2mcore at {res['scale']}x (wrapper switches one cost off; converter unchanged; "
                  f"in-process s, one run each; the table's best --workers 1 run: {w1['inproc_s']:.1f} s):")
     for mode, extra in WHATIF_MODES:
         out = os.path.join(root, "whatif-mcore")
@@ -865,8 +927,8 @@ def main(argv=None) -> int:
                   flush=True)
             results.append(res)
             if not args.keep and not (args.profile and scale == list(scales)[-1]):
-                shutil.rmtree(res["paths"]["hf"])
-                shutil.rmtree(res["paths"]["mcore"])
+                for path in res["paths"].values():
+                    shutil.rmtree(path)
         print()
         table = print_table(results)
         print()

@@ -1,13 +1,16 @@
 """Converted checkpoints load into the parallel model exactly as training loads them (several gloo
-processes), and each rank's logits match transformers'."""
+processes), each rank's logits match transformers', and what that run saves converts back to HF."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
+import torch
 
+from checkpoint_files import hf_tensors
 from npu_dsv3.cli import main
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
@@ -32,7 +35,10 @@ def test_tp2_ep2_ranks_load_legacy_and_torch_dist_checkpoints(tmp_path):
     # tensor rank r and expert rank r, i.e. file mp_rank_0r_00r.
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, SCRIPT, hf_dir, legacy, dist, "2", "2"], env={**env, "RANK": str(r)},
+    saved = tmp_path / "saved"
+    (saved / "release").mkdir(parents=True)
+    procs = [subprocess.Popen([sys.executable, SCRIPT, hf_dir, legacy, dist, str(saved / "release"), "2", "2"],
+                              env={**env, "RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (out, err) in zip(procs, outputs):
@@ -41,3 +47,10 @@ def test_tp2_ep2_ranks_load_legacy_and_torch_dist_checkpoints(tmp_path):
     assert sorted(r["rank"] for r in results) == [0, 1]
     for r in results:
         assert r["legacy"] < 1e-5 and r["dist"] < 1e-5, r
+    # What the TP2 x EP2 run saved (every tensor in TP or EP chunks) converts back to the same HF tensors.
+    (saved / "latest_checkpointed_iteration.txt").write_text("release")
+    shutil.copy(os.path.join(hf_dir, "config.json"), saved / "config.json")
+    assert main(["convert", "mcore2hf", "--load-dir", str(saved), "--save-dir", str(tmp_path / "back"),
+                 "--no-progress"]) == 0
+    original, back = hf_tensors(hf_dir), hf_tensors(tmp_path / "back")
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)

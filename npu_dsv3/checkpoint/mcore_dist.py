@@ -25,8 +25,8 @@ them by their global position, so noop layers are only allowed at the end.
 import copy
 import json
 import os
-import queue
 import threading
+import zlib
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -240,6 +240,25 @@ def _writer_class():
 
             return stream()
 
+    class DigestingFile:
+        """The stream DCP writes a file through, keeping the size and CRC-32 of its bytes: the
+        manifest's digest without reading the file again."""
+
+        def __init__(self, f):
+            self.f, self.size, self.crc = f, 0, 0
+
+        def write(self, data) -> int:
+            self.crc = zlib.crc32(data, self.crc)
+            n = self.f.write(data)
+            self.size += n
+            return n
+
+        def tell(self) -> int:
+            return self.f.tell()
+
+        def flush(self) -> None:
+            self.f.flush()
+
     class StreamingWriter(FileSystemWriter):
         """torch's DCP file writer, with files of bounded size written by ``workers`` threads, each
         recorded in the job's manifest as it completes so ``--resume`` skips it."""
@@ -260,6 +279,8 @@ def _writer_class():
                 else:
                     results.extend(stored)
 
+            record_lock = threading.Lock()
+
             def data(item):
                 if item.type == WriteItemType.BYTE_IO:
                     return planner.resolve_data(item)
@@ -272,13 +293,15 @@ def _writer_class():
                 written = []
                 # One item at a time, each dropped once written (torch's _write_files_from_queue keeps
                 # every tensor of a file until the file is closed); byte items first, as torch writes them.
-                with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+                with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as f:
+                    stream = DigestingFile(f)
                     for item in sorted(items, key=lambda item: item.type != WriteItemType.BYTE_IO):
                         written.append(_write_item(self.transforms, stream, data(item), item, name,
                                                    self.serialization_format))
                 os.makedirs(os.path.dirname(self._results_path(name)), exist_ok=True)
                 io.atomic_write_json([_result_json(r) for r in written], self._results_path(name))
-                self.manifest.record(self._relpath(name))
+                with record_lock:  # the manifest is one JSON file rewritten per record
+                    self.manifest.record(self._relpath(name), io.digest_of(stream.size, stream.crc))
                 self.on_file(sum(r.size_in_bytes for r in written))
                 return written
 
@@ -411,9 +434,11 @@ def release_dir(load_dir: str) -> Optional[str]:
 class DistSource:
     """HF tensors by name from a torch_dist checkpoint, the same ``names()`` / ``get()`` as ``HFFromRanks``.
 
-    Each ``get`` is one DCP load of one piece, so any reading order costs the same and
-    memory holds one tensor; DCP assembles the piece from whatever chunks the
-    checkpoint's writer (any training layout) stored.
+    Each ``get`` reads one piece, so any reading order costs the same and memory holds
+    one tensor. A piece stored as one chunk of its own (what this converter and a
+    single-rank save write) is read straight from its byte range; otherwise a DCP
+    load assembles it from whatever chunks the checkpoint's writer (any training
+    layout) stored.
     """
 
     def __init__(self, directory: str, hf_config: dict):
@@ -439,6 +464,9 @@ class DistSource:
                 raise CheckpointError(f"{piece.key} is missing from {directory}: config.json and the checkpoint "
                                       "disagree")
         self._index = {p.hf_name: i for i, p in enumerate(self.pieces)}
+        self._storage = self.reader.read_metadata().storage_data
+        self._whole = {(p.key, p.offset) for p in self.pieces
+                       if any(tuple(c.offsets) == p.offset and tuple(c.sizes) == p.shape for c in stored[p.key].chunks)}
 
     def names(self) -> List[str]:
         return [p.hf_name for p in self.pieces]
@@ -452,15 +480,47 @@ class DistSource:
         return torch.empty(shape, dtype=piece.dtype, device="meta")
 
     def get(self, name: str) -> torch.Tensor:
+        if name not in self._index:
+            raise CheckpointError(f"{name} is not a tensor of this model")
+        piece = self.pieces[self._index[name]]
+        if (piece.key, piece.offset) in self._whole:
+            buffer = self._read_chunk(piece)
+        else:
+            buffer = self._load(piece)
+        buffer = buffer.reshape(piece.sharded.local_shape)
+        return buffer[: piece.rows] if piece.rows is not None else buffer
+
+    def _read_chunk(self, piece: Piece) -> torch.Tensor:
+        """The piece's own chunk: its bytes, one ``torch.save`` record (DCP's format), read directly."""
+        import io as bytes_io
+
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        info = self._storage[MetadataIndex(piece.key, torch.Size(piece.offset))]
+        path = os.path.join(self.directory, info.relative_path)
+        if info.transform_descriptors:  # compressed or otherwise transformed: DCP knows how to undo it
+            return self._load(piece)
+        try:
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                data = f.read(info.length)
+            if len(data) != info.length:
+                raise EOFError(f"{path} ends before byte {info.offset + info.length}")
+            tensor = torch.load(bytes_io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {piece.key} at {piece.offset} from {path} ({e})") from e
+        if tuple(tensor.shape) != piece.shape or tensor.dtype != piece.dtype:
+            raise CheckpointError(f"{piece.key} at {piece.offset} in {path} is {tuple(tensor.shape)} "
+                                  f"{tensor.dtype}, the metadata says {piece.shape} {piece.dtype}")
+        return tensor
+
+    def _load(self, piece: Piece) -> torch.Tensor:
         import dataclasses
 
         from megatron.core.dist_checkpointing.strategies.torch import (
             MCoreLoadPlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
         from torch.distributed.checkpoint import load as dcp_load
 
-        if name not in self._index:
-            raise CheckpointError(f"{name} is not a tensor of this model")
-        piece = self.pieces[self._index[name]]
         buffer = torch.empty(piece.shape, dtype=piece.dtype)
         # The leading axes (layer, expert) as plain axes of the chunk: megatron then reads one chunk
         # of the global tensor on its own instead of expecting every chunk of the key.
@@ -471,8 +531,7 @@ class DistSource:
             dcp_load(mcore_to_pyt_state_dict(flat, True), storage_reader=self.reader, planner=MCoreLoadPlanner())
         except Exception as e:
             raise CheckpointError(f"cannot read {piece.key} at {piece.offset} from {self.directory} ({e})") from e
-        buffer = buffer.reshape(piece.sharded.local_shape)
-        return buffer[: piece.rows] if piece.rows is not None else buffer
+        return buffer
 
 
 # --------------------------------------------------------------------------- conversion jobs

@@ -7,11 +7,13 @@ names (``decoder.layers.{i}`` counts from 0 in each chunk, noop layers included)
 Each rank file is streamed: its structure comes from the tensors' shapes alone,
 then each tensor is built from the HF tensors it needs and written into place
 (``writers.save_torch_streamed``), so memory stays at about one HF tensor
-whatever the model or rank-file size. The way back maps rank files (``mmap``)
-and writes each safetensors shard header first, one rebuilt HF tensor at a time.
+whatever the model or rank-file size. The way back reads rank-file tensors with
+``pread`` as it needs them and writes each safetensors shard header first, one
+rebuilt HF tensor at a time.
 """
 
 import os
+from collections import OrderedDict
 from typing import Dict, Iterator, List, Tuple
 
 import torch
@@ -45,13 +47,61 @@ def rank_payload(config, par, get, tp_rank, pp_rank, ep_rank) -> dict:
 
 
 def load_rank(root: str, par: ParallelLayout, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
+    """A rank file's payload with meta tensors: only the pickle is read (``weights_only``). Each
+    tensor's storage carries ``_checkpoint_offset``, where its bytes start in the file."""
     path = rank_file(root, par, tp_rank, pp_rank, ep_rank)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: the checkpoint does not have the layout the --source-* flags describe")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="meta", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise CheckpointError(f"cannot read {path} ({e})") from e
+
+
+def _read_tensor(path: str, meta: torch.Tensor) -> torch.Tensor:
+    """The data of ``meta`` (a tensor of ``load_rank``'s payload) read with ``pread`` into memory of
+    its own: freed with the tensor, unlike the pages of a memory map, which stay resident while the
+    file is mapped."""
+    size, stride = tuple(meta.shape), meta.stride()
+    # Elements from the first to the last the view reaches (a view may skip some: a transpose).
+    span = 1 + sum((n - 1) * st for n, st in zip(size, stride)) if meta.numel() else 0
+    out = torch.empty(span * meta.element_size(), dtype=torch.uint8)
+    begin = meta.untyped_storage()._checkpoint_offset + meta.storage_offset() * meta.element_size()
+    view, done = memoryview(out.numpy()), 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(begin)
+        while done < len(view) and (n := f.readinto(view[done:])):
+            done += n
+    if done != len(view):
+        raise CheckpointError(f"cannot read a tensor of {path}: the file is truncated")
+    return out.view(meta.dtype).as_strided(size, stride)
+
+
+class _PreadChunk:
+    """A model chunk of a rank file as ``HFFromRanks`` reads it: ``name in chunk`` and ``chunk[name]``,
+    each tensor read from the file when asked for (see :func:`_read_tensor`).
+
+    The ``recent`` tensors last read (shared by the chunks of one source) are kept:
+    GroupedMLP's ``weight1`` / ``weight2`` hold all local experts and are asked for once
+    per expert, consecutively; anything else is read once.
+    """
+
+    def __init__(self, path: str, meta: dict, recent: OrderedDict, keep: int):
+        self.path, self.meta, self.recent, self.keep = path, meta, recent, keep
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.meta
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = (self.path, name)
+        if key in self.recent:
+            self.recent.move_to_end(key)
+            return self.recent[key]
+        tensor = _read_tensor(self.path, self.meta[name])
+        self.recent[key] = tensor
+        while len(self.recent) > self.keep:
+            self.recent.popitem(last=False)
+        return tensor
 
 
 def rank_plan(config, par, meta_get, get, tp_rank, pp_rank, ep_rank):
@@ -72,7 +122,8 @@ def rank_plan(config, par, meta_get, get, tp_rank, pp_rank, ep_rank):
 
 
 def legacy_source(root: str, config, par: ParallelLayout) -> HFFromRanks:
-    """HF tensors by name from a legacy checkpoint, rank files memory-mapped on first use."""
+    """HF tensors by name from a legacy checkpoint: rank files' pickles loaded on first use, tensors
+    read when needed, so memory holds a few tensors whatever the checkpoint size."""
     return _legacy_source(root, config, par, meta=False)
 
 
@@ -81,23 +132,22 @@ def legacy_meta_source(root: str, config, par: ParallelLayout) -> HFFromRanks:
     return _legacy_source(root, config, par, meta=True)
 
 
-def _as_meta(rank: dict) -> dict:
-    return {key: {name: t.to("meta") for name, t in value.items()} if isinstance(value, dict) else value
-            for key, value in rank.items()}
-
-
 def _legacy_source(root: str, config, par: ParallelLayout, meta: bool) -> HFFromRanks:
-    cache: Dict[Tuple[int, int, int], dict] = {}
+    payloads: Dict[Tuple[int, int, int], dict] = {}
+    # The weight1 and weight2 of the expert-tensor-parallel ranks one expert is rebuilt from.
+    recent, keep = OrderedDict(), 2 * par.etp
 
     def fetch(tp_rank, pp_rank, ep_rank, chunk):
         key = (tp_rank, pp_rank, ep_rank)
-        if key not in cache:
-            cache[key] = _as_meta(load_rank(root, par, *key)) if meta else load_rank(root, par, *key)
+        if key not in payloads:
+            payloads[key] = load_rank(root, par, *key)
         name = par.chunk_key(chunk)
-        if name not in cache[key]:
+        if name not in payloads[key]:
             raise CheckpointError(f"{rank_file(root, par, *key)} has no '{name}': check "
                                   "--source-pipeline-parallel-size / --num-layers-per-virtual-pipeline-stage")
-        return cache[key][name]
+        if meta:
+            return payloads[key][name]
+        return _PreadChunk(rank_file(root, par, *key), payloads[key][name], recent, keep)
 
     return HFFromRanks(config, par, fetch, lambda *key: rank_file(root, par, *key))
 
@@ -331,7 +381,7 @@ def convert_hf_to_legacy(hf_dir: str, save_dir: str, flags: dict, workers: int =
 def reshard_legacy(load_dir: str, save_dir: str, source_flags: dict, target_flags: dict, workers: int = 1,
                    resume: bool = False, progress: bool = True) -> dict:
     """Legacy checkpoint in layout A -> layout B directly: each target rank file takes the
-    pieces it needs from the memory-mapped source rank files, never a whole HF model."""
+    pieces it needs from the source rank files, never a whole HF model."""
     return _write_layout(("mcore", load_dir, source_flags), save_dir, target_flags, "convert reshard", workers,
                          resume, progress)
 
@@ -404,7 +454,7 @@ def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool
                          max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
     """Legacy per-rank checkpoint -> HF safetensors shards (<= ``max_shard_bytes``) + index + config.json.
 
-    Tensors are rebuilt one at a time from memory-mapped rank files and written
+    Tensors are rebuilt one at a time from the rank files' records and written
     straight into their planned shard (``write_hf_checkpoint``). Shard contents are
     deterministic, so ``resume`` keeps intact finished shards.
     """
