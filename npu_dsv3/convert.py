@@ -24,10 +24,10 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     """--workers / --resume / --no-progress, shared by every conversion that writes a directory."""
     p.add_argument("--workers", type=_positive_int, default=1,
                    help="files converted at a time, one process each (default %(default)s: in this process); "
-                        "each worker holds one output shard in memory")
+                        "each holds a few tensors in memory")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in the output directory: files recorded as finished "
-                        "and still intact (sha256) are kept, the rest are redone")
+                        "and still intact (size and CRC-32) are kept, the rest are redone")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr")
 

@@ -148,7 +148,7 @@ def test_dequantize_every_byte_value_in_every_block():
 
 
 @pytest.mark.parametrize("shape,block", [((1, 300), 128), ((257, 1), 128), ((385, 129), 128), ((70, 50), (32, 16)),
-                                         ((0, 5), 128)])
+                                         ((0, 5), 128), ((3, 0), 128)])
 def test_dequantize_ragged_edges_and_other_blocks(shape, block):
     weight = _fp8(*shape, seed=7)
     rows, cols = (block, block) if isinstance(block, int) else block
@@ -332,6 +332,18 @@ def test_corrupt_shard_names_the_file_and_leaves_only_finished_outputs(tmp_path)
     with pytest.raises(CheckpointError, match=SHARDS[2]):
         convert_fp8_to_bf16(src, out, progress=False)
     _assert_only_finished(out, SHARDS[:2])
+
+
+@pytest.mark.parametrize("content", [b"\x01\x00", b"\x05\x00\x00\x00\x00\x00\x00\x00{oops",
+                                     b"\x40\x00\x00\x00\x00\x00\x00\x00" + b'{"w":{"dtype":"F32","shape":[4],'
+                                     b'"data_offsets":[0,8]}}'.ljust(64) + bytes(8)])
+def test_an_unreadable_shard_header_names_the_file(tmp_path, content):
+    src = str(tmp_path / "in")
+    make_fp8_checkpoint(src)
+    with open(os.path.join(src, SHARDS[0]), "wb") as f:
+        f.write(content)
+    with pytest.raises(CheckpointError, match=f"{SHARDS[0]} is not a readable safetensors file"):
+        convert_fp8_to_bf16(src, str(tmp_path / "out"), progress=False)
 
 
 def test_failure_midway_through_a_shard_leaves_no_partial_file(tmp_path, monkeypatch):

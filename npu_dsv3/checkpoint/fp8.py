@@ -15,9 +15,9 @@ size, and an interrupted job resumes shard by shard (see ``checkpoint.io``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
-import math
 import os
 import struct
 import time
@@ -42,8 +42,9 @@ Block = Union[int, Tuple[int, int]]
 # The fp32 value of every float8_e4m3fn bit pattern (NaN at 0x7f and 0xff, -0 at
 # 0x80, subnormals at 0x01..0x07), by torch's own cast.
 _FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-# Elements per gather: the int64 indices (512 KiB) and the output stay in a core's L2.
-_CHUNK_ELEMENTS = 1 << 16
+# Elements per gather: enough that the two torch calls per chunk (a few us each)
+# cost little next to the work, few enough that the int32 indices (1 MiB) stay in cache.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def dequantize_fp8_block(weight_fp8: torch.Tensor, scale_inv: torch.Tensor, block: Block = 128,
@@ -51,40 +52,55 @@ def dequantize_fp8_block(weight_fp8: torch.Tensor, scale_inv: torch.Tensor, bloc
     """``bf16(fp32(w) * scale_inv[i // block, j // block])`` for a 2-D weight.
 
     ``scale_inv`` must be ``ceil(rows / block) x ceil(cols / block)``; ``out``, if
-    given, is a bf16 tensor of the weight's shape to write into.
+    given, is a contiguous bf16 tensor of the weight's shape to write into.
 
     An FP8 weight has only 256 distinct values, so within a block the result is a
-    function of the byte alone: each 128-row band gets a table of
-    ``bf16(fp32(v) * scale)`` for every byte ``v`` and every column block, computed
-    with torch's own multiply and fp32 -> bf16 cast (hence bit-exact with the
-    formula, NaN and rounding included), and the weight's bytes index it. A gather
-    of 16-bit values is ~10x faster on CPU than torch's fp8 -> fp32 cast, which has
-    no vectorised kernel.
+    function of the byte alone: every block gets a table of ``bf16(fp32(v) * scale)``
+    for the 256 bytes ``v``, computed with torch's own multiply and fp32 -> bf16
+    cast (hence bit-exact with the formula, rounding and NaN included), and the
+    weight's bytes index it: ~1.5 GB/s of FP8 on one core (benchmarks/fp8.py),
+    5-10x the old way through torch's fp8 -> fp32 cast, which is not vectorised.
     """
     block_rows, block_cols = (block, block) if isinstance(block, int) else block
     if weight_fp8.dim() != 2:
         raise ValueError(f"block-quantized weight must be 2-D, got shape {tuple(weight_fp8.shape)}")
     rows, cols = weight_fp8.shape
-    expected = (-(-rows // block_rows), -(-cols // block_cols))
-    if tuple(scale_inv.shape) != expected:
+    blocks = (-(-rows // block_rows), -(-cols // block_cols))
+    if tuple(scale_inv.shape) != blocks:
         raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weight shape ({rows}, {cols}) in "
-                         f"{block_rows}x{block_cols} blocks: expected {expected}")
+                         f"{block_rows}x{block_cols} blocks: expected {blocks}")
     if out is None:
         out = torch.empty(rows, cols, dtype=torch.bfloat16)
-    codes, bits = weight_fp8.view(torch.uint8), out.view(torch.int16)
-    # Where each column's table starts in a band's tables laid end to end.
-    table_start = torch.arange(cols) // block_cols * 256
-    chunk_rows = max(1, _CHUNK_ELEMENTS // max(cols, 1))
-    index = torch.empty(min(chunk_rows, rows), cols, dtype=torch.int64)
-    scale = scale_inv.float()
-    for band, first in enumerate(range(0, rows, block_rows)):
-        tables = (_FP8_VALUES * scale[band].unsqueeze(1)).to(torch.bfloat16).view(torch.int16).reshape(-1)
-        for start in range(first, min(first + block_rows, rows), chunk_rows):
-            stop = min(start + chunk_rows, first + block_rows, rows)
-            piece = index[: stop - start]
-            torch.add(codes[start:stop], table_start, out=piece)
-            torch.index_select(tables, 0, piece.view(-1), out=bits[start:stop].view(-1))
+    # Row band b's tables laid end to end, one 1-D int16 tensor per band (512 bytes per block).
+    tables = (_FP8_VALUES * scale_inv.float().unsqueeze(-1)).to(torch.bfloat16).view(torch.int16)
+    band_tables = tables.view(blocks[0], blocks[1] * 256).unbind(0)
+    # Where each column's table starts in its band's tables.
+    table_start = (torch.arange(cols, dtype=torch.int32) // block_cols) * 256
+    _gather(weight_fp8.view(torch.uint8), band_tables, table_start, block_rows, out.view(torch.int16).view(-1))
     return out
+
+
+def _gather(codes: torch.Tensor, band_tables, table_start: torch.Tensor, block_rows: int, out: torch.Tensor) -> None:
+    """``out[i, j] = band_tables[i // block_rows][table_start[j] + codes[i, j]]``, a chunk of rows at a time.
+
+    The chunks divide the band height, so none straddles two bands, and are split
+    up front: per chunk only the index computation and the gather call into torch.
+    """
+    rows, cols = codes.shape
+    target = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    chunk_rows = max(d for d in range(1, min(target, block_rows) + 1) if block_rows % d == 0)
+    per_band = block_rows // chunk_rows
+    code_chunks, out_chunks = codes.split(chunk_rows), out.split(chunk_rows * cols)
+    index = torch.empty(min(chunk_rows, rows), cols, dtype=torch.int32)
+    index_flat = index.view(-1)
+    for band, tables in enumerate(band_tables):
+        for chunk in range(band * per_band, min((band + 1) * per_band, len(code_chunks))):
+            if len(code_chunks[chunk]) == chunk_rows:
+                torch.add(code_chunks[chunk], table_start, out=index)
+                torch.index_select(tables, 0, index_flat, out=out_chunks[chunk])
+            else:  # the last rows
+                torch.add(code_chunks[chunk], table_start, out=index[: len(code_chunks[chunk])])
+                torch.index_select(tables, 0, index_flat[: out_chunks[chunk].numel()], out=out_chunks[chunk])
 
 
 # --------------------------------------------------------------------------- one shard (runs in a worker)
@@ -168,26 +184,71 @@ def _output_spec(job: _ShardJob, src: _ShardFile, name: str) -> Tuple[str, Tuple
     return name, shape, dtype
 
 
-def _converted(job: _ShardJob, src: _ShardFile, shard, plan) -> Iterator[torch.Tensor]:
-    """The output tensors of ``plan``, one at a time, each in memory reused for the next.
+class _Scratch:
+    """Memory reused from tensor to tensor and shard to shard, grown as needed.
 
-    Reuse is safe because the writer has written a tensor before it asks for the
-    next one, and it pays: a fresh allocation of tens of MB costs a page fault per
-    4 KiB page, about as much time as dequantising it.
+    A fresh allocation of tens of MB costs a page fault per 4 KiB page, which on
+    the machines measured takes about as long as dequantising into it; a worker
+    keeps its buffers instead, so its memory stays at a few of the largest
+    tensors it met.
     """
-    raw = torch.empty(max((src.nbytes(name) for name, _, _ in plan), default=0), dtype=torch.uint8)
-    bf16 = torch.empty(max((math.prod(shape) for name, shape, _ in plan if src.spec(name)[0] == torch.float8_e4m3fn),
-                           default=0), dtype=torch.bfloat16)
-    for name, shape, _ in plan:
-        tensor = src.read(name, raw)
-        if tensor.dtype == torch.float8_e4m3fn:
-            scale_name = name + SCALE_SUFFIX
-            scale = shard(job.scale_files[scale_name]).read(scale_name)
-            try:
-                tensor = dequantize_fp8_block(tensor, scale, job.block, out=bf16[: tensor.numel()].view(shape))
-            except ValueError as e:
-                raise CheckpointError(f"tensor {name} in {src.path}: {e}") from e
+
+    def __init__(self):
+        self._buffers: Dict[object, torch.Tensor] = {}
+
+    def get(self, key, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` of buffer ``key`` (uint8), valid until the next ``get`` of ``key``."""
+        if key not in self._buffers or self._buffers[key].numel() < nbytes:
+            self._buffers.pop(key, None)  # freed before its successor is allocated
+            self._buffers[key] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffers[key][:nbytes]
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+_SCRATCH = _Scratch()
+
+
+def _converted(job: _ShardJob, src: _ShardFile, shard, plan) -> Iterator[torch.Tensor]:
+    """The output tensors of ``plan``, one at a time, in ``_SCRATCH``'s memory.
+
+    Two output buffers alternate because ``_ahead`` produces the next tensor while
+    the writer still writes this one; the FP8 bytes need one, only dequantisation
+    reads them.
+    """
+    for i, (name, shape, dtype) in enumerate(plan):
+        memory = _SCRATCH.get(("out", i % 2), writers.tensor_nbytes(shape, dtype))
+        if src.spec(name)[0] != torch.float8_e4m3fn:
+            yield src.read(name, memory)
+            continue
+        scale_name = name + SCALE_SUFFIX
+        scale = shard(job.scale_files[scale_name]).read(scale_name)
+        weight = src.read(name, _SCRATCH.get("fp8", src.nbytes(name)))
+        try:
+            tensor = dequantize_fp8_block(weight, scale, job.block, out=memory.view(dtype).view(shape))
+        except ValueError as e:
+            raise CheckpointError(f"tensor {name} in {src.path}: {e}") from e
         yield tensor
+
+
+_END = object()
+
+
+def _ahead(items: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``items``, each produced in a thread while the caller consumes the one before.
+
+    Reading and dequantising the next tensor (torch kernels and file reads release
+    the GIL) overlaps writing and checksumming this one (so do ``write`` and
+    ``zlib.crc32``): a shard costs about the larger of the two instead of their sum.
+    The caller must be done with a tensor when it asks for the next one (the
+    writer is), as its memory is then reused.
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as producer:
+        pending = producer.submit(next, items, _END)
+        while (item := pending.result()) is not _END:
+            pending = producer.submit(next, items, _END)
+            yield item
 
 
 def _convert_shard(job: _ShardJob) -> Dict[str, object]:
@@ -209,9 +270,12 @@ def _convert_shard(job: _ShardJob) -> Dict[str, object]:
         plan = [_output_spec(job, src, name) for name in job.names if not name.endswith(SCALE_SUFFIX)]
         out_path = os.path.join(job.output_dir, job.filename)
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        # Closed (its producer thread joined) before the files it reads.
+        tensors = stack.enter_context(contextlib.closing(_ahead(_converted(job, src, shard, plan))))
+        # One torch thread: the second core is the writer's (or another worker's).
+        stack.enter_context(io.single_threaded_torch())
         with io.atomic_write(out_path) as tmp:
-            return writers.save_safetensors_streamed(plan, _converted(job, src, shard, plan), tmp,
-                                                     metadata=src.metadata)
+            return writers.save_safetensors_streamed(plan, tensors, tmp, metadata=src.metadata)
 
 
 # --------------------------------------------------------------------------- the whole checkpoint
@@ -312,8 +376,11 @@ def convert_fp8_to_bf16(input_dir: str, output_dir: str, workers: int = 1, resum
             manifest.record(job.filename, digest)
             bar.update(shard_bytes[job.filename])
 
-        io.parallel_map(_convert_shard, [job for job in jobs if job.filename in todo], workers,
-                        on_result=finished, label=lambda job: os.path.join(input_dir, job.filename))
+        try:
+            io.parallel_map(_convert_shard, [job for job in jobs if job.filename in todo], workers,
+                            on_result=finished, label=lambda job: os.path.join(input_dir, job.filename))
+        finally:
+            _SCRATCH.clear()  # with one worker the shards were converted in this process
 
     skip = set(shard_bytes) | {INDEX_FILE, CONFIG_FILE, io.MANIFEST_FILE}
     for rel in _other_files(input_dir, skip):

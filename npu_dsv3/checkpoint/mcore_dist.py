@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from npu_dsv3.checkpoint import io
+from npu_dsv3.checkpoint import io, writers
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.layout import LayoutError, PipelineLayout
 
@@ -248,10 +248,13 @@ def _writer_class():
             self.f, self.size, self.crc = f, 0, 0
 
         def write(self, data) -> int:
-            self.crc = zlib.crc32(data, self.crc)
-            n = self.f.write(data)
-            self.size += n
-            return n
+            data = memoryview(data).cast("B")
+            for start in range(0, len(data), writers.WRITE_CHUNK):
+                piece = data[start:start + writers.WRITE_CHUNK]
+                self.f.write(piece)
+                self.crc = zlib.crc32(piece, self.crc)
+            self.size += len(data)
+            return len(data)
 
         def tell(self) -> int:
             return self.f.tell()
