@@ -265,4 +265,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    # The streaming writers save data-less skeletons and read tensors at their file offsets.
+    if not hasattr(torch.serialization, "skip_data"):
+        raise ValueError(f"npu-dsv3 convert needs torch >= 2.5 (this is {torch.__version__}); a CPU-only torch "
+                         "in its own environment is enough for converting")
     return args._convert(args)
