@@ -341,11 +341,32 @@ def _writer_class():
     return StreamingWriter
 
 
-def _strategy(resolve, writer):
+def _save_strategy(planner, writer):
+    """megatron's torch_dist save with the DCP writer ``writer(directory)`` run in this process and
+    ``planner``: the same files as megatron's own writer, which instead forks helper processes."""
     from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict)
+        TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
     from torch.distributed.checkpoint import save as dcp_save
+
+    class InProcessSave(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            dcp_save(mcore_to_pyt_state_dict(flat, False), storage_writer=writer(checkpoint_dir), planner=planner)
+
+    return InProcessSave(FORMAT, 1)
+
+
+def in_process_save_strategy(threads: int = 2):
+    """What training saves with: torch's DCP file writer, ``threads`` files per rank, fsync'ed."""
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    return _save_strategy(MCoreSavePlanner(flatten_state_dict=False),
+                          lambda path: FileSystemWriter(path, thread_count=threads, sync_files=True))
+
+
+def _strategy(resolve, writer):
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
     from torch.distributed.checkpoint.planner import WriteItemType
 
     class LazyPlanner(MCoreSavePlanner):
@@ -356,13 +377,7 @@ def _strategy(resolve, writer):
                 return super().resolve_data(write_item)
             return resolve(write_item.index.fqn, tuple(write_item.index.offset))
 
-    class StreamingSave(TorchDistSaveShardedStrategy):
-        def save(self, sharded_state_dict, checkpoint_dir):
-            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-            dcp_save(mcore_to_pyt_state_dict(flat, False), storage_writer=writer(checkpoint_dir),
-                     planner=LazyPlanner(flatten_state_dict=False))
-
-    return StreamingSave(FORMAT, 1)
+    return _save_strategy(LazyPlanner(flatten_state_dict=False), writer)
 
 
 def write_dist(get: Callable[[str], torch.Tensor], meta_get: Callable[[str], torch.Tensor], hf_config: dict,

@@ -30,9 +30,10 @@ def wrap_model(model, use_distributed_optimizer: bool = False) -> List[Distribut
 
 
 def build_optimizer(model_chunks, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0,
-                    use_distributed_optimizer: bool = False, bf16: bool = False):
+                    use_distributed_optimizer: bool = False, bf16: bool = False, min_lr: float = 0.0):
+    # min_lr: megatron's LR scheduler reads each parameter group's bounds, which come from here.
     config = OptimizerConfig(
-        optimizer="adam", lr=lr, weight_decay=weight_decay, clip_grad=clip_grad, bf16=bf16,
+        optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, clip_grad=clip_grad, bf16=bf16,
         use_distributed_optimizer=use_distributed_optimizer, adam_beta1=0.9, adam_beta2=0.95,
     )
     return get_megatron_optimizer(config, model_chunks)

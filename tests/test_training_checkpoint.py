@@ -1,0 +1,108 @@
+"""Training checkpoints: stop after N iterations, resume, and the loss curve is the uninterrupted one."""
+
+import json
+import os
+
+import pytest
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from npu_dsv3.distributed import ensure_single_process_group
+from npu_dsv3.model import load_hf
+from npu_dsv3.tiny_model import make_hf_model, save_hf
+from npu_dsv3.training import build_optimizer, train_step, wrap_model
+from npu_dsv3.training.checkpointing import load_checkpoint, save_checkpoint
+
+SEQ, MBS, MICRO, STEPS, STOP = 16, 2, 2, 5, 2
+
+
+def _batches(iteration):
+    ids = torch.randint(0, 203, (MBS * MICRO, SEQ + 1), generator=torch.Generator().manual_seed(iteration))
+    batch = dict(tokens=ids[:, :-1], labels=ids[:, 1:], loss_mask=torch.ones(MBS * MICRO, SEQ),
+                 position_ids=torch.arange(SEQ).expand(MBS * MICRO, SEQ))
+    return iter([{k: v[i * MBS:(i + 1) * MBS] for k, v in batch.items()} for i in range(MICRO)])
+
+
+def _run(hf_dir):
+    # Dropout on: resuming must restore the RNG streams too.
+    model = load_hf(hf_dir, hidden_dropout=0.1, attention_dropout=0.1).train()
+    chunks = wrap_model(model)
+    optimizer = build_optimizer(chunks, lr=3e-3, weight_decay=0.1, min_lr=3e-4)
+    scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=3e-3, min_lr=3e-4, lr_warmup_steps=2,
+                                        lr_decay_steps=STEPS, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
+                                        wd_incr_steps=STEPS, wd_incr_style="constant")
+    return chunks, optimizer, scheduler
+
+
+def _seed(seed):
+    # The default generator (initial weights) and megatron's tracker streams (dropout).
+    ensure_single_process_group()
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _steps(run, first, last):
+    chunks, optimizer, scheduler = run
+    out = []
+    for iteration in range(first, last):
+        result = train_step(chunks, optimizer, _batches(iteration), MICRO, SEQ, MBS)
+        scheduler.step(increment=1)
+        out.append((result["lm_loss"], float(result["grad_norm"]), optimizer.param_groups[0]["lr"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return save_hf(make_hf_model(seed=8, num_hidden_layers=2), str(tmp_path_factory.mktemp("hf")), with_mtp=True)
+
+
+def test_resume_reproduces_the_uninterrupted_run(hf_dir, tmp_path):
+    _seed(0)
+    straight = _steps(_run(hf_dir), 0, STEPS)
+
+    _seed(0)
+    first = _run(hf_dir)
+    before = _steps(first, 0, STOP)
+    path = save_checkpoint(str(tmp_path), STOP, *first, args={"lr": 3e-3, "seq_length": SEQ})
+    assert os.path.basename(path) == f"iter_{STOP:07d}"
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == str(STOP)
+    with open(os.path.join(path, "metadata.json")) as f:
+        assert json.load(f)["sharded_backend"] == "torch_dist"
+
+    _seed(123)  # a new process: other weights and RNG until the checkpoint is loaded
+    second = _run(hf_dir)
+    assert load_checkpoint(str(tmp_path), *second) == STOP
+    after = _steps(second, STOP, STEPS)
+    assert before + after == straight
+
+
+def test_finetune_loads_weights_only_and_starts_at_zero(hf_dir, tmp_path):
+    _seed(0)
+    run = _run(hf_dir)
+    _steps(run, 0, 1)
+    save_checkpoint(str(tmp_path), 1, *run)
+    fresh = _run(hf_dir)
+    assert load_checkpoint(str(tmp_path), *fresh, finetune=True) == 0
+    for a, b in zip(run[0][0].module.parameters(), fresh[0][0].module.parameters()):
+        assert torch.equal(a, b)
+    assert fresh[2].num_steps == 0
+
+
+def test_a_crash_mid_save_keeps_the_previous_checkpoint(hf_dir, tmp_path, monkeypatch):
+    _seed(0)
+    run = _run(hf_dir)
+    _steps(run, 0, 1)
+    save_checkpoint(str(tmp_path), 1, *run)
+    from megatron.core import dist_checkpointing
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(dist_checkpointing, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path), 2, *run)
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert not (tmp_path / "iter_0000002").exists()
+    monkeypatch.undo()
+    assert load_checkpoint(str(tmp_path), *_run(hf_dir)) == 1
