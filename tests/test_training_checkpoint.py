@@ -57,18 +57,24 @@ def hf_dir(tmp_path_factory):
     return save_hf(make_hf_model(seed=8, num_hidden_layers=2), str(tmp_path_factory.mktemp("hf")), with_mtp=True)
 
 
-def test_resume_reproduces_the_uninterrupted_run(hf_dir, tmp_path):
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_resume_reproduces_the_uninterrupted_run(hf_dir, tmp_path, ckpt_format):
     _seed(0)
     straight = _steps(_run(hf_dir), 0, STEPS)
 
     _seed(0)
     first = _run(hf_dir)
     before = _steps(first, 0, STOP)
-    path = save_checkpoint(str(tmp_path), STOP, *first, args={"lr": 3e-3, "seq_length": SEQ})
+    path = save_checkpoint(str(tmp_path), STOP, *first, args={"lr": 3e-3, "seq_length": SEQ},
+                           ckpt_format=ckpt_format)
     assert os.path.basename(path) == f"iter_{STOP:07d}"
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == str(STOP)
-    with open(os.path.join(path, "metadata.json")) as f:
-        assert json.load(f)["sharded_backend"] == "torch_dist"
+    if ckpt_format == "torch_dist":
+        with open(os.path.join(path, "metadata.json")) as f:
+            assert json.load(f)["sharded_backend"] == "torch_dist"
+    else:  # MindSpeed-LLM's per-rank file, read back with weights_only=True
+        payload = torch.load(os.path.join(path, "mp_rank_00", "model_optim_rng.pt"), weights_only=True)
+        assert payload["iteration"] == STOP and "decoder.layers.1.mlp.router.expert_bias" in payload["model"]
 
     _seed(123)  # a new process: other weights and RNG until the checkpoint is loaded
     second = _run(hf_dir)
@@ -104,5 +110,10 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(hf_dir, tmp_path, monkey
         save_checkpoint(str(tmp_path), 2, *run)
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
     assert not (tmp_path / "iter_0000002").exists()
+    monkeypatch.setattr(torch, "save", crash)  # the legacy writer, killed the same way
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path), 3, *run, ckpt_format="torch")
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert not (tmp_path / "iter_0000003").exists()
     monkeypatch.undo()
     assert load_checkpoint(str(tmp_path), *_run(hf_dir)) == 1

@@ -73,12 +73,7 @@ class ParallelLayout:
         return par
 
     def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
-        name = f"mp_rank_{tp_rank:02d}"
-        if self.pipeline.pp > 1:
-            name += f"_{pp_rank:03d}"
-        if self.ep > 1:
-            name += f"_{ep_rank:03d}"
-        return name
+        return rank_dir_name(tp_rank, pp_rank, ep_rank, self.pipeline.pp, self.ep)
 
     def ranks(self) -> Iterator[Tuple[int, int, int]]:
         for pp_rank in range(self.pipeline.pp):
@@ -114,6 +109,16 @@ class ParallelLayout:
             ep_rank, tp_rank = divmod(group, self.tp)
             return ep_rank, range(tp_rank, tp_rank + 1), local
         return group, range(self.etp), local  # expert-TP rank r lives in the file of tensor rank r
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, ep_rank: int, pp: int, ep: int) -> str:
+    """megatron's legacy per-rank directory: ``mp_rank_TT``, then ``_PPP`` with PP > 1, ``_EEE`` with EP > 1."""
+    name = f"mp_rank_{tp_rank:02d}"
+    if pp > 1:
+        name += f"_{pp_rank:03d}"
+    if ep > 1:
+        name += f"_{ep_rank:03d}"
+    return name
 
 
 def _int_list(value) -> List[int]:
