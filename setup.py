@@ -19,6 +19,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"npu_dsv3.ops": "ops"},
+    # The small bundled corpus the main job preprocesses and trains on.
+    package_data={"npu_dsv3.data.corpus": ["*.jsonl"]},
     install_requires=[
         # A range: Ascend users install the torch that matches their torch_npu/CANN.
         "torch>=2.1",
@@ -31,6 +33,8 @@ setup(
         "numpy",
         # megatron.core.dist_checkpointing's own writer (torch_dist saves) measures memory with it.
         "psutil",
+        # parquet input of `npu-dsv3 data preprocess`
+        "pyarrow",
     ],
     extras_require={
         "npu": ["torch_npu"],  # choose the release matching your torch and CANN

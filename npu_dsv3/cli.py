@@ -32,6 +32,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("verify", "npu_dsv3.verify"),
     ("demo", "npu_dsv3.demo"),
     ("convert", "npu_dsv3.convert"),
+    ("data", "npu_dsv3.data.preprocess"),
 ]
 
 

@@ -1,0 +1,161 @@
+"""What training reads: megatron's GPTDataset (pretraining, blended) and the instruction
+dataset over ``npu-dsv3 data preprocess``'s ``{prefix}_packed_*_document`` files.
+
+Both give megatron's sample dict: ``tokens``, ``labels`` (next token; 0 where the loss is
+off), ``loss_mask``, ``position_ids`` and, with ``create_attention_mask``, a boolean
+``attention_mask`` [1, s, s] where True hides a key from a query (megatron's convention).
+The instruction dataset also gives ``cu_seqlens``, the document starts for packed-sequence
+attention (``npu_dsv3.ops.mla_attention(..., cu_seqlens=...)``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy
+import torch
+
+from npu_dsv3.data.handlers import IGNORE_INDEX, INSTRUCTION_KEYS
+from npu_dsv3.data.tokenizer import Tokenizer
+
+
+class _GPTTokenizer:
+    """What GPTDatasetConfig reads from a tokenizer. No ``pad``: pretraining documents hold no
+    padding, and a pad id equal to eod (DeepSeek-V3 pads with eos) would make megatron stop
+    masking pad labels, with a warning per dataset; its default pad id (-1) matches no token."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.vocab_size = tokenizer.vocab_size
+        self.eod = tokenizer.eod
+        # megatron hashes the dataset config, tokenizer included, to name its index caches.
+        self.unique_identifiers = OrderedDict(kind=tokenizer.kind, name_or_path=tokenizer.name_or_path,
+                                              vocab_size=tokenizer.vocab_size)
+
+
+def _require(prefix: str, what: str) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if not IndexedDataset.exists(prefix):
+        raise FileNotFoundError(f"{what} {prefix}: {prefix}.bin / {prefix}.idx not found (or incomplete); "
+                                f"write them with npu-dsv3 data preprocess")
+
+
+def parse_data_path(data_path: Union[str, Sequence[str]]) -> Tuple[List[str], Optional[List[float]]]:
+    """``--data-path``: ``"PREFIX"``, ``"P1 P2"`` or ``"W1 P1 W2 P2"`` (weights, megatron's format)."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    items = data_path.split() if isinstance(data_path, str) else list(data_path)
+    if not items:
+        raise ValueError("--data-path is empty")
+    if len(items) % 2 == 0 and not all(_is_number(w) for w in items[::2]):
+        raise ValueError(f"--data-path {' '.join(items)}: expected PREFIX ... or WEIGHT PREFIX WEIGHT PREFIX ...")
+    prefixes, weights = get_blend_from_list(items)
+    if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+        raise ValueError(f"--data-path weights must be >= 0 with a positive sum, got {weights}")
+    return prefixes, weights
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def build_pretrain_datasets(data_path: Union[str, Sequence[str]], *, seq_length: int, sizes: Sequence[int],
+                            tokenizer: Tokenizer, split: str = "969,30,1", seed: int = 1234,
+                            reset_position_ids: bool = False, reset_attention_mask: bool = False,
+                            eod_mask_loss: bool = False, create_attention_mask: bool = True,
+                            path_to_cache: Optional[str] = None):
+    """(train, valid, test) GPTDatasets blended by weight, through megatron's
+    BlendedMegatronDatasetBuilder; ``sizes``: samples wanted per split (0: that split is None).
+
+    ``reset_position_ids`` / ``reset_attention_mask`` restart positions / attention after each
+    eod token: preprocess with ``--append-eod`` for them to see document ends.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if not torch.distributed.is_initialized():
+        raise ValueError("build_pretrain_datasets needs torch.distributed initialised (megatron's dataset "
+                         "caches are written by rank 0); in one process: "
+                         "npu_dsv3.distributed.ensure_single_process_group()")
+    prefixes, weights = parse_data_path(data_path)
+    for prefix in prefixes:
+        _require(prefix, "--data-path")
+    if path_to_cache:
+        os.makedirs(path_to_cache, exist_ok=True)
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
+        path_to_cache=path_to_cache, tokenizer=_GPTTokenizer(tokenizer), reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss,
+        create_attention_mask=create_attention_mask)
+    # Every rank builds its own view: the caches land in path_to_cache (or beside the data).
+    return BlendedMegatronDatasetBuilder(GPTDataset, list(sizes), lambda: True, config).build()
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """The samples of ``{prefix}_packed_{input_ids,labels,attention_mask}_document``.
+
+    ``reset_attention_mask``: in a packed sequence, positions restart at each document and a
+    token attends only within its document (``cu_seqlens`` marks them); without it the pack is
+    one causal sequence. Either way no label crosses a document boundary and prompt and
+    padding tokens carry no loss. Unpacked files give one sample of its own length per index.
+    """
+
+    def __init__(self, prefix: str, reset_attention_mask: bool = True, create_attention_mask: bool = False):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = prefix
+        self.reset_attention_mask = reset_attention_mask
+        self.create_attention_mask = create_attention_mask
+        self.data = {}
+        for key in INSTRUCTION_KEYS:
+            path = f"{prefix}_packed_{key}_document"
+            _require(path, "instruction data")
+            self.data[key] = IndexedDataset(path)
+        lengths = {key: len(ds) for key, ds in self.data.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"{prefix}_packed_*_document hold different sample counts {lengths}: "
+                             f"not one preprocessing run")
+
+    def __len__(self) -> int:
+        return len(self.data["input_ids"])
+
+    def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
+        ids, stored_labels, doc = (numpy.asarray(self.data[k][idx], dtype=numpy.int64) for k in INSTRUCTION_KEYS)
+        # Position t predicts token t+1, unless t+1 starts another document (or t is last).
+        labels = numpy.append(stored_labels[1:], IGNORE_INDEX)
+        labels[numpy.append(doc[1:] != doc[:-1], True)] = IGNORE_INDEX
+        loss_mask = labels != IGNORE_INDEX
+        starts = _document_starts(doc) if self.reset_attention_mask else numpy.array([0, len(ids)])
+        sample = {
+            "tokens": torch.from_numpy(ids),
+            "labels": torch.from_numpy(numpy.where(loss_mask, labels, 0)),
+            "loss_mask": torch.from_numpy(loss_mask.astype(numpy.float32)),
+            "position_ids": torch.from_numpy(_positions(starts)),
+            "cu_seqlens": torch.from_numpy(starts.astype(numpy.int32)),
+        }
+        if self.create_attention_mask:
+            sample["attention_mask"] = _block_causal_mask(starts)
+        return sample
+
+
+def _document_starts(doc: numpy.ndarray) -> numpy.ndarray:
+    """[0, start of each later document (padding counts as one), length]."""
+    return numpy.concatenate([[0], numpy.flatnonzero(doc[1:] != doc[:-1]) + 1, [len(doc)]])
+
+
+def _positions(starts: numpy.ndarray) -> numpy.ndarray:
+    lengths = numpy.diff(starts)
+    return numpy.arange(starts[-1]) - numpy.repeat(starts[:-1], lengths)
+
+
+def _block_causal_mask(starts: numpy.ndarray) -> torch.Tensor:
+    n = int(starts[-1])
+    segment = torch.from_numpy(numpy.repeat(numpy.arange(len(starts) - 1), numpy.diff(starts)))
+    allowed = torch.tril(torch.ones(n, n, dtype=torch.bool)) & (segment[:, None] == segment[None, :])
+    return ~allowed.unsqueeze(0)
