@@ -76,6 +76,26 @@ class DeepSeekV3TransformerConfig(MLATransformerConfig):
     """MoE token permutation through ops.permute (npu_moe_token_permute on Ascend). Kept apart from
     megatron's ``moe_permute_fusion``, which selects TransformerEngine kernels."""
 
+    # Pipeline placement (MindSpeed-LLM flags of the same names); npu_dsv3.model.placement turns
+    # them, with the megatron PP / VPP sizes, into the npu_dsv3.layout.PipelineLayout the
+    # checkpoint converter uses. ``num_layers`` counts real layers only.
+    num_layer_list: Optional[List[int]] = None
+    """``--num-layer-list``: decoder layers (noop layers included) on each pipeline rank."""
+
+    noop_layers: Optional[List[int]] = None
+    """``--noop-layers``: global indices (counting noop layers) of identity layers without weights."""
+
+    schedules_method: Optional[str] = None
+    """``--schedules-method``: ``"dualpipev"`` places 2 x PP stages as two chunks per rank."""
+
+    mla_mm_split: bool = False
+    """``--mla-mm-split``: MLA's q/kv up-projections as one column-parallel linear per part
+    (linear_qk_nope, linear_qk_rope, linear_kv_nope, linear_v)."""
+
+    moe_tp_extend_ep: bool = False
+    """``--moe-tp-extend-ep``: each TP rank of an EP rank holds different whole experts;
+    ``expert_model_parallel_size`` is then megatron's expert group, EP x TP, and expert TP is 1."""
+
 
 FP8_CAST_COMMAND = (
     "npu-dsv3 convert fp8-to-bf16 --input-fp8-hf-path <fp8-model-dir> "

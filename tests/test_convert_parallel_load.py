@@ -37,7 +37,8 @@ def test_tp2_ep2_ranks_load_legacy_and_torch_dist_checkpoints(tmp_path):
            "OMP_NUM_THREADS": "1"}
     saved = tmp_path / "saved"
     (saved / "release").mkdir(parents=True)
-    procs = [subprocess.Popen([sys.executable, SCRIPT, hf_dir, legacy, dist, str(saved / "release"), "2", "2"],
+    procs = [subprocess.Popen([sys.executable, SCRIPT, hf_dir, legacy, "--dist-dir", dist,
+                               "--save-dir", str(saved / "release"), "--tp", "2", "--ep", "2"],
                               env={**env, "RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]

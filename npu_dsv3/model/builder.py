@@ -1,9 +1,10 @@
 """Build DeepSeek-V3 as a megatron-core ``GPTModel``."""
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
+from npu_dsv3.layout import LayoutError
+from npu_dsv3.model.placement import check_expert_parallel, pipeline_layout, stage
 from npu_dsv3.model.spec import decoder_block_spec, mtp_block_spec
 
 VOCAB_DIVISIBLE_BY = 128
@@ -15,16 +16,32 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, divisible_
     return -(-vocab_size // multiple) * multiple
 
 
+def _check_head_holds_last_layer(config, layout) -> None:
+    """With MTP megatron puts the final norm beside the last real layer, the converter on the
+    head's chunk: they must be the same chunk."""
+    if not config.mtp_num_layers:
+        return
+    last = max(i for i in range(layout.num_layers) if i not in layout.noop_layers)
+    if last not in layout.chunk_layers(*layout.last_stage()):
+        raise LayoutError(f"with MTP the last real layer ({last}) must be on the chunk of the head "
+                          f"{layout.last_stage()}; move --noop-layers so that chunk keeps a real layer")
+
+
 def build_model(config, pre_process=None, post_process=None, vp_stage=None, padded_vocab=None) -> GPTModel:
-    """The model chunk for this rank (and virtual stage); pre/post default to the PP position.
+    """The model chunk for this pipeline rank and virtual stage, as ``placement.pipeline_layout``
+    places it; pre/post (embedding; final norm and head) default to that layout's.
 
     ``padded_vocab``: the embedding rows when they must match another layout's padding
     (a distributed checkpoint for TP 8 written from one process).
     """
+    layout = pipeline_layout(config)
+    check_expert_parallel(config)
+    _check_head_holds_last_layer(config, layout)
+    here = stage(config, vp_stage)
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        pre_process = here == layout.first_stage()
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post_process = layout.has_head(*here)
     return GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, vp_stage=vp_stage),

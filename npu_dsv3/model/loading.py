@@ -76,9 +76,9 @@ def load_mcore(path: str, dtype: torch.dtype = torch.float32, **layout):
 
 
 def single_rank_layout(config) -> ParallelLayout:
-    """TP = PP = EP = 1: the whole model in one chunk."""
+    """TP = PP = EP = 1: the whole model in one chunk, with the config's MLA and expert storage."""
     return ParallelLayout(PipelineLayout(config.num_layers, mtp_num_layers=config.mtp_num_layers or 0),
-                          grouped_gemm=config.moe_grouped_gemm)
+                          grouped_gemm=config.moe_grouped_gemm, mla_mm_split=config.mla_mm_split)
 
 
 def load_hf_weights(model, get: Callable[[str], torch.Tensor], source: str) -> None:

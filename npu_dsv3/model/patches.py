@@ -7,7 +7,9 @@ CPU machine, so the CPU run exercises the same module structure as the NPU one.
 import importlib.util
 import types
 
+from npu_dsv3.config import DeepSeekV3TransformerConfig
 from npu_dsv3.model.moe_layer import fused_permute_enabled
+from npu_dsv3.model.placement import layer_offset
 from npu_dsv3.ops.gmm import gmm
 from npu_dsv3.ops.permute import permute as ops_permute
 from npu_dsv3.ops.permute import unpermute as ops_unpermute
@@ -118,5 +120,30 @@ for _name, _wrapper in (("permute", _dispatcher_permute), ("unpermute", _dispatc
             wrap=True,
             why=f"--moe-permute-fusion: the dispatcher's token {_name} through ops.{_name} "
             f"(npu_moe_token_{_name} on Ascend) inside MoE layers that enable it",
+        )
+    )
+
+
+def _layout_offset(original):
+    def get_transformer_layer_offset(config, vp_stage=None, pp_rank=None):
+        if isinstance(config, DeepSeekV3TransformerConfig):
+            return layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        return original(config, vp_stage=vp_stage, pp_rank=pp_rank)
+
+    return get_transformer_layer_offset
+
+
+# Every module that calls it through its own name: layers add it to their position, the block
+# subtracts it to name its checkpoint entries, the MTP layer to number its decoder layer.
+for _module in ("transformer_layer", "transformer_block", "multi_token_prediction"):
+    register(
+        Patch(
+            name=f"pipeline.layer_offset.{_module}",
+            feature="model",
+            target=f"megatron.core.transformer.{_module}.get_transformer_layer_offset",
+            replacement=_layout_offset,
+            wrap=True,
+            why="layers are placed by npu_dsv3.layout (--num-layer-list, --noop-layers, dualpipev), "
+            "not megatron's uniform split: the offset of a chunk is its count of earlier real layers",
         )
     )

@@ -3,10 +3,16 @@
 Every layer: RMSNorm -> MLA (q/kv low-rank projections, RMSNorm on the latents,
 our core attention) -> RMSNorm -> dense SwiGLU MLP (first k layers) or MoE
 (DeepSeek-V3 router, grouped-GEMM routed experts, shared experts).
+
+Which layers a (pipeline rank, virtual stage) builds, and whether it has the MTP
+block, comes from ``npu_dsv3.model.placement.pipeline_layout`` (the converter's
+layout); whether a layer is dense or MoE from its real (HF) layer index.
 """
 
+from typing import Optional
+
 from megatron.core.models.backends import LocalSpecProvider
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec_for_backend
+from megatron.core.models.gpt.gpt_layer_specs import get_mtp_layer_spec_for_backend
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
@@ -15,23 +21,19 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlockSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import (
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
-from megatron.core.transformer.transformer_layer import (
-    TransformerLayer,
-    TransformerLayerSubmodules,
-    get_transformer_layer_offset,
-)
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from npu_dsv3.config import moe_layer_pattern as config_moe_layer_pattern
 from npu_dsv3.model.activation import SwiGLU
-from npu_dsv3.model.attention import MLACoreAttention
+from npu_dsv3.model.attention import MLACoreAttention, SplitMLASelfAttention
 from npu_dsv3.model.experts import GroupedExperts
+from npu_dsv3.model.layers import NoopTransformerLayer, PlacedTransformerLayer
 from npu_dsv3.model.moe_layer import DeepSeekV3MoELayer
 from npu_dsv3.model.norm import LatentRMSNorm, RMSNorm
+from npu_dsv3.model.placement import pipeline_layout, stage
 from npu_dsv3.model.router import DeepSeekV3Router
 
 
@@ -73,13 +75,16 @@ def moe_spec(grouped_gemm: bool) -> ModuleSpec:
     )
 
 
-def layer_spec(moe: bool, grouped_gemm: bool = True) -> ModuleSpec:
+def layer_spec(moe: bool, grouped_gemm: bool = True, mla_mm_split: bool = False,
+               real_layer: Optional[int] = None) -> ModuleSpec:
+    """One decoder layer; ``real_layer`` (its HF index) when the pipeline layout places it."""
     return ModuleSpec(
-        module=TransformerLayer,
+        module=TransformerLayer if real_layer is None else PlacedTransformerLayer,
+        params={} if real_layer is None else {"real_layer": real_layer},
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
-                module=MLASelfAttention,
+                module=SplitMLASelfAttention if mla_mm_split else MLASelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=MLASelfAttentionSubmodules(
                     linear_q_proj=ColumnParallelLinear,
@@ -101,8 +106,12 @@ def layer_spec(moe: bool, grouped_gemm: bool = True) -> ModuleSpec:
     )
 
 
+def noop_layer_spec(followed_by_real: bool) -> ModuleSpec:
+    return ModuleSpec(module=NoopTransformerLayer, params={"followed_by_real": followed_by_real})
+
+
 def moe_layer_pattern(config) -> list:
-    """1 for an MoE layer, 0 for a dense one, for every global layer."""
+    """1 for an MoE layer, 0 for a dense one, for every real (HF) layer; noop layers have none."""
     freq = config.moe_layer_freq
     if not config.num_moe_experts:
         return [0] * config.num_layers
@@ -115,17 +124,23 @@ def moe_layer_pattern(config) -> list:
 
 def decoder_block_spec(config, vp_stage=None, pp_rank=None) -> TransformerBlockSubmodules:
     """Specs of the decoder layers this (pp rank, virtual stage) builds, plus the final norm."""
-    specs = [layer_spec(bool(m), config.moe_grouped_gemm) for m in moe_layer_pattern(config)]
-    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=specs[offset : offset + count], layer_norm=RMSNorm)
+    layout, pattern = pipeline_layout(config), moe_layer_pattern(config)
+    real = [layout.real_layer(i) for i in layout.chunk_layers(*stage(config, vp_stage, pp_rank))]
+    specs = []
+    for position, hf_index in enumerate(real):
+        if hf_index is None:
+            specs.append(noop_layer_spec(any(r is not None for r in real[position + 1:])))
+        else:
+            specs.append(layer_spec(bool(pattern[hf_index]), config.moe_grouped_gemm, config.mla_mm_split, hf_index))
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
 def mtp_block_spec(config, vp_stage=None, pp_rank=None):
-    """MTP layers reuse the MoE decoder layer, as DeepSeek-V3's MTP module does."""
-    if not config.mtp_num_layers:
+    """The MTP block on the chunk the layout gives the head; MTP layers reuse the MoE
+    decoder layer, as DeepSeek-V3's MTP module does."""
+    if not config.mtp_num_layers or not pipeline_layout(config).has_head(*stage(config, vp_stage, pp_rank)):
         return None
-    return get_gpt_mtp_block_spec_for_backend(
-        config, layer_spec(bool(config.num_moe_experts), config.moe_grouped_gemm), BACKEND,
-        vp_stage=vp_stage, pp_rank=pp_rank,
+    layer = layer_spec(bool(config.num_moe_experts), config.moe_grouped_gemm, config.mla_mm_split)
+    return MultiTokenPredictionBlockSubmodules(
+        layer_specs=[get_mtp_layer_spec_for_backend(layer, BACKEND)] * config.mtp_num_layers
     )
