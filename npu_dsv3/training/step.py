@@ -12,6 +12,7 @@ from functools import partial
 from typing import Dict, Iterator, List
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -96,5 +97,8 @@ def train_step(model_chunks, optimizer, data_iterator, num_microbatches: int, se
     result = {"grad_norm": grad_norm, "update_successful": update_ok, "mtp_loss": mtp_losses, **aux}
     if losses:  # only the last pipeline stage computes the loss
         summed = torch.stack([x["lm loss"] for x in losses]).sum(0)
+        # The global batch's token-weighted mean: what one process training on all of it reports.
+        if parallel_state.get_data_parallel_world_size() > 1:
+            torch.distributed.all_reduce(summed, group=parallel_state.get_data_parallel_group())
         result["lm_loss"] = (summed[0] / summed[1]).item()
     return result
