@@ -5,11 +5,12 @@ is cut, the same rule in both directions (``shard`` for HF -> mcore, ``merge``
 for mcore -> HF), so a round trip is the identity by construction and the tests
 check it bit for bit.
 
-Cuts follow megatron-core's modules: column-parallel linears (MLA's down and up
+Cuts follow megatron-core's modules: column-parallel linears (MLA's up
 projections, fc1, MTP's eh_proj) split their output rows; row-parallel linears
 (linear_proj, fc2) split their input columns; gated fc1 weights ([gate; up])
 split gate and up separately; the vocabulary is padded and split by rows;
-norms, the router and the expert bias are replicated. Routed experts are split
+norms, the router, the expert bias and MLA's down projections (held whole on
+every rank, ``npu_dsv3.model.linear``) are replicated. Routed experts are split
 by expert over EP and, within an expert, like fc1/fc2 over the expert-TP group.
 With ``--mla-mm-split`` MLA's up-projections, whose HF rows are per head
 [nope | rope] (q_b_proj) or [nope | v] (kv_b_proj), are stored as one
@@ -61,13 +62,13 @@ def attention_specs(config, mla_mm_split: bool = False) -> list:
         specs.append(Spec("self_attention.linear_q_proj.weight", ("self_attn.q_proj.weight",), ROWS))
     else:
         specs += [
-            Spec("self_attention.linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",), ROWS),
+            Spec("self_attention.linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",), REPLICATED),
             Spec("self_attention.q_layernorm.weight", ("self_attn.q_a_layernorm.weight",), REPLICATED),
             _up_proj("linear_q_up_proj", "self_attn.q_b_proj.weight",
                      {"linear_qk_nope": nope, "linear_qk_rope": rope}, mla_mm_split),
         ]
     return specs + [
-        Spec("self_attention.linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",), ROWS),
+        Spec("self_attention.linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",), REPLICATED),
         Spec("self_attention.kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",), REPLICATED),
         _up_proj("linear_kv_up_proj", "self_attn.kv_b_proj.weight",
                  {"linear_kv_nope": nope, "linear_v": v}, mla_mm_split),

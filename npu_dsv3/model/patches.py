@@ -8,6 +8,7 @@ import importlib.util
 import types
 
 from npu_dsv3.config import DeepSeekV3TransformerConfig
+from npu_dsv3.model.linear import DuplicatedLinear
 from npu_dsv3.model.moe_layer import fused_permute_enabled
 from npu_dsv3.model.placement import layer_offset
 from npu_dsv3.ops.gmm import gmm
@@ -26,6 +27,17 @@ register(
         replacement=_HAVE_TE,
         why="megatron's TE extension module imports without TE and leaves HAVE_TE True with TELinear None, "
         "so MLA's isinstance(linear_proj, TELinear) check crashes",
+    )
+)
+
+register(
+    Patch(
+        name="mla.duplicated_linear",
+        feature="model",
+        target="megatron.core.transformer.multi_latent_attention.Linear",
+        replacement=DuplicatedLinear,
+        why="MLA accepts an unsplit down-projection only as its `Linear`, which is None without TE; ours holds "
+        "the weight whole on every TP rank so the rotary key's gradient sums every rank's heads",
     )
 )
 

@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from npu_dsv3.config import moe_layer_pattern as config_moe_layer_pattern
+from npu_dsv3.model.linear import DuplicatedLinear
 from npu_dsv3.model.activation import SwiGLU
 from npu_dsv3.model.attention import MLACoreAttention, SplitMLASelfAttention
 from npu_dsv3.model.experts import GroupedExperts
@@ -88,9 +89,9 @@ def layer_spec(moe: bool, grouped_gemm: bool = True, mla_mm_split: bool = False,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=MLASelfAttentionSubmodules(
                     linear_q_proj=ColumnParallelLinear,
-                    linear_q_down_proj=ColumnParallelLinear,
+                    linear_q_down_proj=DuplicatedLinear,
                     linear_q_up_proj=ColumnParallelLinear,
-                    linear_kv_down_proj=ColumnParallelLinear,
+                    linear_kv_down_proj=DuplicatedLinear,
                     linear_kv_up_proj=ColumnParallelLinear,
                     core_attention=MLACoreAttention,
                     linear_proj=RowParallelLinear,
