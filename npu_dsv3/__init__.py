@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -57,6 +58,17 @@ _FEATURE_MODULES: tuple[str, ...] = ("npu_dsv3.backend", "npu_dsv3.model.patches
 warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex is not installed|Transformer Engine and Apex are not installed")
 # megatron-core 0.16.1's own default cuda_graph_scope trips its own deprecation check on every config.
 warnings.filterwarnings("ignore", message="full scope is deprecated")
+
+
+class _SameRngStream(logging.Filter):
+    """On the CPU backend the "CUDA" generator megatron forks for dropout is the CPU one, so its
+    check that the CPU stream did not move inside a fork fires on every dropout; nothing is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "CPU RNG state changed within GPU RNG context" or backend() != "cpu"
+
+
+logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_SameRngStream())
 
 # The backend module is callable: backend() -> current backend name.
 from npu_dsv3 import backend  # noqa: E402
