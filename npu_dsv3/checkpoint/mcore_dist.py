@@ -433,14 +433,22 @@ def write_dist(get: Callable[[str], torch.Tensor], meta_get: Callable[[str], tor
 # --------------------------------------------------------------------------- reading
 
 
-def release_dir(load_dir: str) -> Optional[str]:
-    """The directory of the checkpoint ``load_dir``'s tracker names, if it is a torch_dist one."""
-    tracker = os.path.join(load_dir, TRACKER_FILE)
+def tracked_dir(root: str) -> Optional[str]:
+    """The checkpoint directory ``root``'s tracker names (``release`` or ``iter_XXXXXXX``), or None
+    without a tracker."""
+    tracker = os.path.join(root, TRACKER_FILE)
     if not os.path.isfile(tracker):
         return None
     with open(tracker) as f:
         tag = f.read().strip()
-    directory = os.path.join(load_dir, tag if tag == RELEASE else f"iter_{int(tag):07d}")
+    return os.path.join(root, tag if tag == RELEASE else f"iter_{int(tag):07d}")
+
+
+def release_dir(load_dir: str) -> Optional[str]:
+    """The directory of the checkpoint ``load_dir``'s tracker names, if it is a torch_dist one."""
+    directory = tracked_dir(load_dir)
+    if directory is None:
+        return None
     try:
         with open(os.path.join(directory, "metadata.json")) as f:
             backend = json.load(f).get("sharded_backend")

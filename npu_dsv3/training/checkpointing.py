@@ -33,7 +33,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from npu_dsv3.checkpoint import io
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
-from npu_dsv3.checkpoint.mcore_dist import FORMAT, TRACKER_FILE, in_process_save_strategy, release_dir
+from npu_dsv3.checkpoint.mcore_dist import (FORMAT, TRACKER_FILE, in_process_save_strategy, release_dir,
+                                            tracked_dir)
 from npu_dsv3.checkpoint.rank_state import rank_dir_name
 
 CHECKPOINT_VERSION = 3.0
@@ -173,14 +174,9 @@ def _sync_tree(directory: str) -> None:
 
 def latest_checkpoint(root: str) -> Optional[str]:
     """The directory the tracker under ``root`` names, or None when ``root`` has no checkpoint."""
-    tracker = os.path.join(root, TRACKER_FILE)
-    if not os.path.isfile(tracker):
-        return None
-    with open(tracker) as f:
-        tag = f.read().strip()
-    directory = os.path.join(root, "release" if tag == "release" else f"iter_{int(tag):07d}")
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{tracker} names {directory}, which does not exist")
+    directory = tracked_dir(root)
+    if directory is not None and not os.path.isdir(directory):
+        raise CheckpointError(f"{os.path.join(root, TRACKER_FILE)} names {directory}, which does not exist")
     return directory
 
 
