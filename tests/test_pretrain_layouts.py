@@ -75,3 +75,14 @@ def test_an_impossible_layout_is_one_line_naming_the_flag(start):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "--expert-model-parallel-size" in errors[0], proc.stderr[-2000:]
+
+
+def test_interleaved_pipeline_is_refused_until_it_matches(start):
+    hf_dir, _, _ = start
+    proc = subprocess.run([sys.executable, "-m", "npu_dsv3.pretrain", "--hf-config", hf_dir, "--mock-data",
+                           "--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "16",
+                           "--train-iters", "1", "--lr", "1e-3", "--pipeline-model-parallel-size", "2",
+                           "--num-layers-per-virtual-pipeline-stage", "1"],
+                          env={**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": str(_free_port())}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--num-layers-per-virtual-pipeline-stage" in proc.stderr, proc.stderr[-2000:]

@@ -77,6 +77,10 @@ def train_step(model_chunks, optimizer, data_iterator, num_microbatches: int, se
     # The schedule copies this step's loss scale into this class-level tensor; one left
     # behind by a backward outside the schedule (a 0-d default) has the wrong shape for it.
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    if len(model_chunks) > 1:
+        # The interleaved schedule reads each chunk's micro-batches from that chunk's own iterator.
+        microbatches = list(data_iterator)
+        data_iterator = [iter(microbatches) for _ in model_chunks]
     losses = get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=data_iterator,
