@@ -79,7 +79,7 @@ import threading
 import time
 import warnings
 
-from machine import cpu_model, usable_cores
+from machine import OtherLoad, cpu_model, usable_cores
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -145,32 +145,6 @@ def machine_info(workdir: str) -> dict:
 
     return {"cpu": cpu_model(), "cores": usable_cores(), "mem_gib": round(mem_total_gib(), 1),
             "disk": disk_of(workdir), "python": platform.python_version(), "torch": torch.__version__}
-
-
-class OtherLoad:
-    """CPU time the REST of the machine used while a step ran (other processes skew timings)."""
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample():
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except OSError:
-            return None
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
-        t = os.times()
-        return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system, \
-            time.perf_counter()
-
-    def cores(self) -> float:
-        end = self._sample()
-        if self.start is None or end is None:
-            return float("nan")
-        busy, ours, wall = (b - a for a, b in zip(self.start, end))
-        return max(0.0, busy - ours) / max(wall, 1e-9)
 
 
 # --------------------------------------------------------------------------- synthetic checkpoint

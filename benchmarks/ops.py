@@ -49,7 +49,7 @@ import sys
 import time
 import warnings
 
-from machine import cpu_model, usable_cores
+from machine import OtherLoad, cpu_model, usable_cores
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -78,33 +78,6 @@ def machine_info() -> dict:
     }
 
 
-class OtherLoad:
-    """CPU time the REST of the machine used while a section ran (other processes skew timings)."""
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample():
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except OSError:
-            return None
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
-        t = os.times()
-        ours = t.user + t.system + t.children_user + t.children_system
-        return busy / os.sysconf("SC_CLK_TCK"), ours, time.perf_counter()
-
-    def report(self) -> dict:
-        end = self._sample()
-        if self.start is None or end is None:
-            return {"other_core_s": float("nan"), "wall_s": float("nan"), "other_cores_avg": float("nan")}
-        busy, ours, wall = (b - a for a, b in zip(self.start, end))
-        other = max(0.0, busy - ours)
-        return {"other_core_s": other, "wall_s": wall, "other_cores_avg": other / max(wall, 1e-9)}
-
-
 def load_line(load: dict) -> str:
     return (f"other processes used {load['other_core_s']:.0f} core-s in {load['wall_s']:.0f} s "
             f"(avg {load['other_cores_avg']:.2f} of {usable_cores()} cores busy with work that is not this benchmark)"
@@ -121,7 +94,7 @@ def wait_idle(max_wait: float) -> float:
     while max_wait > 0:
         probe = OtherLoad()
         time.sleep(1.0)
-        if probe.report()["other_cores_avg"] < LOAD_LIMIT or time.perf_counter() - start >= max_wait:
+        if probe.cores() < LOAD_LIMIT or time.perf_counter() - start >= max_wait:
             break
     return time.perf_counter() - start
 
@@ -295,7 +268,7 @@ def bench_gmm(cfg, dtype_name, dist, rows_per_expert, mode, rounds, bandwidth, m
     kern = kernels_of(cands["gmm"])
     load = OtherLoad()
     times = bench(cands, rounds, min_time=min_time)
-    other = load.report()["other_cores_avg"]
+    other = load.cores()
     flops = 2 * T * K * N * (3 if backward else 1)
     t_gmm, t_loop, t_dense = (med(times[k]) for k in ("gmm", "loop", "dense"))
     elt = torch.empty((), dtype=dtype).element_size()
@@ -493,7 +466,7 @@ def bench_attention(cfg, dtype_name, mode, threads, log):
         "method": ours["method"],
         "runs": {"ours": ours["runs"], "reference": base["runs"]},
         "rel_err_vs_reference": attention_accuracy(cfg, dtype_name),
-        "other_load": load.report()["other_cores_avg"],
+        "other_load": load.cores(),
     }
 
 
@@ -540,7 +513,7 @@ def bench_small_ops(cfg, dtype_name, mode, rounds, min_time=0.05):
         load = OtherLoad()
         times = bench(cands, rounds, min_time=min_time)
         row = {
-            "other_load": load.report()["other_cores_avg"],
+            "other_load": load.cores(),
             "op": op, "case": case_name, "dtype": dtype_name, "mode": mode,
             "baseline": baseline_name, "note": note,
             "ms": {k: 1e3 * med(v) for k, v in times.items()},
