@@ -123,8 +123,8 @@ def train(args) -> dict:
     if dist.get_rank() == 0:
         for note in args.notes:
             print(f"note: {note}", file=sys.stderr)
-    chunks = wrap_model_chunks(build_chunks(config, args.padded_vocab_size), wrap_model,
-                               configs.optimizer.use_distributed_optimizer)
+    chunks = [wrap_model(m, configs.optimizer.use_distributed_optimizer)[0]
+              for m in build_chunks(config, args.padded_vocab_size)]
     optimizer = get_megatron_optimizer(configs.optimizer, chunks)
     scheduler = _scheduler(args, optimizer)
     iteration = 0
@@ -169,10 +169,6 @@ def train(args) -> dict:
     if log is not None:
         log.close()
     return last
-
-
-def wrap_model_chunks(models, wrap_model, use_distributed_optimizer: bool):
-    return [wrap_model(m, use_distributed_optimizer)[0] for m in models]
 
 
 def _train_dataset(args):

@@ -65,13 +65,11 @@ class Piece:
 
 
 def _single_rank_config(hf_config: dict, dtype: torch.dtype):
-    from npu_dsv3.config import hf_to_mcore_config_dpskv3
+    from npu_dsv3.checkpoint.mcore_legacy import _model_config
 
-    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     # Per-expert MLPs: megatron stores GroupedMLP's experts the same way, and each is small.
-    return hf_to_mcore_config_dpskv3(hf_config, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-                                     use_cpu_initialization=True, perform_initialization=False,
-                                     moe_grouped_gemm=False)
+    return _model_config(hf_config, False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+                         use_cpu_initialization=True, perform_initialization=False)
 
 
 def _trace_sources(config) -> Dict[str, Tuple[List[str], bool]]:

@@ -164,12 +164,12 @@ HF_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map
                   "generation_config.json")
 
 
-def _model_config(hf_config: dict, grouped_gemm: bool):
+def _model_config(hf_config: dict, grouped_gemm: bool, **overrides):
     from npu_dsv3.config import hf_to_mcore_config_dpskv3
 
     # The FP8 release is read directly (dequantised on the fly); the model is the same.
     hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
-    return hf_to_mcore_config_dpskv3(hf_config, moe_grouped_gemm=grouped_gemm)
+    return hf_to_mcore_config_dpskv3(hf_config, moe_grouped_gemm=grouped_gemm, **overrides)
 
 
 def _bf16_getter(reader, hf_config: dict):
