@@ -477,9 +477,6 @@ def _check_sequence_parallel(args) -> None:
         args.sequence_parallel = False
         args.notes.append("--sequence-parallel has no effect at --tensor-model-parallel-size 1 and is off "
                           "(as in Megatron-LM)")
-    if args.expert_model_parallel_size > 1 and tp > 1 and not args.sequence_parallel:
-        raise ArgsError("--expert-model-parallel-size > 1 with --tensor-model-parallel-size > 1 needs "
-                        "--sequence-parallel (megatron's MoE layer expects sequence-split tokens)")
     if args.sequence_parallel and args.seq_length % tp:
         raise ArgsError(f"--sequence-parallel splits --seq-length {args.seq_length} over "
                         f"--tensor-model-parallel-size {tp}; it must divide")
@@ -757,6 +754,10 @@ def _check_model_against_flags(args, config) -> None:
     if args.schedules_method == "dualpipev" and config.tie_word_embeddings:
         raise ArgsError("--schedules-method dualpipev needs --untie-embeddings-and-output-weights (the head and "
                         "the embedding live in different chunks of rank 0)")
+    if config.num_moe_experts and args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        # megatron-core's MoE layer raises this only at the first training forward, naming no flag.
+        raise ArgsError(f"a MoE model with --tensor-model-parallel-size {args.tensor_model_parallel_size} needs "
+                        "--sequence-parallel (megatron-core's MoE layer trains only on sequence-split tokens)")
     if not args.moe_grouped_gemm and "moe_act" in (args.recompute_modules or ()):
         raise ArgsError("--recompute-modules moe_act needs --moe-grouped-gemm")
 

@@ -334,6 +334,7 @@ def test_hf_config_errors_are_one_line(tmp_path, hf_dir):
     (["--tensor-model-parallel-size", "3"], 3, "attention heads (128) does not split over 3 tensor-parallel ranks; "
                                                "change --tensor-model-parallel-size"),
     (["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"], 4, "needs --sequence-parallel"),
+    (["--tensor-model-parallel-size", "2"], 2, "a MoE model with --tensor-model-parallel-size 2 needs --sequence-parallel"),
     (["--pipeline-model-parallel-size", "4"], 4,
      "--num-layers (61) is not divisible by --pipeline-model-parallel-size (4); use --num-layer-list or --noop-layers"),
     (["--noop-layers", "70"], 1, "--noop-layers [70] are outside the 62 layers of --num-layers"),
