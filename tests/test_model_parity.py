@@ -40,6 +40,22 @@ def test_logits_match_transformers(name, tmp_path):
     assert result["passed"], result
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_training_loss_ignores_the_vocab_padding(tmp_path, tied):
+    """203 tokens padded to 256 rows: the per-token loss is transformers' cross-entropy over the
+    203 real tokens, not a softmax that also spreads over the 53 padded rows."""
+    hf = make_hf_model(seed=5, tie_word_embeddings=tied)
+    ours = load_hf(save_hf(hf, str(tmp_path)))
+    assert ours.output_layer.output_size == 256 and hf.config.vocab_size == 203
+    ids = torch.randint(0, 203, (2, 33), generator=torch.Generator().manual_seed(2))
+    tokens, labels = ids[:, :-1], ids[:, 1:]
+    positions = torch.arange(32).expand(2, 32)
+    with torch.no_grad():
+        loss = ours(tokens, positions, None, labels=labels)
+        reference = torch.nn.functional.cross_entropy(hf(tokens).logits.transpose(1, 2), labels, reduction="none")
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_router_bias_and_groups_change_routing(tmp_path):
     """Guard against a parity test that passes because routing is trivial."""
     hf = make_hf_model(seed=3)

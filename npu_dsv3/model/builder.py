@@ -6,6 +6,7 @@ from megatron.core.models.gpt import GPTModel
 from npu_dsv3.layout import LayoutError
 from npu_dsv3.model.placement import check_expert_parallel, pipeline_layout, stage
 from npu_dsv3.model.spec import decoder_block_spec, mtp_block_spec
+from npu_dsv3.model.vocab import mask_vocab_padding
 
 VOCAB_DIVISIBLE_BY = 128
 
@@ -42,7 +43,7 @@ def build_model(config, pre_process=None, post_process=None, vp_stage=None, padd
         pre_process = here == layout.first_stage()
     if post_process is None:
         post_process = layout.has_head(*here)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, vp_stage=vp_stage),
         vocab_size=padded_vocab or padded_vocab_size(config.vocab_size, config.tensor_model_parallel_size),
@@ -55,6 +56,9 @@ def build_model(config, pre_process=None, post_process=None, vp_stage=None, padd
         mtp_block_spec=mtp_block_spec(config, vp_stage=vp_stage),
         vp_stage=vp_stage,
     )
+    if getattr(model, "output_layer", None) is not None:
+        mask_vocab_padding(model.output_layer, config.vocab_size)
+    return model
 
 
 def forward_logits(model: GPTModel, input_ids: torch.Tensor) -> torch.Tensor:
