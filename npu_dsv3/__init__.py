@@ -70,6 +70,18 @@ class _SameRngStream(logging.Filter):
 
 logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_SameRngStream())
 
+
+class _OurMoELayer(logging.Filter):
+    """megatron-core recognises its MoE layer by exact class, so for our subclass
+    (``npu_dsv3.model.moe_layer.DeepSeekV3MoELayer``) it logs "Unknown MLP type" once per layer
+    and lets the layer take megatron's default process groups, which are the right ones."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type: <class 'megatron.core.transformer.spec_utils")
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_OurMoELayer())
+
 # The backend module is callable: backend() -> current backend name.
 from npu_dsv3 import backend  # noqa: E402
 
