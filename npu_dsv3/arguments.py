@@ -368,8 +368,9 @@ def parse_args(argv: Sequence[str], world_size: int, mode: str = "pretrain") -> 
     args = build_parser(mode).parse_args(list(argv), namespace=TrainArgs())
     args.__dict__.pop("_alias_given", None)
     args.mode, args.world_size, args.notes = mode, world_size, []
-    for check in (_check_mode, _check_precision, _check_required, _check_data, _check_checkpoint, _check_fixed,
-                  _check_parallel, _check_batches, _check_schedules, _check_recompute, _check_moe, _check_lr):
+    for check in (_check_mode, _check_precision, _check_required, _check_data, _check_eval, _check_checkpoint,
+                  _check_fixed, _check_parallel, _check_batches, _check_schedules, _check_recompute, _check_moe,
+                  _check_lr):
         check(args)
     args.hf = _model_hf_config(args)
     build_configs(args)  # the model-dependent checks: heads, experts, layers against the layout
@@ -386,6 +387,38 @@ def _check_mode(args) -> None:
     args.finetune = True
     if args.prompt_type is not None and not args.is_instruction_dataset:
         raise ArgsError("--prompt-type formats instruction data; it needs --is-instruction-dataset")
+    _check_instruction_flags(args)
+
+
+def _check_instruction_flags(args) -> None:
+    from npu_dsv3.data.chat_template import PROMPT_TYPES
+
+    if not args.is_instruction_dataset:
+        given = [flag for flag, value in (("--stage", args.stage),
+                                          ("--variable-seq-lengths", args.variable_seq_lengths)) if value]
+        if given:
+            raise ArgsError(f"{', '.join(given)}: fine-tuning on instruction data needs --is-instruction-dataset "
+                            "(--data-path: the prefix npu-dsv3 data preprocess wrote with an instruction handler)")
+        return
+    if args.prompt_type is not None and args.prompt_type not in PROMPT_TYPES:
+        raise ArgsError(f"--prompt-type {args.prompt_type}: npu_dsv3's chat templates are {', '.join(PROMPT_TYPES)}")
+    if args.reset_position_ids and not args.reset_attention_mask:
+        # MLA's RoPE takes its positions from the packed-sequence boundaries, not from position ids.
+        raise ArgsError("--reset-position-ids restarts positions per packed sample only together with "
+                        "--reset-attention-mask (each sample attends to itself); add it")
+    if args.variable_seq_lengths and args.moe_token_dispatcher_type == "allgather":
+        raise ArgsError("--variable-seq-lengths needs the alltoall token dispatcher (megatron's allgather "
+                        "dispatcher assumes one sequence length): drop --moe-token-dispatcher-type allgather")
+
+
+def _check_eval(args) -> None:
+    if args.eval_iters < 0:
+        raise ArgsError(f"--eval-iters must be >= 0 (0: no evaluation), got {args.eval_iters}")
+    if args.eval_iters and not args.mock_data:
+        weights = [float(w) for w in args.split.replace(" ", "").split(",")]
+        if len(weights) < 2 or weights[1] == 0:
+            raise ArgsError(f"--eval-iters {args.eval_iters} evaluates on the validation split, and --split "
+                            f"{args.split} gives it nothing: give it a share (e.g. --split 98,2,0) or --eval-iters 0")
 
 
 def _check_precision(args) -> None:

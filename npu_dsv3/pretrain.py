@@ -6,7 +6,11 @@ places it, runs megatron's schedule, DDP and optimizer one step at a time
 (``npu_dsv3.training.step``), logs a Megatron-style line every
 ``--log-interval`` and, with ``--log-jsonl``, one JSON record per iteration,
 stops on a non-finite loss, and saves / resumes through
-``npu_dsv3.training.checkpointing``.
+``npu_dsv3.training.checkpointing``. With ``--eval-iters K`` it evaluates K
+validation batches every ``--eval-interval`` iterations and at the end.
+
+``npu_dsv3.finetune`` runs the same loop; only the ``DataSource`` differs
+(instruction data instead of GPTDataset / mock tokens).
 
 Every data-parallel rank reads its own slice of each global batch, in the same
 order whatever the layout, so a run of any layout sees the data a single
@@ -16,7 +20,8 @@ process would see.
 import os
 import sys
 import time
-from typing import Dict, Iterator, List
+from functools import partial
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -55,12 +60,31 @@ def build_chunks(config, padded_vocab: int) -> List:
     return [build_model(config, vp_stage=i, padded_vocab=padded_vocab) for i in range(chunks)]
 
 
-def mock_microbatches(args, iteration: int) -> Iterator[Dict[str, torch.Tensor]]:
+Batches = Iterator[Dict[str, torch.Tensor]]
+
+# Validation batch j of --mock-data is drawn with seed offset VALIDATION_SEEDS + j, which no
+# training iteration reaches (torch's CPU generator keeps a seed's low 32 bits only).
+VALIDATION_SEEDS = 2 ** 31
+
+
+class DataSource(NamedTuple):
+    """What the training loop reads: ``train(i)``, this data-parallel rank's micro-batches of
+    iteration i; ``valid(j)``, those of validation batch j (None: no evaluation); and the
+    (sequence length, micro-batch size) megatron's schedule sizes pipeline messages by."""
+
+    train: Callable[[int], Batches]
+    valid: Optional[Callable[[int], Batches]]
+    seq_length: int
+    micro_batch_size: int
+
+
+def mock_microbatches(args, iteration: int, validation: bool = False) -> Batches:
     """This data-parallel rank's micro-batches of iteration ``iteration``: the global batch is drawn
     from a generator seeded by (seed, iteration), so every layout trains on the same tokens."""
     from megatron.core import parallel_state
 
-    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + iteration)
+    stream = VALIDATION_SEEDS if validation else 0
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + stream + iteration)
     vocab = args.hf["vocab_size"]
     ids = torch.randint(0, vocab, (args.global_batch_size, args.seq_length + 1), generator=generator)
     per_rank = args.micro_batch_size * args.num_microbatches
@@ -73,17 +97,79 @@ def mock_microbatches(args, iteration: int) -> Iterator[Dict[str, torch.Tensor]]
                "loss_mask": torch.ones(args.micro_batch_size, args.seq_length)}
 
 
-def dataset_microbatches(args, dataset, iteration: int) -> Iterator[Dict[str, torch.Tensor]]:
-    """The same slicing over megatron's GPTDataset: sample ``iteration * global_batch + i``."""
+def _stack(samples) -> Dict[str, torch.Tensor]:
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in
+            ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def dataset_microbatches(args, dataset, index: int, collate=_stack) -> Batches:
+    """The same slicing over a dataset (megatron's GPTDataset, or instruction samples): global batch
+    ``index`` is samples ``index * global_batch + i``, each micro-batch put together by ``collate``."""
     from megatron.core import parallel_state
 
     per_rank = args.micro_batch_size * args.num_microbatches
-    first = iteration * args.global_batch_size + parallel_state.get_data_parallel_rank() * per_rank
+    first = index * args.global_batch_size + parallel_state.get_data_parallel_rank() * per_rank
     for m in range(args.num_microbatches):
-        samples = [dataset[first + m * args.micro_batch_size + i] for i in range(args.micro_batch_size)]
-        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in
-                 ("tokens", "labels", "loss_mask", "position_ids")}
-        yield batch
+        yield collate([dataset[first + m * args.micro_batch_size + i] for i in range(args.micro_batch_size)])
+
+
+def _documents_apart(args) -> bool:
+    # MindSpeed-LLM's --reset-position-ids, like megatron's --reset-attention-mask, keeps the documents
+    # of a sequence apart: each attends only to itself, its positions restarting at 0.
+    return not args.mock_data and (args.reset_position_ids or args.reset_attention_mask)
+
+
+def _collate_documents(samples) -> Dict[str, torch.Tensor]:
+    """GPTDataset samples (positions restarting after each EOD) as one packed THD sequence whose
+    ``cu_seqlens`` mark every document of every sample."""
+    from npu_dsv3.data.dataset import collate_instruction
+
+    tensors = []
+    for sample in samples:
+        sample = {k: torch.as_tensor(sample[k]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        starts = torch.nonzero(sample["position_ids"] == 0).flatten()
+        sample["cu_seqlens"] = torch.cat([starts, torch.tensor([len(sample["tokens"])])]).int()
+        tensors.append(sample)
+    return collate_instruction(tensors, len(tensors[0]["tokens"]), pad_id=0, packed=True)
+
+
+def pretrain_source(args) -> DataSource:
+    """Mock tokens, or the train / valid splits of --data-path through GPTDataset."""
+    if args.mock_data:
+        valid = partial(mock_microbatches, args, validation=True) if args.eval_iters else None
+        return DataSource(partial(mock_microbatches, args), valid, args.seq_length, args.micro_batch_size)
+    train, valid = _pretrain_datasets(args)
+    if _documents_apart(args):
+        batches = partial(dataset_microbatches, args, collate=_collate_documents)
+        shape = (args.micro_batch_size * args.seq_length, 1)
+    else:
+        batches, shape = partial(dataset_microbatches, args), (args.seq_length, args.micro_batch_size)
+    return DataSource(partial(batches, train), None if valid is None else partial(batches, valid), *shape)
+
+
+def _data_source(args) -> DataSource:
+    # Fine-tuning without --is-instruction-dataset continues on pretraining data, as in megatron.
+    if args.mode == "finetune" and args.is_instruction_dataset:
+        from npu_dsv3.finetune import instruction_source
+
+        return instruction_source(args)
+    return pretrain_source(args)
+
+
+def _validation_batch_count(args) -> int:
+    """Validation batches a run reads: ``--eval-iters`` at each evaluation, every one different."""
+    return -(-args.train_iters // args.eval_interval) * args.eval_iters
+
+
+def _evaluation_due(args, iteration: int) -> bool:
+    return bool(args.eval_iters) and (iteration % args.eval_interval == 0 or iteration == args.train_iters)
+
+
+def _validation_batches(args, source: DataSource, iteration: int) -> Iterator[Batches]:
+    # Evaluation n (at iterations in (n * interval, (n + 1) * interval]) reads batches n*K .. n*K+K-1,
+    # whatever iteration a resumed run started from.
+    first = (-(-iteration // args.eval_interval) - 1) * args.eval_iters
+    return (source.valid(first + k) for k in range(args.eval_iters))
 
 
 def _scheduler(args, optimizer):
@@ -104,25 +190,31 @@ def _is_logging_rank(losses_here: bool) -> bool:
 
 
 def train(args) -> dict:
-    """The run ``args`` describes; returns the last iteration's metrics (on every rank)."""
+    """The run ``args`` describes (fine-tuning when ``args.mode`` is "finetune"); returns the last
+    iteration's metrics (on every rank)."""
     from megatron.core.optimizer import get_megatron_optimizer
 
     from npu_dsv3.arguments import build_configs
     from npu_dsv3.training import train_step, wrap_model
     from npu_dsv3.training.checkpointing import load_checkpoint, save_checkpoint
-    from npu_dsv3.training.metrics import (IterationMetrics, JsonlLog, check_finite, format_line, peak_memory_gb,
-                                           throughput)
+    from npu_dsv3.training.metrics import (IterationMetrics, JsonlLog, check_finite, eval_fields, format_eval_line,
+                                           format_line, peak_memory_gb, throughput)
+    from npu_dsv3.training.step import evaluate
 
     configs = build_configs(args)
     config, parallel = configs.model, configs.parallel
-    if parallel.vpp:
-        # Measured: PP2 with 2 chunks trains, but its loss and grad norm differ from the single process.
-        raise ValueError("--num-layers-per-virtual-pipeline-stage: interleaved pipeline training does not yet "
-                         "match the single-process run; train without it for now")
+    if config.schedules_method == "dualpipev":
+        # The V placement is built, but megatron's schedules would send its activations to the wrong ranks.
+        raise ValueError("--schedules-method dualpipev: the DualPipeV schedule is not available in training yet; "
+                         "drop the flag to train with megatron's 1F1B schedule")
     initialize(args, parallel, config)
     if dist.get_rank() == 0:
         for note in args.notes:
             print(f"note: {note}", file=sys.stderr)
+    source = _data_source(args)  # before the model: bad data fails in seconds
+    # Micro-batches padded to their longest sample differ in length: megatron's pipeline then
+    # sends each activation's shape ahead of it.
+    config.variable_seq_lengths = bool(args.variable_seq_lengths)
     chunks = [wrap_model(m, configs.optimizer.use_distributed_optimizer)[0]
               for m in build_chunks(config, args.padded_vocab_size)]
     optimizer = get_megatron_optimizer(configs.optimizer, chunks)
@@ -131,15 +223,13 @@ def train(args) -> dict:
     if args.load:
         iteration = load_checkpoint(args.load, chunks, optimizer, scheduler, finetune=args.finetune,
                                     load_optim=args.load_optim, load_rng=args.load_rng)
-    dataset = None if args.mock_data else _train_dataset(args)
     log = JsonlLog(args.log_jsonl) if args.log_jsonl else None
     last = {}
     while iteration < args.train_iters:
-        batches = (mock_microbatches(args, iteration) if dataset is None
-                   else dataset_microbatches(args, dataset, iteration))
+        batches = source.train(iteration)
         start = time.perf_counter()
-        result = train_step(chunks, optimizer, batches, args.num_microbatches, args.seq_length,
-                            args.micro_batch_size)
+        result = train_step(chunks, optimizer, batches, args.num_microbatches, source.seq_length,
+                            source.micro_batch_size)
         scheduler.step(increment=1)
         seconds = time.perf_counter() - start
         iteration += 1
@@ -156,12 +246,20 @@ def train(args) -> dict:
             load_balancing_loss=result.get("seq_load_balancing_loss", result.get("load_balancing_loss")))
         if here:
             check_finite(metrics)
+        eval_loss = None
+        if _evaluation_due(args, iteration):
+            eval_loss = evaluate(chunks, _validation_batches(args, source, iteration), args.num_microbatches,
+                                 source.seq_length, source.micro_batch_size)
+            if eval_loss is not None:
+                metrics.extra.update(eval_fields(eval_loss))
         if _is_logging_rank(here):
             if log is not None:
                 log.write(metrics)
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
                 print(format_line(metrics), flush=True)
-        last = {"lm_loss": metrics.lm_loss, "grad_norm": metrics.grad_norm}
+            if eval_loss is not None:
+                print(format_eval_line(iteration, eval_loss), flush=True)
+        last = {"lm_loss": metrics.lm_loss, "grad_norm": metrics.grad_norm, **metrics.extra}
         if args.save and (iteration % (args.save_interval or args.train_iters) == 0
                           or iteration == args.train_iters):
             save_checkpoint(args.save, iteration, chunks, optimizer, scheduler, args=_saved_args(args),
@@ -171,17 +269,18 @@ def train(args) -> dict:
     return last
 
 
-def _train_dataset(args):
+def _pretrain_datasets(args):
+    """(train, valid) GPTDatasets; valid is None without evaluation."""
     from npu_dsv3.data.dataset import build_pretrain_datasets
     from npu_dsv3.data.tokenizer import load_tokenizer
 
-    sizes = [args.train_iters * args.global_batch_size, 0, 0]
-    train, _, _ = build_pretrain_datasets(
+    sizes = [args.train_iters * args.global_batch_size, _validation_batch_count(args) * args.global_batch_size, 0]
+    train, valid, _ = build_pretrain_datasets(
         args.data_path, seq_length=args.seq_length, sizes=sizes, seed=args.seed, split=args.split,
         tokenizer=load_tokenizer(args.tokenizer_type, args.tokenizer_name_or_path, vocab_size=args.hf["vocab_size"]),
-        reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
+        reset_position_ids=_documents_apart(args), reset_attention_mask=args.reset_attention_mask,
         create_attention_mask=False)
-    return train
+    return train, valid
 
 
 def _saved_args(args) -> dict:
@@ -191,17 +290,17 @@ def _saved_args(args) -> dict:
             or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
 
 
-def main(argv=None) -> int:
+def main(argv=None, mode: str = "pretrain") -> int:
     from npu_dsv3.arguments import parse_args
     from npu_dsv3.checkpoint.hf_reader import CheckpointError
     from npu_dsv3.training.metrics import NonFiniteLossError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv, world_size=world, mode="pretrain")
+        args = parse_args(sys.argv[1:] if argv is None else argv, world_size=world, mode=mode)
         train(args)
     except (ValueError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
-        print(f"npu_dsv3.pretrain: error: {e}", file=sys.stderr)
+        print(f"npu_dsv3.{mode}: error: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

@@ -5,7 +5,8 @@ Both give megatron's sample dict: ``tokens``, ``labels`` (next token; 0 where th
 off), ``loss_mask``, ``position_ids`` and, with ``create_attention_mask``, a boolean
 ``attention_mask`` [1, s, s] where True hides a key from a query (megatron's convention).
 The instruction dataset also gives ``cu_seqlens``, the document starts for packed-sequence
-attention (``npu_dsv3.ops.mla_attention(..., cu_seqlens=...)``).
+attention (``npu_dsv3.ops.mla_attention(..., cu_seqlens=...)``); ``SampleStream`` and
+``collate_instruction`` turn its samples into fine-tuning micro-batches.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.prefix = prefix
         self.reset_attention_mask = reset_attention_mask
         self.create_attention_mask = create_attention_mask
+        _refuse_pretraining_data(prefix)
         self.data = {}
         for key in INSTRUCTION_KEYS:
             path = f"{prefix}_packed_{key}_document"
@@ -124,6 +126,11 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.data["input_ids"])
+
+    @property
+    def sequence_lengths(self) -> numpy.ndarray:
+        """Tokens per sample, read from the index (no sample is loaded)."""
+        return self.data["input_ids"].sequence_lengths
 
     def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
         ids, stored_labels, doc = (numpy.asarray(self.data[k][idx], dtype=numpy.int64) for k in INSTRUCTION_KEYS)
@@ -142,6 +149,75 @@ class InstructionDataset(torch.utils.data.Dataset):
         if self.create_attention_mask:
             sample["attention_mask"] = _block_causal_mask(starts)
         return sample
+
+
+def _refuse_pretraining_data(prefix: str) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for candidate in (prefix, f"{prefix}_text_document"):
+        if IndexedDataset.exists(candidate) and not IndexedDataset.exists(f"{prefix}_packed_input_ids_document"):
+            raise ValueError(f"{candidate}.bin/.idx is pretraining data (one token stream per document); "
+                             f"fine-tuning reads instruction data {prefix}_packed_{{input_ids,labels,attention_mask}}"
+                             f"_document: npu-dsv3 data preprocess --handler-name AlpacaStyleInstructionHandler "
+                             f"(or SharegptStyleInstructionHandler) --output-prefix {prefix}")
+
+
+def split_ranges(split: str, count: int) -> List[Tuple[int, int]]:
+    """[begin, end) of the train, valid and test samples of ``count`` under ``--split``, rounded as
+    megatron's dataset builder rounds its document splits."""
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    bounds = numpy.concatenate([[0.0], numpy.cumsum(parse_and_normalize_split(split))])
+    return [(int(round(a * count)), int(round(b * count))) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class SampleStream:
+    """Samples [begin, end) of ``dataset`` as an endless stream: item g is from pass g // n (an
+    epoch), in a permutation seeded by (seed, pass), or in order when ``seed`` is None."""
+
+    def __init__(self, dataset, begin: int, end: int, seed: Optional[int] = None):
+        self.dataset, self.begin, self.count, self.seed = dataset, begin, end - begin, seed
+        self._pass, self._order = None, None
+
+    def __getitem__(self, g: int) -> Dict[str, torch.Tensor]:
+        epoch, i = divmod(g, self.count)
+        if self.seed is not None:
+            if epoch != self._pass:
+                self._pass = epoch
+                self._order = numpy.random.default_rng([self.seed, epoch]).permutation(self.count)
+            i = int(self._order[i])
+        return self.dataset[self.begin + i]
+
+
+def collate_instruction(samples: Sequence[Dict[str, torch.Tensor]], length: int, pad_id: int,
+                        packed: bool) -> Dict[str, torch.Tensor]:
+    """One micro-batch of instruction samples, each padded to ``length`` (``pad_id``, no loss).
+
+    ``packed``: the samples end to end as one [1, n x length] sequence whose ``cu_seqlens`` mark
+    every document of every sample, a sample's padding being a document of its own, with
+    positions restarting per document: megatron's THD layout for packed-sequence attention.
+    Otherwise a [n, length] batch, positions 0..length-1, without ``cu_seqlens``.
+    """
+    rows: Dict[str, List[torch.Tensor]] = {k: [] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    starts = []
+    for i, sample in enumerate(samples):
+        size = len(sample["tokens"])
+        if size > length:
+            raise ValueError(f"an instruction sample of {size} tokens does not fit in {length} (--seq-length)")
+        pad = length - size
+        rows["tokens"].append(torch.nn.functional.pad(sample["tokens"], (0, pad), value=pad_id))
+        rows["labels"].append(torch.nn.functional.pad(sample["labels"], (0, pad)))
+        rows["loss_mask"].append(torch.nn.functional.pad(sample["loss_mask"], (0, pad)))
+        own = sample["cu_seqlens"].numpy().astype(numpy.int64)
+        own = numpy.append(own, length) if pad else own
+        rows["position_ids"].append(torch.from_numpy(_positions(own) if packed else numpy.arange(length)))
+        starts.append(own[:-1] + i * length)
+    if not packed:
+        return {k: torch.stack(v) for k, v in rows.items()}
+    batch = {k: torch.cat(v).unsqueeze(0) for k, v in rows.items()}
+    batch["cu_seqlens"] = torch.from_numpy(numpy.append(numpy.concatenate(starts), len(samples) * length)
+                                           .astype(numpy.int32))
+    return batch
 
 
 def _document_starts(doc: numpy.ndarray) -> numpy.ndarray:

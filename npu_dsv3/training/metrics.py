@@ -1,5 +1,6 @@
 """Per-iteration training metrics: the Megatron-style log line, the ``--log-jsonl`` record, the
-throughput figures (tokens/s and model TFLOPS per device) and the stop on a non-finite loss."""
+throughput figures (tokens/s and model TFLOPS per device), the stop on a non-finite loss and
+the validation loss (its Megatron-style block and the fields it adds to the iteration's record)."""
 
 import json
 import math
@@ -93,6 +94,23 @@ def format_line(m: IterationMetrics) -> str:
               f"number of skipped iterations: {m.skipped_iters:3d}",
               f"memory (GB): {m.memory_gb:.2f}"]
     return " | ".join(parts) + " |"
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(20.0, loss))  # megatron's cap: exp(20) ~ 4.9e8
+
+
+def eval_fields(loss: float) -> dict:
+    """What an evaluation adds to its iteration's ``--log-jsonl`` record."""
+    return {"eval_lm_loss": loss, "eval_lm_ppl": _perplexity(loss)}
+
+
+def format_eval_line(iteration: int, loss: float) -> str:
+    """Megatron's validation report: the loss and its perplexity between two dashed rules."""
+    line = (f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
+            f"lm loss PPL: {_perplexity(loss):.6E} | ")
+    rule = "-" * (len(line) + 1)
+    return f"{rule}\n{line}\n{rule}"
 
 
 class JsonlLog:

@@ -9,25 +9,44 @@ auto-scalers, so backward includes them with their coefficients.
 """
 
 from functools import partial
-from typing import Dict, Iterator, List
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 
 def wrap_model(model, use_distributed_optimizer: bool = False) -> List[DistributedDataParallel]:
-    """Model chunks wrapped for gradient reduction, with the grad finaliser installed."""
+    """Model chunks wrapped for gradient reduction, with the grad finaliser and the pipeline's
+    point-to-point mode installed."""
     config = model.config
     config.finalize_model_grads_func = finalize_model_grads
+    pipeline_p2p(config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
     )
     return [DistributedDataParallel(config, ddp_config, model)]
+
+
+def pipeline_p2p(config) -> None:
+    """The interleaved schedule's point-to-point mode as Megatron-LM's training sets it: activations
+    and gradients in separate exchanges, overlapped with compute.
+
+    Without the overlap the schedule's steady state sends a rank's activation to the next rank and
+    its input gradient to the previous one in one exchange; megatron-core's default batch of it
+    (and its shape exchange under variable sequence lengths, always batched) posts the gradient
+    first while the peer posts the activation's receive first. With two pipeline ranks next and
+    previous are one peer, whose messages match in the order they are posted: the activation and
+    the gradient arrive swapped.
+    """
+    if config.virtual_pipeline_model_parallel_size:
+        config.batch_p2p_comm = False
+        config.overlap_p2p_comm = True
 
 
 def build_optimizer(model_chunks, lr: float, weight_decay: float = 0.0, clip_grad: float = 1.0,
@@ -47,10 +66,23 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return total / count, {"lm loss": torch.stack([total.detach(), count])}
 
 
+def _packed_seq_params(batch: Dict[str, torch.Tensor]) -> Optional[PackedSeqParams]:
+    """Megatron's THD format for a batch that carries ``cu_seqlens`` (one [1, t] sequence of documents)."""
+    cu_seqlens = batch.get("cu_seqlens")
+    if cu_seqlens is None:
+        return None
+    # The true longest document: RoPE restarts positions per document only when the
+    # rotary table is shorter than the whole pack (megatron's _apply_rotary_pos_emb_thd).
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
 def _forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     batch = next(data_iterator)
     output = model(
-        batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"]
+        batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
+        packed_seq_params=_packed_seq_params(batch),
     )
     return output, partial(_loss_func, batch["loss_mask"])
 
@@ -77,13 +109,9 @@ def train_step(model_chunks, optimizer, data_iterator, num_microbatches: int, se
     # The schedule copies this step's loss scale into this class-level tensor; one left
     # behind by a backward outside the schedule (a 0-d default) has the wrong shape for it.
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    if len(model_chunks) > 1:
-        # The interleaved schedule reads each chunk's micro-batches from that chunk's own iterator.
-        microbatches = list(data_iterator)
-        data_iterator = [iter(microbatches) for _ in model_chunks]
     losses = get_forward_backward_func()(
         forward_step_func=_forward_step,
-        data_iterator=data_iterator,
+        data_iterator=_per_chunk(model_chunks, data_iterator),
         model=model_chunks,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
@@ -100,9 +128,50 @@ def train_step(model_chunks, optimizer, data_iterator, num_microbatches: int, se
     update_ok, grad_norm, _ = optimizer.step()
     result = {"grad_norm": grad_norm, "update_successful": update_ok, "mtp_loss": mtp_losses, **aux}
     if losses:  # only the last pipeline stage computes the loss
-        summed = torch.stack([x["lm loss"] for x in losses]).sum(0)
-        # The global batch's token-weighted mean: what one process training on all of it reports.
-        if parallel_state.get_data_parallel_world_size() > 1:
-            torch.distributed.all_reduce(summed, group=parallel_state.get_data_parallel_group())
+        summed = _global_sum(losses)
         result["lm_loss"] = (summed[0] / summed[1]).item()
     return result
+
+
+def _per_chunk(model_chunks, data_iterator):
+    if len(model_chunks) == 1:
+        return data_iterator
+    # The interleaved schedule reads each chunk's micro-batches from that chunk's own iterator.
+    microbatches = list(data_iterator)
+    return [iter(microbatches) for _ in model_chunks]
+
+
+def _global_sum(losses) -> torch.Tensor:
+    """(loss sum, token count) over the micro-batches and the data-parallel ranks: its ratio is the
+    token-weighted mean one process computing the whole global batch reports."""
+    summed = torch.stack([x["lm loss"] for x in losses]).sum(0)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(summed, group=parallel_state.get_data_parallel_group())
+    return summed
+
+
+def evaluate(model_chunks, batches: Iterable[Iterator[Dict[str, torch.Tensor]]], num_microbatches: int,
+             seq_length: int, micro_batch_size: int) -> Optional[float]:
+    """The token-weighted lm loss of forward-only passes over ``batches`` (each one global batch's
+    micro-batches), on the last pipeline stage; None elsewhere.
+
+    In eval mode and without autograd nothing that training accumulates moves: no dropout, no
+    MoE aux-loss or MTP-loss tracking, no expert-bias token counts, no gradients.
+    """
+    for chunk in model_chunks:
+        chunk.eval()
+    total = None
+    try:
+        with torch.no_grad():
+            for microbatches in batches:
+                losses = get_forward_backward_func()(
+                    forward_step_func=_forward_step, data_iterator=_per_chunk(model_chunks, microbatches),
+                    model=model_chunks, num_microbatches=num_microbatches, seq_length=seq_length,
+                    micro_batch_size=micro_batch_size, forward_only=True)
+                if losses:
+                    summed = _global_sum(losses)
+                    total = summed if total is None else total + summed
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    return None if total is None else (total[0] / total[1]).item()
