@@ -58,6 +58,8 @@ _FEATURE_MODULES: tuple[str, ...] = ("npu_dsv3.backend", "npu_dsv3.model.patches
 warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex is not installed|Transformer Engine and Apex are not installed")
 # megatron-core 0.16.1's own default cuda_graph_scope trips its own deprecation check on every config.
 warnings.filterwarnings("ignore", message="full scope is deprecated")
+# megatron-core 0.16.1's distributed-checkpoint loader still calls torch's deprecated DCP entry point.
+warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
 
 
 class _SameRngStream(logging.Filter):

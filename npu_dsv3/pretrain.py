@@ -263,7 +263,8 @@ def train(args) -> dict:
         if args.save and (iteration % (args.save_interval or args.train_iters) == 0
                           or iteration == args.train_iters):
             save_checkpoint(args.save, iteration, chunks, optimizer, scheduler, args=_saved_args(args),
-                            ckpt_format=args.ckpt_format)
+                            ckpt_format=args.ckpt_format, save_optim=args.save_optim, save_rng=args.save_rng,
+                            hf_config=args.hf, tokenizer_dir=args.tokenizer_name_or_path)
     if log is not None:
         log.close()
     return last

@@ -8,6 +8,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.distributed import ensure_single_process_group
 from npu_dsv3.model import load_hf
 from npu_dsv3.tiny_model import make_hf_model, save_hf
@@ -24,11 +25,11 @@ def _batches(iteration):
     return iter([{k: v[i * MBS:(i + 1) * MBS] for k, v in batch.items()} for i in range(MICRO)])
 
 
-def _run(hf_dir):
+def _run(hf_dir, distributed=False):
     # Dropout on: resuming must restore the RNG streams too.
     model = load_hf(hf_dir, hidden_dropout=0.1, attention_dropout=0.1).train()
-    chunks = wrap_model(model)
-    optimizer = build_optimizer(chunks, lr=3e-3, weight_decay=0.1, min_lr=3e-4)
+    chunks = wrap_model(model, distributed)
+    optimizer = build_optimizer(chunks, lr=3e-3, weight_decay=0.1, min_lr=3e-4, use_distributed_optimizer=distributed)
     scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=3e-3, min_lr=3e-4, lr_warmup_steps=2,
                                         lr_decay_steps=STEPS, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
                                         wd_incr_steps=STEPS, wd_incr_style="constant")
@@ -57,13 +58,14 @@ def hf_dir(tmp_path_factory):
     return save_hf(make_hf_model(seed=8, num_hidden_layers=2), str(tmp_path_factory.mktemp("hf")), with_mtp=True)
 
 
+@pytest.mark.parametrize("distributed", [False, True], ids=["adam", "distributed-optimizer"])
 @pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
-def test_resume_reproduces_the_uninterrupted_run(hf_dir, tmp_path, ckpt_format):
+def test_resume_reproduces_the_uninterrupted_run(hf_dir, tmp_path, ckpt_format, distributed):
     _seed(0)
-    straight = _steps(_run(hf_dir), 0, STEPS)
+    straight = _steps(_run(hf_dir, distributed), 0, STEPS)
 
     _seed(0)
-    first = _run(hf_dir)
+    first = _run(hf_dir, distributed)
     before = _steps(first, 0, STOP)
     path = save_checkpoint(str(tmp_path), STOP, *first, args={"lr": 3e-3, "seq_length": SEQ},
                            ckpt_format=ckpt_format)
@@ -75,9 +77,10 @@ def test_resume_reproduces_the_uninterrupted_run(hf_dir, tmp_path, ckpt_format):
     else:  # MindSpeed-LLM's per-rank file, read back with weights_only=True
         payload = torch.load(os.path.join(path, "mp_rank_00", "model_optim_rng.pt"), weights_only=True)
         assert payload["iteration"] == STOP and "decoder.layers.1.mlp.router.expert_bias" in payload["model"]
+        assert os.path.isfile(os.path.join(path, "mp_rank_00", "distrib_optim.pt")) == distributed
 
     _seed(123)  # a new process: other weights and RNG until the checkpoint is loaded
-    second = _run(hf_dir)
+    second = _run(hf_dir, distributed)
     assert load_checkpoint(str(tmp_path), *second) == STOP
     after = _steps(second, STOP, STEPS)
     assert before + after == straight
@@ -93,6 +96,32 @@ def test_finetune_loads_weights_only_and_starts_at_zero(hf_dir, tmp_path):
     for a, b in zip(run[0][0].module.parameters(), fresh[0][0].module.parameters()):
         assert torch.equal(a, b)
     assert fresh[2].num_steps == 0
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_without_optimizer_and_rng_state_the_weights_and_iteration_load(hf_dir, tmp_path, ckpt_format):
+    _seed(0)
+    run = _run(hf_dir)
+    _steps(run, 0, 1)
+    save_checkpoint(str(tmp_path), 1, *run, ckpt_format=ckpt_format, save_optim=False, save_rng=False)
+    fresh = _run(hf_dir)
+    assert load_checkpoint(str(tmp_path), *fresh) == 1
+    for a, b in zip(run[0][0].module.parameters(), fresh[0][0].module.parameters()):
+        assert torch.equal(a, b)
+    params = len(list(run[0][0].module.parameters()))
+    assert [len(o.optimizer.state) for o in run[1].chained_optimizers] == [params]
+    assert [len(o.optimizer.state) for o in fresh[1].chained_optimizers] == [0]  # Adam starts afresh
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_the_state_of_another_optimizer_is_refused(hf_dir, tmp_path, ckpt_format):
+    _seed(0)
+    run = _run(hf_dir)
+    _steps(run, 0, 1)
+    save_checkpoint(str(tmp_path), 1, *run, ckpt_format=ckpt_format)
+    with pytest.raises(CheckpointError, match="--use-distributed-optimizer"):
+        load_checkpoint(str(tmp_path), *_run(hf_dir, distributed=True))
+    assert load_checkpoint(str(tmp_path), *_run(hf_dir, distributed=True), load_optim=False) == 1
 
 
 def test_a_crash_mid_save_keeps_the_previous_checkpoint(hf_dir, tmp_path, monkeypatch):

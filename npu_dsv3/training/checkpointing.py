@@ -5,9 +5,18 @@ optimizer state, the LR scheduler, the RNG states, the iteration and the run's
 arguments, in one of two formats:
 
 - ``torch_dist`` (default): ``megatron.core.dist_checkpointing``, which a run of
-  another layout loads (megatron reshards);
+  another TP / PP / EP / DP layout loads: megatron reshards the weights and the
+  optimizer state (the latter into the same kind of optimizers only, see
+  ``_check_optimizer_kinds``);
 - ``torch``: the legacy per-rank files MindSpeed-LLM users have,
-  ``mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt``, loadable by the same layout.
+  ``mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` and, with
+  ``--use-distributed-optimizer``, Megatron-LM's ``distrib_optim.pt`` beside it
+  (each data-parallel group's optimizer shards gathered on its first rank),
+  loadable by the same tensor / pipeline / expert layout.
+
+The RNG states are per rank: they are restored only into the layout that saved
+them (in another one a rank runs other layers and experts, so it keeps its own
+seeded streams).
 
 A checkpoint is written under a temporary name and renamed once every rank has
 finished, and only then does ``latest_checkpointed_iteration.txt`` move to it:
@@ -20,9 +29,12 @@ with ``weights_only=True``: the arguments and RNG states are stored as plain
 numbers, strings and tensors.
 """
 
+import contextlib
+import functools
 import os
 import random
 import shutil
+import sys
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -38,6 +50,14 @@ from npu_dsv3.checkpoint.mcore_dist import (FORMAT, TRACKER_FILE, in_process_sav
 from npu_dsv3.checkpoint.rank_state import rank_dir_name
 
 CHECKPOINT_VERSION = 3.0
+DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # Megatron-LM's name, beside each rank's model_optim_rng.pt
+# The distributed optimizer's torch_dist state in model space, one tensor per parameter and state
+# like the plain optimizer's, so any TP / PP / EP / DP layout loads it (megatron-core 0.16's default,
+# fully_sharded_model_space, does not save at all: it makes flattened ShardedTensors, which 0.16
+# refuses). The buffers are gathered on each data-parallel group's first rank through gloo, in host
+# memory.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                      "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -70,9 +90,12 @@ def _unwrap(chunk):
 
 
 def _model_state(model_chunks) -> dict:
+    # A pipeline stage holding MTP but not the embedding ties its copy of the embedding to the first
+    # stage's through this group (GPTModel.sharded_state_dict reads it).
+    metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     if len(model_chunks) == 1:
-        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+        return {"model": _unwrap(model_chunks[0]).sharded_state_dict(metadata=metadata)}
+    return {f"model{i}": _unwrap(c).sharded_state_dict(metadata=metadata) for i, c in enumerate(model_chunks)}
 
 
 def _model_sharded(state: dict) -> dict:
@@ -85,18 +108,29 @@ def _rng_object(state) -> ShardedObject:
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
+def _layout() -> Dict[str, int]:
+    """The parallel sizes that decide which layers, experts and RNG streams a rank has."""
+    return {"world": dist.get_world_size(), "tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+            "ep": parallel_state.get_expert_model_parallel_world_size(),
+            "etp": parallel_state.get_expert_tensor_parallel_world_size()}
+
+
 def _sharded_state(model_chunks, optimizer, scheduler, iteration: int, args: dict, rng: bool, optim: bool,
                    loading: bool = False):
     state = _model_state(model_chunks)
     if optim and optimizer is not None:
         # Loading: megatron first gives a fresh optimizer the state entries the checkpoint fills.
-        state["optimizer"] = optimizer.sharded_state_dict(_model_sharded(state), is_loading=loading)
+        state["optimizer"] = optimizer.sharded_state_dict(_model_sharded(state), is_loading=loading,
+                                                          metadata=OPTIMIZER_METADATA)
+        state["optimizers"] = _optimizer_kinds(optimizer)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if rng:
         state["rng_state"] = _rng_object(_rng_state())
     state.update(iteration=iteration, checkpoint_version=CHECKPOINT_VERSION, args=args,
-                 has_optimizer=optim and optimizer is not None, has_rng=rng)
+                 has_optimizer=optim and optimizer is not None, has_rng=rng, layout=_layout())
     return state
 
 
@@ -109,33 +143,139 @@ def _legacy_file(directory: str) -> str:
     return os.path.join(directory, name, "model_optim_rng.pt")
 
 
-def _check_legacy_optimizer(optimizer) -> None:
+def _chain(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _is_distributed(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(inner, DistributedOptimizer):
-            raise ValueError("--ckpt-format torch cannot hold the state of --use-distributed-optimizer (it is "
-                             "sharded over data-parallel ranks); use --ckpt-format torch_dist")
+    return optimizer is not None and any(isinstance(o, DistributedOptimizer) for o in _chain(optimizer))
 
 
-def _save_legacy(staging: str, model_chunks, optimizer, scheduler, iteration: int, args: dict) -> None:
-    _check_legacy_optimizer(optimizer)
-    # One file per (tensor, pipeline, expert) rank, written by its first data-parallel replica.
-    if parallel_state.get_data_parallel_rank() != 0:
+def _writes(path: str) -> bool:
+    """Whether this rank writes the legacy rank file ``path``: the lowest of the ranks that share it.
+
+    Those ranks are data-parallel replicas holding the same weights, and the lowest is also the first
+    rank of each of its data-parallel groups, the one the distributed optimizer gathers its state on.
+    (Megatron-LM writes from expert-data-parallel rank 0, which leaves the files of tensor-parallel
+    ranks > 0 unwritten when the experts are not tensor-parallel.)"""
+    paths = [None] * dist.get_world_size()
+    dist.all_gather_object(paths, path)
+    return paths.index(path) == dist.get_rank()
+
+
+def _param_state(optimizer):
+    """Megatron-LM's ``distrib_optim.pt``: each distributed optimizer's parameter, exp_avg and exp_avg_sq
+    buffers gathered on its first data-parallel rank (None on the others), one entry per chained
+    optimizer, or the entry itself for a single one. Every rank calls it (it gathers)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chain = _chain(optimizer)
+    states = [o.get_parameter_state_dp_zero() if isinstance(o, DistributedOptimizer) else None for o in chain]
+    return states[0] if len(chain) == 1 else states
+
+
+@torch.no_grad()  # with fp32 weights the optimizer's main parameters are views of the model's
+def _load_param_state(optimizer, directory: str) -> None:
+    """The inverse of ``_param_state``: the first rank of each data-parallel group reads the file
+    (tensors only, ``weights_only=True``) and megatron scatters the buffers over the group."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chain = _chain(optimizer)
+    stored = None
+    for i, inner in enumerate(chain):
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        state = None
+        if inner.data_parallel_group.rank() == 0:
+            if stored is None:
+                stored = torch.load(os.path.join(directory, DISTRIB_OPTIM_FILE), map_location="cpu",
+                                    weights_only=True)
+            state = stored if len(chain) == 1 else stored[i]
+        inner.load_parameter_state_from_dp_zero(state)
+
+
+def _zero_distributed_optimizer_state(optimizer) -> None:
+    """Megatron's distributed optimizer describes what to load from the state it holds, and with torch's
+    Adam (no TransformerEngine / Apex) a fresh one holds none and fails: give it zeros to load over."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in _chain(optimizer):
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            for group in inner.optimizer.param_groups:
+                for p in group["params"]:
+                    inner.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                                "exp_avg_sq": torch.zeros_like(p)}
+
+
+@contextlib.contextmanager
+def _loading_torch_adam(optimizer):
+    """Two things megatron 0.16's distributed optimizer gets wrong when loading into torch's Adam (used
+    without TransformerEngine / Apex), which keeps a per-parameter "step" tensor:
+
+    - it sets each parameter's state from the loaded tensors key by key, "step" included, which
+      checkpoints keep in param_groups (KeyError 'step'): here a key the tensors lack keeps its value;
+    - it gives every parameter the same "step" tensor, which Adam then advances once per parameter
+      each iteration: afterwards each parameter gets its own."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = [o for o in _chain(optimizer) if isinstance(o, DistributedOptimizer)]
+    for inner in patched:
+        inner._set_main_param_and_optimizer_states = functools.partial(_set_keeping_missing, inner)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states
+            for state in inner.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+
+def _set_keeping_missing(inner, model_param, tensors) -> None:
+    held = inner._get_main_param_and_optimizer_states(model_param)
+    kept = {k: held[k] for k in held.keys() - tensors.keys()}
+    type(inner)._set_main_param_and_optimizer_states(inner, model_param, {**tensors, **kept})
+
+
+def _check_legacy_optimizer(optimizer, directory: str) -> None:
+    # The file tells, as in Megatron-LM's checkpoints, which record nothing else about it.
+    saved_distributed = os.path.isfile(os.path.join(directory, DISTRIB_OPTIM_FILE))
+    if saved_distributed != _is_distributed(optimizer):
+        saved, now = ("with", "without") if saved_distributed else ("without", "with")
+        raise CheckpointError(f"{directory} was saved {saved} --use-distributed-optimizer and this run is {now} "
+                              "it: its optimizer state loads only into the same optimizer (pass --no-load-optim "
+                              "to load the weights only)")
+
+
+def _save_legacy(staging: str, model_chunks, optimizer, scheduler, iteration: int, args: dict, rng: bool,
+                 optim: bool) -> None:
+    path = _legacy_file(staging)
+    optim = optim and optimizer is not None
+    param_state = _param_state(optimizer) if optim and _is_distributed(optimizer) else None
+    if not _writes(path):
         return
     payload = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "args": args,
-               "rng_state": _rng_state(), "opt_param_scheduler": scheduler.state_dict() if scheduler else None,
-               "optimizer": optimizer.state_dict() if optimizer is not None else None}
+               "rng_state": _rng_state() if rng else None,
+               "opt_param_scheduler": scheduler.state_dict() if scheduler else None,
+               "optimizer": optimizer.state_dict() if optim else None}
     for i, chunk in enumerate(model_chunks):
         payload["model" if len(model_chunks) == 1 else f"model{i}"] = _unwrap(chunk).state_dict()
-    path = _legacy_file(staging)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(payload, path)
+    if param_state is not None:
+        torch.save(param_state, os.path.join(os.path.dirname(path), DISTRIB_OPTIM_FILE))
 
 
 def save_checkpoint(root: str, iteration: int, model_chunks: List, optimizer, scheduler,
-                    args: Optional[dict] = None, ckpt_format: str = FORMAT, workers: int = 2) -> str:
-    """Every rank calls this; returns the checkpoint directory once the tracker names it."""
+                    args: Optional[dict] = None, ckpt_format: str = FORMAT, workers: int = 2,
+                    save_optim: bool = True, save_rng: bool = True, hf_config: Optional[dict] = None,
+                    tokenizer_dir: Optional[str] = None) -> str:
+    """Every rank calls this; returns the checkpoint directory once the tracker names it.
+    ``save_optim`` / ``save_rng`` False: ``--no-save-optim`` / ``--no-save-rng``. ``hf_config``
+    (and the tokenizer files of ``tokenizer_dir``) go beside the checkpoints, where ``npu-dsv3
+    convert mcore2hf`` and ``verify --mcore-dir`` read the model's description."""
     final = iteration_dir(root, iteration)
     staging = os.path.join(root, f".iter_{iteration:07d}.saving")
     if dist.get_rank() == 0:
@@ -144,11 +284,13 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List, optimizer, sc
         os.makedirs(staging)
     dist.barrier()
     if ckpt_format == FORMAT:
-        state = _sharded_state(model_chunks, optimizer, scheduler, iteration, dict(args or {}), rng=True, optim=True)
+        state = _sharded_state(model_chunks, optimizer, scheduler, iteration, dict(args or {}), rng=save_rng,
+                               optim=save_optim)
         dist_checkpointing.save(state, staging, sharded_strategy=in_process_save_strategy(workers),
                                 validate_access_integrity=True)
     elif ckpt_format == "torch":
-        _save_legacy(staging, model_chunks, optimizer, scheduler, iteration, dict(args or {}))
+        _save_legacy(staging, model_chunks, optimizer, scheduler, iteration, dict(args or {}), rng=save_rng,
+                     optim=save_optim)
     else:
         raise ValueError(f"--ckpt-format {ckpt_format}: use torch_dist or torch")
     dist.barrier()
@@ -157,11 +299,22 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List, optimizer, sc
         if os.path.exists(final):  # saving the same iteration again: the new one replaces it whole
             shutil.rmtree(final)
         os.replace(staging, final)
+        if hf_config is not None:
+            _describe_model(root, hf_config, tokenizer_dir)
         with io.atomic_write(os.path.join(root, TRACKER_FILE)) as tmp:
             with open(tmp, "w") as f:
                 f.write(str(iteration))
     dist.barrier()
     return final
+
+
+def _describe_model(root: str, hf_config: dict, tokenizer_dir: Optional[str]) -> None:
+    from npu_dsv3.checkpoint.mcore_legacy import HF_EXTRA_FILES
+
+    io.atomic_write_json(hf_config, os.path.join(root, "config.json"))
+    for name in HF_EXTRA_FILES if tokenizer_dir and os.path.isdir(tokenizer_dir) else ():
+        if os.path.isfile(os.path.join(tokenizer_dir, name)):
+            io.atomic_copy(os.path.join(tokenizer_dir, name), os.path.join(root, name))
 
 
 def _sync_tree(directory: str) -> None:
@@ -194,21 +347,51 @@ def load_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=Non
     stored = dist_checkpointing.load_common_state_dict(directory)
     # What the checkpoint holds: a converted one has the weights only.
     load_optim = load_optim and stored.get("has_optimizer", False)
-    load_rng = load_rng and stored.get("has_rng", False)
+    load_rng = load_rng and stored.get("has_rng", False) and _same_layout(stored.get("layout"))
+    if load_optim:
+        _check_optimizer_kinds(stored.get("optimizers"), optimizer, directory)
+        _zero_distributed_optimizer_state(optimizer)
     sharded = _sharded_state(model_chunks, optimizer, scheduler, 0, {}, rng=load_rng, optim=load_optim,
                              loading=True)
-    for key in ("iteration", "checkpoint_version", "args", "opt_param_scheduler", "has_optimizer", "has_rng"):
+    for key in ("iteration", "checkpoint_version", "args", "opt_param_scheduler", "has_optimizer", "has_rng",
+                "layout", "optimizers"):
         sharded.pop(key, None)
     state = dist_checkpointing.load(sharded, directory)
-    for name, chunk in zip(sorted(k for k in state if k.startswith("model")), model_chunks):
-        _unwrap(chunk).load_state_dict(state[name])
+    for i, chunk in enumerate(model_chunks):
+        # A chunk without weights (noop layers only) has no entry in what the load returns.
+        _unwrap(chunk).load_state_dict(state.get("model" if len(model_chunks) == 1 else f"model{i}", {}))
     if load_optim:
-        optimizer.load_state_dict(state["optimizer"])
+        with _loading_torch_adam(optimizer):
+            optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and not finetune and "opt_param_scheduler" in stored:
         scheduler.load_state_dict(stored["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(state["rng_state"])
     return 0 if finetune else int(stored.get("iteration", 0))
+
+
+def _optimizer_kinds(optimizer) -> List[str]:
+    return [type(o).__name__ for o in _chain(optimizer)]
+
+
+def _check_optimizer_kinds(saved: Optional[List[str]], optimizer, directory: str) -> None:
+    """megatron keys the optimizer state by the optimizers of the run: plain or distributed, fp32 or
+    mixed precision, and one for all parameters or (expert-parallel size > 1) a second one for the
+    experts. The state loads only into the same ones; any TP / PP / EP / DP sizes otherwise."""
+    if saved is not None and saved != _optimizer_kinds(optimizer):
+        raise CheckpointError(f"{directory} holds the state of the optimizers {saved}, this run has "
+                              f"{_optimizer_kinds(optimizer)} (they differ with --use-distributed-optimizer, "
+                              "--bf16 / --fp16, and between --expert-model-parallel-size 1 and > 1): pass "
+                              "--no-load-optim to load the weights only")
+
+
+def _same_layout(saved: Optional[dict]) -> bool:
+    if saved == _layout():
+        return True
+    if dist.get_rank() == 0:
+        print(f"note: the checkpoint was saved with parallel sizes {saved}, this run has {_layout()}: its RNG "
+              "states are not loaded", file=sys.stderr)
+    return False
 
 
 def _load_legacy(directory: str, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng) -> int:
@@ -220,8 +403,11 @@ def _load_legacy(directory: str, model_chunks, optimizer, scheduler, finetune, l
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(payload["model" if len(model_chunks) == 1 else f"model{i}"])
     if load_optim and payload.get("optimizer") is not None:
-        _check_legacy_optimizer(optimizer)
-        optimizer.load_state_dict(payload["optimizer"])
+        _check_legacy_optimizer(optimizer, os.path.dirname(path))
+        with _loading_torch_adam(optimizer):
+            optimizer.load_state_dict(payload["optimizer"])
+            if _is_distributed(optimizer):
+                _load_param_state(optimizer, os.path.dirname(path))
     if scheduler is not None and not finetune and payload.get("opt_param_scheduler") is not None:
         scheduler.load_state_dict(payload["opt_param_scheduler"])
     if load_rng and payload.get("rng_state") is not None:
