@@ -44,6 +44,10 @@ Each item is a registry patch (listed by ``npu-dsv3 patches``, revertible):
   (``torch.cuda.manual_seed`` reseeds CPU randomness too).
 * ``torch.Tensor.record_stream`` -> no-op: it takes a stream argument (parsed
   before any torch function mode sees the call) and has no CPU kernel.
+* megatron's ``tensor_parallel.mappings._gather_along_first_dim`` with uneven
+  ``output_split_sizes`` (the alltoall dispatcher under TP x EP) -> pad every
+  rank's part to the largest, gather equal sizes, slice: gloo's ``all_gather``
+  refuses tensors of different sizes. Even splits take megatron's own path.
 * ``torch.cuda.nvtx.range_push`` / ``range_pop`` -> no-ops (``nvtx.range`` uses them).
 * A ``TorchFunctionMode`` (entered on apply, exited on revert) that rewrites
   CUDA device arguments to CPU: ``device="cuda"``/``torch.device("cuda", i)``
@@ -357,6 +361,25 @@ def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
     return tensor
 
 
+def _gather_uneven_first_dim(original):
+    """Wraps megatron's ``_gather_along_first_dim``. Under TP x EP the alltoall dispatcher gathers
+    each TP rank's received tokens with per-rank ``output_split_sizes``, as one ``all_gather`` into
+    tensors of different sizes, which gloo refuses. Every rank pads its part to the largest size,
+    megatron's equal-size gather runs, and the padding is sliced off. It is called inside
+    megatron's gather/reduce-scatter autograd functions, whose backward stays megatron's."""
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or len(set(output_split_sizes)) == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        largest = max(output_split_sizes)
+        padded = input_.new_zeros((largest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = original(padded, group, None, use_global_buffer).view(len(output_split_sizes), *padded.shape)
+        return torch.cat([part[:size] for part, size in zip(parts, output_split_sizes)])
+
+    return gather
+
+
 _TENSOR_METHODS = {
     torch.Tensor.cuda: _tensor_cuda,
     torch.Tensor.to: _tensor_to,
@@ -423,7 +446,7 @@ cuda_to_cpu = _ModeSwitch()
 
 
 def _register_cpu_adapter() -> None:
-    def cpu(target: str, replacement, why: str, name: str | None = None) -> None:
+    def cpu(target: str, replacement, why: str, name: str | None = None, wrap: bool = False) -> None:
         register(
             Patch(
                 name=name or "backend-cpu." + target.rsplit(".", 1)[-1],
@@ -432,6 +455,7 @@ def _register_cpu_adapter() -> None:
                 replacement=replacement,
                 why=why,
                 backends=("cpu",),
+                wrap=wrap,
             )
         )
 
@@ -457,6 +481,9 @@ def _register_cpu_adapter() -> None:
         "MoE dispatcher records D2H copies on a side stream; no CPU kernel and nothing to record")
     cpu("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu", _host_copy,
         "the alltoall dispatcher's split sizes must be host arrays, as its device-to-host copy makes them on GPU")
+    cpu("megatron.core.tensor_parallel.mappings._gather_along_first_dim", _gather_uneven_first_dim,
+        "gloo's all_gather needs equal sizes; the TP x EP alltoall dispatcher gathers uneven token counts: "
+        "pad to the largest, gather, slice", name="backend-cpu.gather_along_first_dim_uneven", wrap=True)
     cpu("torch.cuda.nvtx.range_push", _nvtx_noop, "NVTX profiling ranges: no-op without CUDA")
     cpu("torch.cuda.nvtx.range_pop", _nvtx_noop, "NVTX profiling ranges: no-op without CUDA")
     cpu("npu_dsv3.backend.cuda_to_cpu.mode", CudaToCpuMode(),

@@ -90,6 +90,8 @@ def test_adapter_listed_and_applied():
         "torch.cuda.Stream",
         "torch.cuda.manual_seed",
         "megatron.core.tensor_parallel.random._set_cuda_rng_state",
+        "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
+        "megatron.core.tensor_parallel.mappings._gather_along_first_dim",
         "npu_dsv3.backend.cuda_to_cpu.mode",
     }
 
@@ -273,3 +275,30 @@ def _tp2_worker(rank: int, port: int) -> None:
 @on_cpu_backend
 def test_megatron_tp2_all_reduce_two_processes():
     mp.spawn(_tp2_worker, args=(_free_port(),), nprocs=2, join=True)
+
+
+def _uneven_gather_worker(rank: int, port: int) -> None:
+    import npu_dsv3  # noqa: F401
+    from megatron.core import parallel_state, tensor_parallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+        group = parallel_state.get_tensor_model_parallel_group()
+        sizes = [3, 1]  # what the alltoall dispatcher gathers under TP x EP: each rank's own token count
+        rows = torch.arange(8.0).view(4, 2)
+        mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        x = rows[mine].clone().requires_grad_()
+        out = tensor_parallel.gather_from_sequence_parallel_region(x, group=group, output_split_sizes=sizes)
+        assert torch.equal(out, rows), out
+        # backward is megatron's reduce-scatter of the gathered rows' gradients back to their owners
+        (out * rows * (rank + 1)).sum().backward()
+        assert torch.equal(x.grad, (rows * 3)[mine]), x.grad
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@on_cpu_backend
+def test_megatron_gathers_uneven_sizes_on_gloo():
+    mp.spawn(_uneven_gather_worker, args=(_free_port(),), nprocs=2, join=True)

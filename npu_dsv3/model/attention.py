@@ -2,13 +2,16 @@
 
 Core attention: megatron's local DotProductAttention assumes one head dim for q, k
 and v; MLA needs ``k_channels`` (192) != ``v_channels`` (128). ``--mla-mm-split``:
-MLA with its up-projections as separate linears (``SplitMLASelfAttention``)."""
+MLA with its up-projections as separate linears (``SplitMLASelfAttention``), stored in
+distributed checkpoints as the unsplit linears, so one checkpoint loads into either model."""
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
@@ -109,9 +112,71 @@ class SplitMLASelfAttention(MLASelfAttention):
         self.linear_kv_up_proj = _HeadConcat((self.linear_kv_nope, self.linear_v),
                                              self.num_attention_heads_per_partition)
 
+    def _splits(self):
+        """(unsplit linear, its parts as (name, rows per head)) for each split up-projection."""
+        nope, rope, v = self.config.qk_head_dim, self.config.qk_pos_emb_head_dim, self.config.v_head_dim
+        splits = [("linear_kv_up_proj", (("linear_kv_nope", nope), ("linear_v", v)))]
+        if self.config.q_lora_rank is not None:
+            splits.insert(0, ("linear_q_up_proj", (("linear_qk_nope", nope), ("linear_qk_rope", rope))))
+        return splits
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The parts under the unsplit linears' keys (the layout megatron's MLA and the converter
+        write), so the checkpoint is the same with or without ``--mla-mm-split``."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for unsplit, parts in self._splits():
+            head_rows = sum(rows for _, rows in parts)
+            block = math.gcd(*(rows for _, rows in parts))
+            start = 0
+            for name, rows in parts:
+                weight = f"{prefix}{name}.weight"
+                state[weight] = _rows_in_unsplit(state[weight], f"{prefix}{unsplit}.weight", sharded_offsets,
+                                                 rows, start, head_rows, block)
+                start += rows
+            extras = [state.pop(f"{prefix}{name}._extra_state") for name, _ in parts]
+            state[f"{prefix}{unsplit}._extra_state"] = dataclasses.replace(extras[0],
+                                                                           key=f"{prefix}{unsplit}._extra_state")
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # What sharded_state_dict stores as the unsplit linear's extra state is every part's.
+        for unsplit, parts in self._splits():
+            extra_key = f"{prefix}{unsplit}._extra_state"
+            if extra_key in state_dict:
+                extra = state_dict.pop(extra_key)
+                for name, _ in parts:
+                    state_dict.setdefault(f"{prefix}{name}._extra_state", extra)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _part(self, linear, in_features: int, head_dim: int, name: str):
         return build_module(
             linear, in_features, self.config.num_attention_heads * head_dim, config=self.config,
             init_method=self.config.init_method, gather_output=False, bias=False, skip_bias_add=False,
             is_expert=False, tp_comm_buffer_name=name, tp_group=self.pg_collection.tp,
         )
+
+
+def _rows_in_unsplit(part: ShardedTensor, unsplit_key: str, sharded_offsets: tuple, rows: int, start: int,
+                     head_rows: int, block: int) -> ShardedTensorFactory:
+    """A TP shard of a part (``rows`` per head) as the rows it fills in the unsplit weight, whose
+    heads hold ``head_rows`` rows with the part's from ``start``. Those rows are not one block of
+    the unsplit weight, and megatron's checkpoint shards are the cells of a regular grid: the
+    grid here has ``block`` rows per cell, a divisor of every part's rows, and the part is the
+    cells of its rows. The factory's data stays the parameter, so optimizer states map the same way."""
+    axis = len(sharded_offsets)
+    first_head = part.global_offset[axis] // rows
+    cells = part.global_shape[axis] // rows * head_rows // block
+
+    def build(key, data, replica_id, flattened_range):
+        if flattened_range is not None:
+            raise NotImplementedError(f"{key}: --mla-mm-split parts are stored whole, not as flattened ranges")
+        pieces = []
+        for head in range(data.shape[0] // rows):
+            for row in range(0, rows, block):
+                cell = ((first_head + head) * head_rows + start + row) // block
+                pieces.append(ShardedTensor.from_rank_offsets(
+                    key, data[head * rows + row:head * rows + row + block], *sharded_offsets, (axis, cell, cells),
+                    replica_id=replica_id, prepend_axis_num=axis))
+        return pieces
+
+    return ShardedTensorFactory(unsplit_key, part.data, build, torch.cat, part.replica_id)

@@ -2,6 +2,7 @@
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 
 from npu_dsv3.layout import LayoutError
 from npu_dsv3.model.placement import check_expert_parallel, pipeline_layout, stage
@@ -58,7 +59,23 @@ def build_model(config, pre_process=None, post_process=None, vp_stage=None, padd
     )
     if getattr(model, "output_layer", None) is not None:
         mask_vocab_padding(model.output_layer, config.vocab_size)
+    _reduce_expert_grads_over_expert_data_parallel(model, config)
     return model
+
+
+def _reduce_expert_grads_over_expert_data_parallel(model, config) -> None:
+    """With EP 1 megatron marks the routed experts' weights for the dense data-parallel gradient
+    reduction (their ``allreduce`` attribute). When the experts are not split like attention
+    (--expert-tensor-parallel-size != --tensor-model-parallel-size), the tensor-parallel ranks hold
+    the same experts and route them different tokens: those gradients must be summed over the
+    expert data-parallel group, which spans them, as they are with EP > 1."""
+    etp = config.expert_tensor_parallel_size or config.tensor_model_parallel_size
+    if not config.num_moe_experts or config.expert_model_parallel_size > 1 or etp == config.tensor_model_parallel_size:
+        return
+    for module in model.modules():
+        if isinstance(module, (GroupedMLP, SequentialMLP)):
+            for param in module.parameters():
+                param.allreduce = False
 
 
 def forward_logits(model: GPTModel, input_ids: torch.Tensor) -> torch.Tensor:

@@ -159,3 +159,24 @@ for _module in ("transformer_layer", "transformer_block", "multi_token_predictio
             "not megatron's uniform split: the offset of a chunk is its count of earlier real layers",
         )
     )
+
+
+def _checkpoint_without_output_init(original):
+    def __init__(self, fp8=False):
+        # megatron tests `fp8 is not None`, so its own default (False) switches FP8 on and then needs TE.
+        original(self, fp8=fp8 or None)
+
+    return __init__
+
+
+register(
+    Patch(
+        name="recompute.checkpoint_without_output_fp8",
+        feature="model",
+        target="megatron.core.tensor_parallel.random.CheckpointWithoutOutput.__init__",
+        replacement=_checkpoint_without_output_init,
+        wrap=True,
+        why="CheckpointWithoutOutput() (selective recompute of layernorm, moe_act) reads fp8=False as FP8 on and "
+        "calls TransformerEngine's FP8GlobalStateManager",
+    )
+)
