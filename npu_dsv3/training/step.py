@@ -17,7 +17,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker,
+                                                    reduce_aux_losses_tracker_across_ranks)
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 
@@ -87,6 +88,31 @@ def _forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
     return output, partial(_loss_func, batch["loss_mask"])
 
 
+# megatron's tracker names of the aux losses each --moe-router-load-balancing-type adds.
+_AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                   "global_aux_loss": "global_load_balancing_loss"}
+
+
+def _reduced_aux_losses(config, num_microbatches: int) -> Dict[str, float]:
+    """Each MoE aux loss (without its coefficient) averaged over the MoE layers, reduced over
+    pipeline stages, tensor / sequence shards and data-parallel ranks as megatron's training
+    logs it. Every rank takes part, a stage without MoE layers with zeros."""
+    if not config.num_moe_experts:
+        return {}
+    types = config.moe_router_load_balancing_type
+    types = types if isinstance(types, list) else [types]
+    names = [name for kind, name in _AUX_LOSS_NAMES.items() if kind in types]
+    if config.moe_z_loss_coeff:
+        names.append("z_loss")
+    tracker = get_moe_layer_wise_logging_tracker()
+    layers = config.num_layers + (config.mtp_num_layers or 0)
+    for name in names:
+        tracker.setdefault(name, {"values": torch.zeros(layers, device=torch.cuda.current_device()),
+                                  "reduce_group": None, "avg_group": None, "reduce_group_has_dp": False})
+    reduce_aux_losses_tracker_across_ranks(names)
+    return {name: _mean_over_moe_layers(tracker[name]["values"]) / num_microbatches for name in names}
+
+
 def _mean_over_moe_layers(per_layer: torch.Tensor) -> float:
     """megatron tracks one (coefficient-free) value per layer, zero for dense layers."""
     nonzero = per_layer[per_layer != 0]
@@ -119,12 +145,13 @@ def train_step(model_chunks, optimizer, data_iterator, num_microbatches: int, se
         forward_only=False,
     )
     mtp_tracker = MTPLossLoggingHelper.tracker
+    # Each rank tracked its own tokens: the logged loss is the whole batch's, as megatron logs it.
+    MTPLossLoggingHelper.reduce_loss_in_tracker()
     mtp_losses = mtp_tracker.get("values") if mtp_tracker else None
     if mtp_losses is not None:
         mtp_losses = (mtp_losses / num_microbatches).tolist()
         MTPLossLoggingHelper.clean_loss_in_tracker()
-    aux = {name: _mean_over_moe_layers(v["values"]) / num_microbatches
-           for name, v in get_moe_layer_wise_logging_tracker().items()}
+    aux = _reduced_aux_losses(model_chunks[0].config, num_microbatches)
     update_ok, grad_norm, _ = optimizer.step()
     result = {"grad_norm": grad_norm, "update_successful": update_ok, "mtp_loss": mtp_losses, **aux}
     if losses:  # only the last pipeline stage computes the loss
