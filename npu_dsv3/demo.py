@@ -1,69 +1,143 @@
-"""``npu-dsv3 demo``: the main job on the embedded default, on any machine.
+"""``npu-dsv3 demo``: the main job on the embedded default, on any machine with 2+ cores.
 
-Builds a tiny random DeepSeek-V3 (MLA, grouped sigmoid router with expert bias,
-shared experts, dense first layer, YaRN, MTP) as an HF checkpoint, checks that
-our megatron-core model gives transformers' logits, then trains it for a few
-steps through megatron-core's DDP, optimizer and schedule. Exit code 0 only if
-parity holds and the loss went down.
+1. trains the bundled corpus's tokenizer and builds a tiny random DeepSeek-V3
+   (MLA, grouped sigmoid router with expert bias, shared experts, a dense first
+   layer, YaRN, MTP) as an HF checkpoint, and checks our megatron-core model
+   against transformers' logits;
+2. preprocesses the bundled corpus into megatron's ``.bin/.idx``;
+3. converts the HF weights to a distributed checkpoint, the starting point;
+4. pretrains over several processes (``torchrun -m npu_dsv3.pretrain``; by default
+   TP 2 with sequence parallelism x PP 2 x EP 2 on 4 gloo processes), logging
+   every iteration and saving the last one;
+5. converts the trained checkpoint to HF and checks it against transformers again.
+
+Exit code 0 only if both parity checks pass and the loss clearly fell.
 """
 
 import json
 import os
+import subprocess
+import sys
 import time
 
-import torch
+from npu_dsv3.cli import main as cli
 
-from npu_dsv3.tiny_model import make_hf_model, save_hf, yarn
-from npu_dsv3.verify import verify_hf_dir
+# The loss must end below this fraction of where it started (mean of the first and last 5 iterations).
+LOSS_FALL = 0.8
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("demo", help="tiny DeepSeek-V3: HF parity check, then a few training steps")
-    p.add_argument("--workdir", default="runs/demo", help="where the tiny HF checkpoint is written")
-    p.add_argument("--train-iters", type=int, default=10)
+    p = subparsers.add_parser("demo", help="tiny DeepSeek-V3 end to end: data, multi-process training, HF export, "
+                                           "parity with transformers")
+    p.add_argument("--workdir", default="runs/demo", help="where everything is written (default %(default)s)")
+    p.add_argument("--train-iters", type=int, default=40)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=2)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=2)
+    p.add_argument("--expert-model-parallel-size", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=64)
-    p.add_argument("--micro-batch-size", type=int, default=2)
-    p.add_argument("--num-microbatches", type=int, default=2)
+    p.add_argument("--global-batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1234)
     return p
 
 
-def _fixed_batches(vocab, seq, mbs, count, seed):
-    ids = torch.randint(0, vocab, (mbs * count, seq + 1), generator=torch.Generator().manual_seed(seed))
-    full = dict(tokens=ids[:, :-1], labels=ids[:, 1:], loss_mask=torch.ones(mbs * count, seq),
-                position_ids=torch.arange(seq).expand(mbs * count, seq))
-    return [{k: v[i * mbs:(i + 1) * mbs] for k, v in full.items()} for i in range(count)]
+def _step(number: int, text: str) -> float:
+    print(f"[demo {number}/5] {text}", flush=True)
+    return time.perf_counter()
+
+
+def _model(workdir: str, seed: int) -> tuple:
+    from transformers import AutoTokenizer
+
+    from npu_dsv3.data.corpus import build_tokenizer
+    from npu_dsv3.tiny_model import make_hf_model, save_hf, yarn
+
+    tokenizer = build_tokenizer(os.path.join(workdir, "tokenizer"))
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer))
+    # Four heads and four layers: TP 2 splits the heads, PP 2 the layers (one dense, three MoE).
+    model = make_hf_model(seed=seed, vocab_size=vocab, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=4, rope_parameters=yarn(factor=8.0))
+    hf_dir = save_hf(model, os.path.join(workdir, "hf"), with_mtp=True)
+    for name in os.listdir(tokenizer):
+        os.replace(os.path.join(tokenizer, name), os.path.join(hf_dir, name))
+    os.rmdir(tokenizer)
+    return hf_dir, vocab
+
+
+def _train(args, hf_dir: str, data: str, start: str, checkpoints: str, metrics: str, log: str) -> None:
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    world = tp * pp
+    flags = [
+        "--hf-config", hf_dir, "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+        "--expert-model-parallel-size", str(ep), "--expert-tensor-parallel-size", "1",
+        *(["--sequence-parallel"] if tp > 1 else []),
+        "--data-path", data, "--tokenizer-type", "PretrainedFromHF", "--tokenizer-name-or-path", hf_dir,
+        "--split", "100,0,0", "--seq-length", str(args.seq_length), "--micro-batch-size", "2",
+        "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.train_iters),
+        "--lr", f"{args.lr:g}", "--min-lr", f"{args.lr / 10:g}", "--lr-decay-style", "cosine",
+        "--lr-warmup-iters", str(max(1, args.train_iters // 10)), "--seed", str(args.seed),
+        "--load", start, "--finetune", "--save", checkpoints, "--save-interval", str(args.train_iters),
+        "--log-interval", "1", "--log-jsonl", metrics, "--eval-iters", "0",
+    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               "-m", "npu_dsv3.pretrain", *flags]
+    print(f"  {' '.join(command[1:])}", flush=True)
+    # Rank 0's iteration lines come to the terminal; every rank's warnings go to the log file.
+    with open(log, "w") as err:
+        proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=err)
+    if proc.returncode:
+        with open(log) as err:
+            tail = err.read()[-4000:]
+        raise RuntimeError(f"training failed (exit {proc.returncode}); the end of {log}:\n{tail}")
+
+
+def _loss_fell(metrics: str) -> tuple:
+    with open(metrics) as f:
+        losses = [json.loads(line)["lm_loss"] for line in f]
+    first, last = sum(losses[:5]) / len(losses[:5]), sum(losses[-5:]) / len(losses[-5:])
+    return first, last, last < LOSS_FALL * first
 
 
 def run(args) -> int:
-    from npu_dsv3.model import load_hf
-    from npu_dsv3.training import build_optimizer, train_step, wrap_model
+    from npu_dsv3.verify import verify_hf_dir
 
-    os.makedirs(args.workdir, exist_ok=True)
-    hf_dir = save_hf(make_hf_model(seed=args.seed, rope_parameters=yarn()), args.workdir, with_mtp=True)
-    print(f"[demo] tiny DeepSeek-V3 written to {hf_dir}", flush=True)
-    parity = verify_hf_dir(hf_dir)
-    print(f"[demo] parity with transformers: {json.dumps(parity)}", flush=True)
+    work = os.path.abspath(args.workdir)
+    paths = {name: os.path.join(work, name) for name in ("data", "start", "checkpoints", "hf_trained")}
+    paths.update(metrics=os.path.join(work, "metrics.jsonl"), log=os.path.join(work, "train.log"))
+    os.makedirs(work, exist_ok=True)
 
-    model = load_hf(hf_dir).train()
-    chunks = wrap_model(model)
-    optimizer = build_optimizer(chunks, lr=args.lr)
-    batches = _fixed_batches(model.config.vocab_size, args.seq_length, args.micro_batch_size,
-                             args.num_microbatches, args.seed)
-    losses = []
-    for iteration in range(1, args.train_iters + 1):
-        start = time.perf_counter()
-        result = train_step(chunks, optimizer, iter(batches), args.num_microbatches, args.seq_length,
-                            args.micro_batch_size)
-        losses.append(result["lm_loss"])
-        print(
-            f"[demo] iteration {iteration:3d}/{args.train_iters} | lm loss {result['lm_loss']:.4f} | "
-            f"mtp loss {result['mtp_loss'][0]:.4f} | grad norm {result['grad_norm']:.3f} | "
-            f"{(time.perf_counter() - start) * 1000:.0f} ms",
-            flush=True,
-        )
-    decreased = losses[-1] < losses[0]
-    print(f"[demo] loss {losses[0]:.4f} -> {losses[-1]:.4f}; parity {'passed' if parity['passed'] else 'FAILED'}",
-          flush=True)
-    return 0 if parity["passed"] and decreased else 1
+    began = _step(1, "tokenizer and tiny DeepSeek-V3, checked against transformers")
+    hf_dir, vocab = _model(work, args.seed)
+    before = verify_hf_dir(hf_dir)
+    print(f"  {hf_dir}: vocabulary {vocab}; parity {json.dumps(before)}", flush=True)
+
+    _step(2, "bundled corpus -> megatron .bin/.idx")
+    from npu_dsv3.data.corpus import path as corpus_path
+
+    data = os.path.join(paths["data"], "corpus")
+    if cli(["data", "preprocess", "--input", corpus_path("pretrain.jsonl"), "--output-prefix", data,
+            "--tokenizer-name-or-path", hf_dir, "--append-eod", "--workers", "2"]):
+        return 1
+
+    _step(3, "HF -> distributed checkpoint (the starting weights)")
+    if cli(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", paths["start"], "--save-format",
+            "torch_dist", "--target-tensor-parallel-size", str(args.tensor_model_parallel_size), "--no-progress"]):
+        return 1
+
+    _step(4, f"pretraining, {args.tensor_model_parallel_size * args.pipeline_model_parallel_size} processes")
+    _train(args, hf_dir, data + "_text_document", paths["start"], paths["checkpoints"], paths["metrics"],
+           paths["log"])
+    first, last, fell = _loss_fell(paths["metrics"])
+
+    _step(5, "trained checkpoint -> HF, checked against transformers")
+    if cli(["convert", "mcore2hf", "--load-dir", paths["checkpoints"], "--save-dir", paths["hf_trained"],
+            "--no-progress"]):
+        return 1
+    after = verify_hf_dir(paths["hf_trained"], mcore_dir=paths["checkpoints"])
+    passed = before["passed"] and after["passed"] and fell
+    summary = {"passed": passed, "lm_loss_first5": round(first, 4), "lm_loss_last5": round(last, 4),
+               "parity_start_rel_diff": before["rel_diff"], "parity_trained_rel_diff": after["rel_diff"],
+               "checkpoint": paths["checkpoints"], "metrics": paths["metrics"], "hf_export": paths["hf_trained"],
+               "train_log": paths["log"], "seconds": round(time.perf_counter() - began, 1)}
+    print(json.dumps(summary), flush=True)
+    return 0 if passed else 1

@@ -103,6 +103,8 @@ def test_layout_matches_the_single_process_run(request, tmp_path, name):
     for ours, single in zip(records, reference):
         assert ours["lm_loss"] == pytest.approx(single["lm_loss"], rel=1e-6, abs=0)
         assert ours["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-6, abs=0)
+        # the logged balance loss is the whole batch's, gathered from every stage and shard
+        assert ours["load_balancing_loss"] == pytest.approx(single["load_balancing_loss"], rel=1e-5, abs=0)
 
 
 def test_an_impossible_layout_is_one_line_naming_the_flag(start):
