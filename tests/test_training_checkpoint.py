@@ -124,6 +124,18 @@ def test_the_state_of_another_optimizer_is_refused(hf_dir, tmp_path, ckpt_format
     assert load_checkpoint(str(tmp_path), *_run(hf_dir, distributed=True), load_optim=False) == 1
 
 
+def test_a_legacy_checkpoint_of_another_model_is_one_line(hf_dir, tmp_path):
+    """Rank files of the 2-layer model into a run whose model has 1 layer, or the other way round."""
+    deeper = save_hf(make_hf_model(seed=8, num_hidden_layers=3), str(tmp_path / "hf3"), with_mtp=True)
+    _seed(0)
+    save_checkpoint(str(tmp_path / "two"), 1, *_run(hf_dir), ckpt_format="torch")
+    with pytest.raises(CheckpointError, match=r"lacks decoder\.layers\.2\..*another model or layout"):
+        load_checkpoint(str(tmp_path / "two"), *_run(deeper))
+    save_checkpoint(str(tmp_path / "three"), 1, *_run(deeper), ckpt_format="torch")
+    with pytest.raises(CheckpointError, match=r"holds decoder\.layers\.2\..*that this run's model lacks"):
+        load_checkpoint(str(tmp_path / "three"), *_run(hf_dir))
+
+
 def test_a_crash_mid_save_keeps_the_previous_checkpoint(hf_dir, tmp_path, monkeypatch):
     _seed(0)
     run = _run(hf_dir)

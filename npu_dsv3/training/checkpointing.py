@@ -394,6 +394,27 @@ def _same_layout(saved: Optional[dict]) -> bool:
     return False
 
 
+def _load_rank_weights(model, weights: dict, path: str) -> None:
+    """A rank file's weights, or one line naming the first tensor that does not fit this run's model."""
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name.endswith("_extra_state"):
+            continue
+        if name not in weights:
+            raise CheckpointError(f"{path} lacks {name}: it holds another model or layout than these flags give "
+                                  "(--num-layers, --noop-layers, --mtp-num-layers, the parallel sizes)")
+        if weights[name].shape != tensor.shape:
+            raise CheckpointError(f"{path}: {name} is {tuple(weights[name].shape)}, this run's model has "
+                                  f"{tuple(tensor.shape)}: it was written for another layout (compare "
+                                  "--tensor-model-parallel-size / --expert-tensor-parallel-size / --moe-tp-extend-ep "
+                                  "/ --mla-mm-split with the conversion's)")
+    unused = sorted(k for k in weights if k not in own and not k.endswith("_extra_state"))
+    if unused:
+        raise CheckpointError(f"{path} holds {unused[0]} (and {len(unused) - 1} more) that this run's model lacks: "
+                              "it holds another model or layout than these flags give")
+    model.load_state_dict(weights)
+
+
 def _load_legacy(directory: str, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng) -> int:
     path = _legacy_file(directory)
     if not os.path.isfile(path):
@@ -401,7 +422,7 @@ def _load_legacy(directory: str, model_chunks, optimizer, scheduler, finetune, l
                               "parallel layout (convert it with `npu-dsv3 convert reshard`)")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     for i, chunk in enumerate(model_chunks):
-        _unwrap(chunk).load_state_dict(payload["model" if len(model_chunks) == 1 else f"model{i}"])
+        _load_rank_weights(_unwrap(chunk), payload["model" if len(model_chunks) == 1 else f"model{i}"], path)
     if load_optim and payload.get("optimizer") is not None:
         _check_legacy_optimizer(optimizer, os.path.dirname(path))
         with _loading_torch_adam(optimizer):
