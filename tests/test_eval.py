@@ -17,6 +17,8 @@ from npu_dsv3.cli import main
 from npu_dsv3.data import corpus
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
+pytestmark = pytest.mark.slow  # several training processes each
+
 BATCH = ["--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--lr", "1e-3",
          "--log-interval", "1"]
 

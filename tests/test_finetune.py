@@ -21,6 +21,8 @@ from npu_dsv3.data import corpus
 from npu_dsv3.data.handlers import IGNORE_INDEX
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
+pytestmark = pytest.mark.slow  # several training processes each
+
 ITERS = 3
 RECORDS = 16  # alpaca records: six packs of 128 tokens
 # 1024 rows: a multiple of 128 x TP, so no padded vocabulary row enters the softmax the oracle lacks.

@@ -16,6 +16,8 @@ from npu_dsv3.cli import main
 from npu_dsv3.data import corpus
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
+pytestmark = pytest.mark.slow  # several training processes each
+
 SEQ, GBS = 64, 4
 
 

@@ -12,6 +12,8 @@ import pytest
 from npu_dsv3.cli import main
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
+pytestmark = pytest.mark.slow  # several training processes each
+
 ITERS = 4
 COMMON = ["--mock-data", "--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "16",
           "--train-iters", str(ITERS), "--lr", "1e-3", "--log-interval", "1", "--eval-iters", "0", "--finetune"]

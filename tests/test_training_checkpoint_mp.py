@@ -19,6 +19,8 @@ from npu_dsv3.tiny_model import make_hf_model, save_hf
 from npu_dsv3.training.checkpointing import iteration_dir
 from pretrain_runs import run_pretrain, stopped_at
 
+pytestmark = pytest.mark.slow  # several training processes each
+
 ITERS = 6
 COMMON = ["--mock-data", "--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "16",
           "--train-iters", str(ITERS), "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "1",
