@@ -31,6 +31,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("patches", "npu_dsv3.cli"),
     ("verify", "npu_dsv3.verify"),
     ("demo", "npu_dsv3.demo"),
+    ("schedule", "npu_dsv3.schedules.command"),
     ("convert", "npu_dsv3.convert"),
     ("data", "npu_dsv3.data.preprocess"),
 ]
