@@ -45,6 +45,12 @@ LAYOUTS = {
     # whole experts on each TP rank, fed that rank's tokens: expert gradients summed over both
     "tp2-sp-etp1": ("start", 2, [*TP2_SP, "--expert-tensor-parallel-size", "1"]),
     # MindSpeed-LLM's A2 shape (and the demo's): TP x PP x EP with whole experts
+    # stages 0 and 3 on rank 0 (embedding, head and loss), 1 and 2 on rank 1; 4 micro-batches = 2 x PP
+    "pp2-dualpipev": ("start", 2, ["--pipeline-model-parallel-size", "2", "--schedules-method", "dualpipev"]),
+    # EP inside TP (data parallel 1 keeps the 4 micro-batches dualpipev needs)
+    "tp2-pp2-ep2-etp1-dualpipev": ("start", 4, [*TP2_SP, "--pipeline-model-parallel-size", "2", "--schedules-method",
+                                                "dualpipev", "--expert-model-parallel-size", "2",
+                                                "--expert-tensor-parallel-size", "1"]),
     "tp2-pp2-ep2-etp1": ("start", 4, [*TP2_SP, "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size",
                                       "2", "--expert-tensor-parallel-size", "1"]),
 }

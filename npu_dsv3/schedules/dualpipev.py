@@ -1,0 +1,210 @@
+"""DualPipeV as a megatron-core forward-backward function.
+
+Rank r of P pipeline ranks holds two model chunks: chunk 0 is stage r and chunk 1
+is stage 2P-1-r. A micro-batch goes down the ranks through chunk 0 (rank r sends
+its output to rank r+1), turns round on rank P-1 (whose chunk 0 output is its own
+chunk 1 input) and comes back up through chunk 1 (rank r sends to rank r-1); chunk 1
+of rank 0 computes the loss. Gradients travel the reverse way.
+
+Each rank runs its operations in ``plan("dualpipev", P, M, defer_weights=False)``
+order. This first form runs an ``FB`` pair as its forward and then its backward,
+one after the other, and every backward computes input and weight gradients
+together. Forwards and backwards are megatron's own ``forward_step`` and
+``backward_step``, so the loss is divided by the number of micro-batches and the
+MoE aux-loss and MTP-loss scales are set exactly as in megatron's schedules; at
+the end megatron's ``finalize_model_grads_func`` reduces the gradients.
+"""
+
+import contextlib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel.schedules import backward_step, deallocate_output_tensor, forward_step
+from megatron.core.utils import get_model_config, get_model_type
+
+from npu_dsv3.schedules.plan import Op, plan
+
+Work = Tuple[int, int]
+"""(micro-batch, chunk)."""
+
+
+def rank_ops(pp: int, rank: int, num_microbatches: int, forward_only: bool = False) -> List[Op]:
+    """The operations ``rank`` runs, in order: the DualPipeV plan without weight deferral, or its
+    forwards alone (every dependency of a forward is a forward, so they keep a valid order)."""
+    ops = plan("dualpipev", pp, num_microbatches, defer_weights=False).ranks[rank]
+    if forward_only:
+        return [Op("F", m, c) for op in ops for m, c in op.forwards()]
+    return list(ops)
+
+
+def _steps(op: Op) -> List[Tuple[str, Work]]:
+    """An op as the forward and backward steps it runs, forward first."""
+    return [("F", w) for w in op.forwards()] + [("B", w) for w in op.backwards()]
+
+
+def _destination(pp: int, rank: int, step: str, chunk: int) -> Optional[int]:
+    """The pipeline rank a step's result goes to; None when it stays on this rank or has none.
+
+    Forwards of chunk 0 and backwards of chunk 1 go down (to rank + 1), the others up.
+    """
+    down = (step == "F") == (chunk == 0)
+    peer = rank + 1 if down else rank - 1
+    return peer if 0 <= peer < pp else None
+
+
+class _Mailbox:
+    """Receives from one neighbour in the order that neighbour sends.
+
+    Both ranks derive the neighbour's send order from the same plan, so the receives
+    are posted in the order the messages leave, which matches them on any backend
+    (point-to-point messages between two ranks are delivered in order).
+    """
+
+    def __init__(self, expected: List[Tuple[str, Work]], peer: int, group, shape, dtype):
+        self.expected, self.peer, self.group, self.shape, self.dtype = expected, peer, group, shape, dtype
+        self.posted: Dict[Tuple[str, Work], Tuple[object, torch.Tensor]] = {}
+
+    def take(self, step: str, work: Work) -> torch.Tensor:
+        # Post the receives of every earlier message first: they were sent before this one.
+        while (step, work) not in self.posted:
+            key = self.expected.pop(0)
+            buffer = torch.empty(self.shape, dtype=self.dtype, device=torch.cuda.current_device())
+            self.posted[key] = (dist.irecv(buffer, src=self.peer, group=self.group), buffer)
+        handle, buffer = self.posted.pop((step, work))
+        handle.wait()
+        return buffer
+
+
+def _mailbox(ops_of_peer: List[Op], pp: int, peer_rank: int, my_rank: int, group, shape, dtype) -> _Mailbox:
+    expected = [(step, work) for op in ops_of_peer for step, work in _steps(op)
+                if _destination(pp, peer_rank, step, work[1]) == my_rank]
+    peer = dist.get_process_group_ranks(group)[peer_rank]
+    return _Mailbox(expected, peer, group, shape, dtype)
+
+
+def _no_sync(config):
+    """megatron's ``no_sync_func`` (one per chunk or one for all): gradients accumulate locally
+    until the schedule launches their reduction."""
+    funcs = config.no_sync_func
+    if funcs is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for func in funcs if isinstance(funcs, list) else [funcs]:
+        stack.enter_context(func())
+    return stack
+
+
+def _launch_grad_sync(config, model) -> None:
+    """megatron's ``grad_sync_func`` (one per chunk or one for all) on every chunk, as its
+    schedules do for chunks whose reduction has not started."""
+    funcs = config.grad_sync_func
+    if funcs is None:
+        return
+    for i, chunk in enumerate(model):
+        (funcs[i] if isinstance(funcs, list) else funcs)(chunk.parameters())
+
+
+def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_microbatches: int, seq_length: int,
+                               micro_batch_size: int, forward_only: bool = False,
+                               executed: Optional[List[Op]] = None) -> list:
+    """megatron's forward-backward function interface for DualPipeV.
+
+    ``model`` is this rank's two chunks, ``data_iterator`` one iterator per chunk over the
+    same micro-batches (each chunk reads every micro-batch once, in order). Returns the
+    loss function's outputs on rank 0 (which computes the loss), an empty list elsewhere.
+    ``executed``, when given, receives the operations in the order they ran.
+    """
+    assert len(model) == 2, "dualpipev runs two model chunks per pipeline rank"
+    config = get_model_config(model[0])
+    if config.variable_seq_lengths:
+        raise ValueError("dualpipev sends fixed-shape activations; variable sequence lengths are not supported")
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    group = parallel_state.get_pipeline_model_parallel_group()
+    tp, cp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_context_parallel_world_size()
+    seq = seq_length // cp // (tp if config.sequence_parallel else 1)
+    shape, dtype = (seq, micro_batch_size, config.hidden_size), config.pipeline_dtype
+    ops = {r: rank_ops(pp, r, num_microbatches, forward_only) for r in (rank - 1, rank, rank + 1) if 0 <= r < pp}
+    mailboxes = {peer: _mailbox(ops[peer], pp, peer, rank, group, shape, dtype) for peer in ops if peer != rank}
+    model_type = get_model_type(model[0])
+
+    inputs: Dict[Work, Optional[torch.Tensor]] = {}
+    outputs: Dict[Work, torch.Tensor] = {}
+    # Handed over locally on the turning rank: chunk 0's outputs, chunk 1's input gradients.
+    turn_outputs: Dict[int, torch.Tensor] = {}
+    output_grads: Dict[Work, torch.Tensor] = {}
+    # Sends in flight with their tensors, which must live until the send completes.
+    activation_sends: Dict[Work, Tuple[object, torch.Tensor]] = {}
+    gradient_sends: List[Tuple[object, torch.Tensor]] = []
+    losses: list = []
+    total_tokens = torch.zeros([], dtype=torch.int)
+
+    def send(step: str, work: Work, tensor: torch.Tensor):
+        peer = dist.get_process_group_ranks(group)[_destination(pp, rank, step, work[1])]
+        handle = dist.isend(tensor, dst=peer, group=group)
+        if step == "F":
+            activation_sends[work] = (handle, tensor)
+        else:
+            gradient_sends.append((handle, tensor))
+
+    def run_forward(m: int, chunk: int):
+        nonlocal total_tokens
+        if chunk == 0:
+            input_tensor = None if rank == 0 else mailboxes[rank - 1].take("F", (m, 0))
+        elif rank == pp - 1:
+            # The turn: chunk 0's output enters chunk 1 as a leaf whose gradient chunk 0's backward needs.
+            input_tensor = turn_outputs.pop(m).detach()
+        else:
+            input_tensor = mailboxes[rank + 1].take("F", (m, 1))
+        if input_tensor is not None:
+            input_tensor.requires_grad_(not forward_only)
+        is_loss = rank == 0 and chunk == 1
+        output, tokens = forward_step(
+            forward_step_func, data_iterator[chunk], model[chunk], num_microbatches, input_tensor, losses, config,
+            cp_group_size=cp, is_first_microbatch=m == 0, current_microbatch=m, vp_stage=chunk,
+            is_last_stage=is_loss)
+        total_tokens = total_tokens + tokens
+        if _destination(pp, rank, "F", chunk) is not None:
+            send("F", (m, chunk), output)
+        elif chunk == 0:
+            turn_outputs[m] = output
+        if not forward_only:
+            inputs[(m, chunk)], outputs[(m, chunk)] = input_tensor, output
+
+    def run_backward(m: int, chunk: int):
+        work = (m, chunk)
+        if rank == 0 and chunk == 1:
+            output_grad = None  # the loss
+        elif chunk == 0 and rank == pp - 1:
+            output_grad = output_grads.pop(work)
+        else:
+            peer = rank - 1 if chunk == 1 else rank + 1
+            output_grad = mailboxes[peer].take("B", work)
+        output = outputs.pop(work)
+        if work in activation_sends:
+            # The peer received this activation before it could send its gradient back.
+            activation_sends.pop(work)[0].wait()
+        if output_grad is not None:  # megatron's pseudo-free of every output but the loss
+            deallocate_output_tensor(output, config.deallocate_pipeline_outputs)
+        input_grad = backward_step(inputs.pop(work), output, output_grad, model_type, config)
+        if chunk == 1 and rank == pp - 1:
+            output_grads[(m, 0)] = input_grad
+        elif _destination(pp, rank, "B", chunk) is not None:
+            send("B", work, input_grad)
+
+    with _no_sync(config) if not forward_only else contextlib.nullcontext():
+        for op in ops[rank]:
+            for step, (m, chunk) in _steps(op):
+                (run_forward if step == "F" else run_backward)(m, chunk)
+            if executed is not None:
+                executed.append(op)
+    for handle, _ in [*activation_sends.values(), *gradient_sends]:
+        handle.wait()
+
+    if not forward_only:
+        _launch_grad_sync(config, model)
+        if config.finalize_model_grads_func is not None:
+            config.finalize_model_grads_func(model, total_tokens if config.calculate_per_token_loss else None)
+    return losses
