@@ -3,6 +3,7 @@ in-process tests share one single-process gloo world (megatron's parallel state
 is process-global, so tests must not each create and destroy their own)."""
 
 import importlib.util
+import json
 
 import pytest
 
@@ -47,3 +48,15 @@ def fake_torch_npu(monkeypatch):
     npu_emulation.calls.clear()
     yield npu_emulation
     npu_emulation.calls.clear()
+
+
+@pytest.fixture(scope="module")
+def released_config_dir(tmp_path_factory):
+    """(directory, config dict): the released DeepSeek-V3 config.json as a BF16 checkpoint has it
+    (no quantization_config)."""
+    with open("tests/fixtures/deepseek_v3_config.json") as f:
+        hf = json.load(f)
+    hf.pop("quantization_config")
+    path = tmp_path_factory.mktemp("hf")
+    (path / "config.json").write_text(json.dumps(hf))
+    return str(path), hf

@@ -150,14 +150,8 @@ def _parse(name):
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """The released DeepSeek-V3 config.json, as a BF16 checkpoint has it (no quantization_config)."""
-    with open("tests/fixtures/deepseek_v3_config.json") as f:
-        hf = json.load(f)
-    hf.pop("quantization_config")
-    path = tmp_path_factory.mktemp("hf")
-    (path / "config.json").write_text(json.dumps(hf))
-    return str(path), hf
+def hf_dir(released_config_dir):
+    return released_config_dir
 
 
 BASE = ["--micro-batch-size", "1", "--seq-length", "64", "--train-iters", "10", "--lr", "1e-4", "--mock-data"]

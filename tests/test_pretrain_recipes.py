@@ -1,7 +1,6 @@
 """The A2 / A3 pretraining recipes launch flags our parser accepts for their 512-device layouts
 (with the released DeepSeek-V3 config.json), and they say what is missing."""
 
-import json
 import os
 import shlex
 import subprocess
@@ -15,13 +14,8 @@ RECIPES = {"shell/pretrain_deepseek3_671b_4k_a3.sh": (512, (2, 8, 16, 1)),
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    with open("tests/fixtures/deepseek_v3_config.json") as f:
-        hf = json.load(f)
-    hf.pop("quantization_config")
-    path = tmp_path_factory.mktemp("hf")
-    (path / "config.json").write_text(json.dumps(hf))
-    return str(path)
+def hf_dir(released_config_dir):
+    return released_config_dir[0]
 
 
 def _dry_run(recipe: str, **env) -> list:
