@@ -30,13 +30,13 @@ Work = Tuple[int, int]
 """(micro-batch, chunk)."""
 
 
-def rank_ops(pp: int, rank: int, num_microbatches: int, forward_only: bool = False) -> List[Op]:
-    """The operations ``rank`` runs, in order: the DualPipeV plan without weight deferral, or its
+def rank_ops(pp: int, num_microbatches: int, forward_only: bool = False) -> List[List[Op]]:
+    """Every rank's operations, in order: the DualPipeV plan without weight deferral, or its
     forwards alone (every dependency of a forward is a forward, so they keep a valid order)."""
-    ops = plan("dualpipev", pp, num_microbatches, defer_weights=False).ranks[rank]
+    ranks = plan("dualpipev", pp, num_microbatches, defer_weights=False).ranks
     if forward_only:
-        return [Op("F", m, c) for op in ops for m, c in op.forwards()]
-    return list(ops)
+        return [[Op("F", m, c) for op in ops for m, c in op.forwards()] for ops in ranks]
+    return [list(ops) for ops in ranks]
 
 
 def _steps(op: Op) -> List[Tuple[str, Work]]:
@@ -126,7 +126,8 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
     tp, cp = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_context_parallel_world_size()
     seq = seq_length // cp // (tp if config.sequence_parallel else 1)
     shape, dtype = (seq, micro_batch_size, config.hidden_size), config.pipeline_dtype
-    ops = {r: rank_ops(pp, r, num_microbatches, forward_only) for r in (rank - 1, rank, rank + 1) if 0 <= r < pp}
+    every_rank = rank_ops(pp, num_microbatches, forward_only)
+    ops = {r: every_rank[r] for r in (rank - 1, rank, rank + 1) if 0 <= r < pp}
     mailboxes = {peer: _mailbox(ops[peer], pp, peer, rank, group, shape, dtype) for peer in ops if peer != rank}
     model_type = get_model_type(model[0])
 
