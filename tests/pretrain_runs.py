@@ -53,19 +53,20 @@ def _wait(procs, timeout: float) -> List[int]:
 
 
 def run_pretrain(world: int, flags: List[str], log: Path, crash_saving: Optional[str] = None,
-                 timeout: float = 300) -> List[dict]:
-    """The records of ``log`` after a run of ``world`` ranks with ``flags``; the ranks' stderr goes to
-    ``log`` + ``.rank<r>.err``. A failing rank fails the call, except the crash ``crash_saving`` asks for."""
-    program = ["-m", "npu_dsv3.pretrain"] if crash_saving is None else ["-c", _CRASH_BOOTSTRAP]
+                 timeout: float = 300, module: str = "npu_dsv3.pretrain") -> List[dict]:
+    """The records of ``log`` after a run of ``world`` ranks of ``module`` with ``flags``; the ranks'
+    stdout and stderr go to ``log`` + ``.rank<r>.out`` / ``.err``. A failing rank fails the call,
+    except the crash ``crash_saving`` asks for."""
+    program = ["-m", module] if crash_saving is None else ["-c", _CRASH_BOOTSTRAP]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
            "OMP_NUM_THREADS": "1", "NPU_DSV3_TEST_CRASH_SAVING": crash_saving or ""}
     errs = [Path(f"{log}.rank{r}.err") for r in range(world)]
     procs = []
     for rank, err in enumerate(errs):
-        with open(err, "w") as stderr:
+        with open(err, "w") as stderr, open(rank_stdout(log, rank), "w") as stdout:
             procs.append(subprocess.Popen([sys.executable, *program, "--log-jsonl", str(log), *flags],
                                           env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                          stdout=subprocess.DEVNULL, stderr=stderr))
+                                          stdout=stdout, stderr=stderr))
     codes = _wait(procs, timeout)
     if crash_saving is None:
         failed = [r for r, c in enumerate(codes) if c != 0]
@@ -73,6 +74,11 @@ def run_pretrain(world: int, flags: List[str], log: Path, crash_saving: Optional
     else:
         assert CRASH_EXIT in codes, f"no rank crashed writing {crash_saving}: exit codes {codes}"
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def rank_stdout(log: Path, rank: int) -> Path:
+    """Where ``run_pretrain`` keeps what ``rank`` printed (the Megatron lines: the logging rank's)."""
+    return Path(f"{log}.rank{rank}.out")
 
 
 def stopped_at(root: Path, iteration: int, dest: Path) -> Path:

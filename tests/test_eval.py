@@ -2,12 +2,7 @@
 validation batches every N iterations and at the end, logged Megatron's way and added to the
 iteration's ``--log-jsonl`` record; it never changes what training computes."""
 
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +11,7 @@ from npu_dsv3.arguments import parse_args
 from npu_dsv3.cli import main
 from npu_dsv3.data import corpus
 from npu_dsv3.tiny_model import make_hf_model, save_hf
+from pretrain_runs import rank_stdout, run_pretrain
 
 pytestmark = pytest.mark.slow  # several training processes each
 
@@ -39,19 +35,9 @@ def setup(tmp_path_factory):
     return ["--hf-config", hf_dir, "--load", start, "--finetune", *BATCH], data
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _pretrain(flags, out):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "1",
-           "RANK": "0", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "npu_dsv3.pretrain", "--log-jsonl", str(out), *flags], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in out.read_text().splitlines()], proc.stdout
+    return run_pretrain(1, flags, out), rank_stdout(out, 0).read_text()
 
 
 def test_eval_loss_is_a_forward_over_the_validation_batches(setup, tmp_path, world1):

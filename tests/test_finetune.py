@@ -7,7 +7,6 @@ the loss taken on reply tokens only; and, for every layout, the single-process r
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ from npu_dsv3.cli import main
 from npu_dsv3.data import corpus
 from npu_dsv3.data.handlers import IGNORE_INDEX
 from npu_dsv3.tiny_model import make_hf_model, save_hf
+from pretrain_runs import rank_stdout, run_pretrain
 
 pytestmark = pytest.mark.slow  # several training processes each
 
@@ -28,11 +28,6 @@ RECORDS = 16  # alpaca records: six packs of 128 tokens
 # 1024 rows: a multiple of 128 x TP, so no padded vocabulary row enters the softmax the oracle lacks.
 MODEL = dict(seed=7, vocab_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _indexed(prefix, key):
@@ -77,15 +72,8 @@ def _variant(setup, name):
 
 
 def _run(world, flags, out):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
-           "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "npu_dsv3.finetune", "--log-interval", "1", "--log-jsonl", str(out), *flags]
-    procs = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(world)]
-    results = [p.communicate(timeout=300) for p in procs]
-    for proc, (_, err) in zip(procs, results):
-        assert proc.returncode == 0, err[-3000:]
-    return [json.loads(line) for line in out.read_text().splitlines()], results[-1][0]
+    records = run_pretrain(world, ["--log-interval", "1", *flags], out, module="npu_dsv3.finetune")
+    return records, rank_stdout(out, world - 1).read_text()
 
 
 @pytest.fixture(scope="module")

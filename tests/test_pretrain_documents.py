@@ -2,12 +2,6 @@
 (megatron): the documents of each sequence are kept apart, so the lm loss equals transformers' run on
 every document on its own; without either flag a sequence is one causal stream."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -15,16 +9,12 @@ from npu_dsv3.arguments import parse_args
 from npu_dsv3.cli import main
 from npu_dsv3.data import corpus
 from npu_dsv3.tiny_model import make_hf_model, save_hf
+from pretrain_runs import run_pretrain
 
 pytestmark = pytest.mark.slow  # several training processes each
 
 SEQ, GBS = 64, 4
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +36,7 @@ def setup(tmp_path_factory):
 
 
 def _first_loss(flags, out) -> float:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "1",
-           "RANK": "0", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "npu_dsv3.pretrain", *flags, "--log-jsonl", str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text().splitlines()[0])["lm_loss"]
+    return run_pretrain(1, flags, out)[0]["lm_loss"]
 
 
 def _transformers_loss(hf_dir, flags, apart: bool) -> tuple:

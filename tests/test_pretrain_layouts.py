@@ -1,9 +1,6 @@
 """`python -m npu_dsv3.pretrain` on several gloo processes: from the same starting weights and the
 same global batches, every layout's lm loss and grad norm per iteration equal the single-process run."""
 
-import json
-import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +8,7 @@ import pytest
 
 from npu_dsv3.cli import main
 from npu_dsv3.tiny_model import make_hf_model, save_hf
+from pretrain_runs import run_pretrain
 
 pytestmark = pytest.mark.slow  # several training processes each
 
@@ -56,27 +54,9 @@ LAYOUTS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run(world: int, flags, hf_dir, start, out) -> list:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
-           "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "npu_dsv3.pretrain", "--hf-config", hf_dir, "--load", start,
-            "--log-jsonl", str(out), *COMMON, *flags]
-    procs = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(world)]
-    try:
-        results = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:  # a rank left waiting for a dead or stuck peer must not outlive the test
-            p.kill()
-    for proc, (_, err) in zip(procs, results):
-        assert proc.returncode == 0, err[-3000:]
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return run_pretrain(world, ["--hf-config", hf_dir, "--load", start, *COMMON, *flags], out)
 
 
 def _start(root, num_hidden_layers: int):
