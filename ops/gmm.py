@@ -2,7 +2,8 @@
 
 ``x`` is ``[T, K]`` with rows sorted by expert, ``weight`` is ``[E, K, N]`` and
 ``tokens_per_expert`` is ``[E]`` counts (zeros allowed). Row block ``e`` of the
-output is ``x_e @ weight[e]``; backward gives dx and dW.
+output is ``x_e @ weight[e]``; backward gives dx and dW (dW deferred to the W step
+inside a DualPipeV zero-bubble B step, see ``npu_dsv3.schedules.weight_grad``).
 
 - NPU: ``torch_npu.npu_grouped_matmul`` on single tensors (split_item 3) with the
   cumulative ``group_list`` tensor (group_list_type 0): group_type 0 splits M for
@@ -16,6 +17,7 @@ output is ``x_e @ weight[e]``; backward gives dx and dW.
 import torch
 
 from npu_dsv3.ops._npu import on_npu, torch_npu
+from npu_dsv3.schedules import weight_grad
 
 
 def group_list(tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -61,7 +63,7 @@ class _NpuGMM(torch.autograd.Function):
             grad_x = _grouped_matmul(grad_out, weight.transpose(1, 2), offsets, _SPLIT_M)
         if ctx.needs_input_grad[1]:
             # K-split: x^T [K, M] and dy [M, N], grouped along M -> [E, K, N].
-            grad_w = _grouped_matmul(x.t(), grad_out, offsets, _SPLIT_K)
+            grad_w = weight_grad.weight_gradient(weight, lambda: _grouped_matmul(x.t(), grad_out, offsets, _SPLIT_K))
         return grad_x, grad_w, None
 
 
@@ -97,7 +99,7 @@ class _GroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch._grouped_mm(grad_out, weight.transpose(1, 2), offs=offsets)
         if ctx.needs_input_grad[1]:
-            grad_w = torch._grouped_mm(x.t(), grad_out, offs=offsets)
+            grad_w = weight_grad.weight_gradient(weight, lambda: torch._grouped_mm(x.t(), grad_out, offs=offsets))
         return grad_x, grad_w, None
 
 

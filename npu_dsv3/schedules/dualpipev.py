@@ -1,4 +1,4 @@
-"""DualPipeV as a megatron-core forward-backward function.
+"""DualPipeV as a megatron-core forward-backward function, registered as megatron's schedule.
 
 Rank r of P pipeline ranks holds two model chunks: chunk 0 is stage r and chunk 1
 is stage 2P-1-r. A micro-batch goes down the ranks through chunk 0 (rank r sends
@@ -6,13 +6,19 @@ its output to rank r+1), turns round on rank P-1 (whose chunk 0 output is its ow
 chunk 1 input) and comes back up through chunk 1 (rank r sends to rank r-1); chunk 1
 of rank 0 computes the loss. Gradients travel the reverse way.
 
-Each rank runs its operations in ``plan("dualpipev", P, M, defer_weights=False)``
-order. This first form runs an ``FB`` pair as its forward and then its backward,
-one after the other, and every backward computes input and weight gradients
-together. Forwards and backwards are megatron's own ``forward_step`` and
-``backward_step``, so the loss is divided by the number of micro-batches and the
-MoE aux-loss and MTP-loss scales are set exactly as in megatron's schedules; at
-the end megatron's ``finalize_model_grads_func`` reduces the gradients.
+Each rank runs its operations in ``plan("dualpipev", P, M)`` order. ``B`` operations
+(the zero-bubble ones) compute input gradients only: layers that support the split
+(megatron's linears, the grouped experts) queue their weight-gradient GEMMs, which
+the matching ``W`` operation runs later (``npu_dsv3.schedules.weight_grad``). An
+``FB`` pair runs its forward and then its backward, one after the other. Forwards
+and backwards are megatron's own ``forward_step`` and ``backward_step``, so the loss
+is divided by the number of micro-batches and the MoE aux-loss and MTP-loss scales
+are set exactly as in megatron's schedules; at the end megatron's
+``finalize_model_grads_func`` reduces the gradients.
+
+``import npu_dsv3`` wraps megatron's ``get_forward_backward_func``: the function it
+returns runs this schedule for a model whose config says
+``schedules_method == "dualpipev"`` and megatron's otherwise.
 """
 
 import contextlib
@@ -24,6 +30,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel.schedules import backward_step, deallocate_output_tensor, forward_step
 from megatron.core.utils import get_model_config, get_model_type
 
+from npu_dsv3.patching import Patch, register
+from npu_dsv3.schedules import weight_grad
 from npu_dsv3.schedules.plan import Op, plan
 
 Work = Tuple[int, int]
@@ -31,9 +39,9 @@ Work = Tuple[int, int]
 
 
 def rank_ops(pp: int, num_microbatches: int, forward_only: bool = False) -> List[List[Op]]:
-    """Every rank's operations, in order: the DualPipeV plan without weight deferral, or its
-    forwards alone (every dependency of a forward is a forward, so they keep a valid order)."""
-    ranks = plan("dualpipev", pp, num_microbatches, defer_weights=False).ranks
+    """Every rank's operations, in order: the DualPipeV plan, or its forwards alone (every
+    dependency of a forward is a forward, so they keep a valid order)."""
+    ranks = plan("dualpipev", pp, num_microbatches).ranks
     if forward_only:
         return [[Op("F", m, c) for op in ops for m, c in op.forwards()] for ops in ranks]
     return [list(ops) for ops in ranks]
@@ -136,6 +144,8 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
     # Handed over locally on the turning rank: chunk 0's outputs, chunk 1's input gradients.
     turn_outputs: Dict[int, torch.Tensor] = {}
     output_grads: Dict[Work, torch.Tensor] = {}
+    # The weight-gradient closures each B operation left for its W operation.
+    deferred: Dict[Work, list] = {}
     # Sends in flight with their tensors, which must live until the send completes.
     activation_sends: Dict[Work, Tuple[object, torch.Tensor]] = {}
     gradient_sends: List[Tuple[object, torch.Tensor]] = []
@@ -174,7 +184,7 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
         if not forward_only:
             inputs[(m, chunk)], outputs[(m, chunk)] = input_tensor, output
 
-    def run_backward(m: int, chunk: int):
+    def run_backward(m: int, chunk: int, defer_weights: bool):
         work = (m, chunk)
         if rank == 0 and chunk == 1:
             output_grad = None  # the loss
@@ -189,7 +199,12 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
             activation_sends.pop(work)[0].wait()
         if output_grad is not None:  # megatron's pseudo-free of every output but the loss
             deallocate_output_tensor(output, config.deallocate_pipeline_outputs)
-        input_grad = backward_step(inputs.pop(work), output, output_grad, model_type, config)
+        if defer_weights:
+            with weight_grad.deferring() as closures:
+                input_grad = backward_step(inputs.pop(work), output, output_grad, model_type, config)
+            deferred[work] = closures
+        else:
+            input_grad = backward_step(inputs.pop(work), output, output_grad, model_type, config)
         if chunk == 1 and rank == pp - 1:
             output_grads[(m, 0)] = input_grad
         elif _destination(pp, rank, "B", chunk) is not None:
@@ -198,7 +213,12 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
     with _no_sync(config) if not forward_only else contextlib.nullcontext():
         for op in ops[rank]:
             for step, (m, chunk) in _steps(op):
-                (run_forward if step == "F" else run_backward)(m, chunk)
+                if step == "F":
+                    run_forward(m, chunk)
+                else:
+                    run_backward(m, chunk, defer_weights=op.kind == "B")
+            if op.kind == "W":
+                weight_grad.run(deferred.pop((op.microbatch, op.chunk)))
             if executed is not None:
                 executed.append(op)
     for handle, _ in [*activation_sends.values(), *gradient_sends]:
@@ -209,3 +229,38 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
         if config.finalize_model_grads_func is not None:
             config.finalize_model_grads_func(model, total_tokens if config.calculate_per_token_loss else None)
     return losses
+
+
+def _dispatching(original):
+    """megatron's ``get_forward_backward_func``, whose function runs DualPipeV for a dualpipev model."""
+
+    def get_forward_backward_func(*args, **kwargs):
+        megatron_schedule = original(*args, **kwargs)
+
+        def forward_backward(*, model, **schedule_kwargs):
+            chunks = model if isinstance(model, list) else [model]
+            if getattr(get_model_config(chunks[0]), "schedules_method", None) != "dualpipev":
+                return megatron_schedule(model=model, **schedule_kwargs)
+            unsupported = [k for k in ("decoder_seq_length", "collect_non_loss_data", "first_val_step",
+                                       "adjust_tensor_shapes_fn", "p2p_communicator", "pg_collection")
+                           if schedule_kwargs.pop(k, None)]
+            if unsupported:
+                raise ValueError(f"the dualpipev schedule does not take {', '.join(unsupported)}")
+            return forward_backward_dualpipev(model=chunks, **schedule_kwargs)
+
+        return forward_backward
+
+    return get_forward_backward_func
+
+
+for _site in ("megatron.core.pipeline_parallel.schedules", "megatron.core.pipeline_parallel"):
+    register(
+        Patch(
+            name=f"dualpipev.schedule[{_site}]",
+            feature="dualpipev",
+            target=f"{_site}.get_forward_backward_func",
+            replacement=_dispatching,
+            wrap=True,
+            why="--schedules-method dualpipev: megatron has no DualPipeV schedule; the model's config selects it",
+        )
+    )

@@ -1,8 +1,8 @@
 """One training iteration through megatron-core's own machinery.
 
 The model is wrapped in megatron's DistributedDataParallel, the step runs
-through megatron's pipeline schedule (``get_forward_backward_func``; with dualpipev
-``npu_dsv3.schedules.dualpipev``, built on megatron's forward and backward steps), and
+through megatron's pipeline schedule (``get_forward_backward_func``, which ``import
+npu_dsv3`` makes run ``npu_dsv3.schedules.dualpipev`` for a dualpipev model), and
 ``finalize_model_grads`` reduces gradients and applies the aux-loss-free
 expert-bias update (noaux_tc: bias += rate * sign(mean load - load)). The MTP
 loss and the MoE aux losses are attached to the graph by megatron's
@@ -13,16 +13,13 @@ from functools import partial
 from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, pipeline_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker,
                                                     reduce_aux_losses_tracker_across_ranks)
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-
-from npu_dsv3.schedules.dualpipev import forward_backward_dualpipev
 
 
 def wrap_model(model, use_distributed_optimizer: bool = False) -> List[DistributedDataParallel]:
@@ -138,7 +135,7 @@ def train_step(model_chunks, optimizer, data_iterator, num_microbatches: int, se
     # The schedule copies this step's loss scale into this class-level tensor; one left
     # behind by a backward outside the schedule (a 0-d default) has the wrong shape for it.
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    losses = _forward_backward_func(model_chunks)(
+    losses = pipeline_parallel.get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=_per_chunk(model_chunks, data_iterator),
         model=model_chunks,
@@ -161,13 +158,6 @@ def train_step(model_chunks, optimizer, data_iterator, num_microbatches: int, se
         summed = _global_sum(losses)
         result["lm_loss"] = (summed[0] / summed[1]).item()
     return result
-
-
-def _forward_backward_func(model_chunks):
-    """DualPipeV's schedule for a dualpipev model, otherwise the megatron schedule for its sizes."""
-    if getattr(model_chunks[0].config, "schedules_method", None) == "dualpipev":
-        return forward_backward_dualpipev
-    return get_forward_backward_func()
 
 
 def _per_chunk(model_chunks, data_iterator):
@@ -201,7 +191,7 @@ def evaluate(model_chunks, batches: Iterable[Iterator[Dict[str, torch.Tensor]]],
     try:
         with torch.no_grad():
             for microbatches in batches:
-                losses = _forward_backward_func(model_chunks)(
+                losses = pipeline_parallel.get_forward_backward_func()(
                     forward_step_func=_forward_step, data_iterator=_per_chunk(model_chunks, microbatches),
                     model=model_chunks, num_microbatches=num_microbatches, seq_length=seq_length,
                     micro_batch_size=micro_batch_size, forward_only=True)
