@@ -39,6 +39,7 @@ setup(
     extras_require={
         "npu": ["torch_npu"],  # choose the release matching your torch and CANN
         "test": ["pytest"],
+        "bench": ["matplotlib"],  # benchmarks/pipeline.py draws its timelines
     },
     entry_points={"console_scripts": ["npu-dsv3 = npu_dsv3.cli:main"]},
 )

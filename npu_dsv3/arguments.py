@@ -98,6 +98,7 @@ FLAG_TABLE = {
     "--lr": "optimizer.lr", "--min-lr": "optimizer.min_lr", "--lr-decay-style": "args.lr_decay_style",
     "--lr-decay-iters": "args.lr_decay_iters", "--lr-warmup-iters": "args.lr_warmup_iters",
     "--weight-decay": "optimizer.weight_decay", "--clip-grad": "optimizer.clip_grad",
+    "--optimizer": "optimizer.optimizer", "--sgd-momentum": "optimizer.sgd_momentum",
     "--adam-beta1": "optimizer.adam_beta1", "--adam-beta2": "optimizer.adam_beta2", "--adam-eps": "optimizer.adam_eps",
     "--bf16": "config/optimizer bf16, params_dtype", "--fp16": "config/optimizer fp16, params_dtype",
     "--initial-loss-scale": "optimizer.initial_loss_scale (fp16 only)", "--seed": "args.seed",
@@ -267,6 +268,8 @@ def _add_training_args(parser) -> None:
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -370,7 +373,7 @@ def parse_args(argv: Sequence[str], world_size: int, mode: str = "pretrain") -> 
     args.mode, args.world_size, args.notes = mode, world_size, []
     for check in (_check_mode, _check_precision, _check_required, _check_data, _check_eval, _check_checkpoint,
                   _check_fixed, _check_parallel, _check_batches, _check_schedules, _check_recompute, _check_moe,
-                  _check_lr):
+                  _check_lr, _check_optimizer):
         check(args)
     args.hf = _model_hf_config(args)
     build_configs(args)  # the model-dependent checks: heads, experts, layers against the layout
@@ -579,6 +582,12 @@ def _check_lr(args) -> None:
     if args.lr_warmup_iters > decay:
         raise ArgsError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds the {decay} decay iterations "
                         "(--lr-decay-iters, default --train-iters)")
+
+
+def _check_optimizer(args) -> None:
+    if args.optimizer == "sgd" and args.use_distributed_optimizer:
+        raise ArgsError("--use-distributed-optimizer runs --optimizer adam only (megatron-core's distributed "
+                        "optimizer shards Adam's state); drop one of the two")
 
 
 def _model_hf_config(args) -> dict:
@@ -812,8 +821,8 @@ def _optimizer_config(args):
     from megatron.core.optimizer import OptimizerConfig
 
     return OptimizerConfig(
-        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        sgd_momentum=args.sgd_momentum, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         bf16=args.bf16, fp16=args.fp16, params_dtype=args.params_dtype, initial_loss_scale=args.initial_loss_scale,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )

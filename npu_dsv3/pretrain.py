@@ -203,11 +203,6 @@ def train(args) -> dict:
 
     configs = build_configs(args)
     config, parallel = configs.model, configs.parallel
-    if config.schedules_method == "dualpipev" and config.mtp_num_layers:
-        # MTP's copy of the embedding sits in chunk 1 of rank 0 beside the embedding of chunk 0; megatron
-        # sums the two copies' gradients only across ranks, so they would drift apart.
-        raise ValueError("--schedules-method dualpipev does not train MTP yet (its embedding copy is not kept "
-                         "equal to the embedding); drop --mtp-num-layers or the schedule")
     initialize(args, parallel, config)
     if dist.get_rank() == 0:
         for note in args.notes:

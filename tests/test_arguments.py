@@ -369,6 +369,8 @@ def test_hf_config_errors_are_one_line(tmp_path, hf_dir):
     (["--padded-vocab-size", "1000"], 1, "--padded-vocab-size 1000 must be >= the vocabulary (129280)"),
     (["--spec", "my.spec", "layer_spec"], 1, "only --spec mindspeed_llm.tasks.models.spec.deepseek_spec layer_spec"),
     (["--min-lr", "1"], 1, "--min-lr 1.0 is above --lr 0.0001"),
+    (["--optimizer", "sgd", "--use-distributed-optimizer"], 1,
+     "--use-distributed-optimizer runs --optimizer adam only"),
 ])
 def test_impossible_runs_name_the_flags(hf_dir, extra, world, message):
     if message is None:  # the control: a valid dualpipev run

@@ -107,6 +107,23 @@ def test_dualpipev_bubble_below_1f1b_and_interleaved_at_p4():
         assert dual.mean_idle < formula_bubble("1f1b", 4, Costs())
 
 
+@pytest.mark.parametrize("p", [2, 4, 8])
+def test_fb_pair_without_overlap_runs_forward_then_backward(p):
+    """As the executor runs it: the pair's forward part, then its backward part; the forward's
+    output is ready when the forward part ends, so the pair never waits on its own rank's end."""
+    costs = Costs(f=1.0, b=2.0, w=1.0, overlap="sum")
+    sim = simulate(plan("dualpipev", p, 3 * p), costs)
+    for line in sim.timelines:
+        pairs = [t for t in line if t.op.kind == "FB"]
+        assert len(pairs) % 2 == 0
+        for forward, backward in zip(pairs[::2], pairs[1::2]):
+            assert forward.op == backward.op
+            assert forward.end - forward.start == pytest.approx(costs.f / 2)
+            assert backward.end - backward.start == pytest.approx(costs.b / 2)
+            assert forward.end <= backward.start
+    assert sim.mean_idle >= formula_bubble("dualpipev", p, costs) - 1e-9
+
+
 def test_broken_order_is_reported_as_deadlock_naming_the_ranks():
     the_plan = plan("1f1b", 2, 4)
     rank1 = list(the_plan.ranks[1])

@@ -114,6 +114,28 @@ def _launch_grad_sync(config, model) -> None:
         (funcs[i] if isinstance(funcs, list) else funcs)(chunk.parameters())
 
 
+def _unwrapped(chunk):
+    while hasattr(chunk, "module"):  # DDP, Float16Module
+        chunk = chunk.module
+    return chunk
+
+
+def _sum_embedding_copies(model) -> None:
+    """Rank 0 holds the embedding (chunk 0) and MTP's copy of it (chunk 1). megatron keeps such
+    copies equal by all-reducing their gradients between ranks; here they share a rank, so their
+    gradients are summed in place, before the data-parallel reduction treats each copy alike."""
+    first, last = (_unwrapped(chunk) for chunk in model)
+    if not (getattr(first, "pre_process", False) and getattr(last, "mtp_process", False)):
+        return
+    weights = [m.embedding.word_embeddings.weight for m in (first, last)]
+    grads = [w.main_grad if hasattr(w, "main_grad") else w.grad for w in weights]
+    if any(g is None for g in grads):
+        return
+    total = grads[0] + grads[1]
+    for grad in grads:
+        grad.copy_(total)
+
+
 def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_microbatches: int, seq_length: int,
                                micro_batch_size: int, forward_only: bool = False,
                                executed: Optional[List[Op]] = None) -> list:
@@ -225,6 +247,7 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
         handle.wait()
 
     if not forward_only:
+        _sum_embedding_copies(model)
         _launch_grad_sync(config, model)
         if config.finalize_model_grads_func is not None:
             config.finalize_model_grads_func(model, total_tokens if config.calculate_per_token_loss else None)

@@ -15,7 +15,9 @@ rank (interleaved: V, DualPipeV: 2) charges each chunk operation 1/C of them.
 As in DeepSeek's DualPipe README, ``b`` is a *full* backward (input and weight
 gradients) and ``w`` its weight-gradient part, so a backward whose weight
 gradient is deferred costs ``b - w``. An overlapped forward/backward pair costs
-``max(f, b)`` (perfect overlap) or ``f + b``.
+``max(f, b)`` (perfect overlap: its results leave when the pair ends) or runs as
+its forward and then its backward (``"sum"``, as the CPU executor runs it: the
+forward's output leaves when the forward ends; the timeline holds both parts).
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class Simulation:
     plan: Plan
     costs: Costs
     timelines: Tuple[Tuple[Timed, ...], ...]
-    """``timelines[rank]``: every operation of that rank with its start and end."""
+    """``timelines[rank]``: every operation of that rank with its start and end (an FB pair
+    without overlap: its forward part and its backward part)."""
 
     @property
     def makespan(self) -> float:
@@ -113,10 +116,19 @@ def needed(plan: Plan, rank: int, op: Op) -> List[Event]:
     return [e for e in needs if e not in own]
 
 
+def _phases(op: Op, costs: Costs) -> List[Op]:
+    """The parts of ``op`` that run one after the other: an FB pair without overlap is its
+    forward (whose output leaves as soon as it ends) and then its backward."""
+    if op.kind == "FB" and costs.overlap == "sum":
+        return [Op("F", op.microbatch, op.chunk), Op("BW", op.bwd_microbatch, op.bwd_chunk)]
+    return [op]
+
+
 def simulate(plan: Plan, costs: Costs = Costs()) -> Simulation:
     """Run ``plan`` under ``costs``; raise DeadlockError if the orders can never all complete."""
     done: Dict[Event, float] = {}
     position = [0] * plan.pp
+    phase = [0] * plan.pp
     free_at = [0.0] * plan.pp
     timelines: List[List[Timed]] = [[] for _ in range(plan.pp)]
     remaining = sum(len(ops) for ops in plan.ranks)
@@ -126,17 +138,21 @@ def simulate(plan: Plan, costs: Costs = Costs()) -> Simulation:
             # Each rank advances as far as its data allows; start times do not depend on the visiting order.
             while position[rank] < len(ops):
                 op = ops[position[rank]]
-                needs = needed(plan, rank, op)
+                parts = _phases(op, costs)
+                part = parts[phase[rank]]
+                needs = needed(plan, rank, part)
                 if any(e not in done for e in needs):
                     break
                 start = max([free_at[rank]] + [done[e] for e in needs])
-                end = start + costs.of(op) / plan.chunks
-                for e in produced(plan, rank, op):
+                end = start + costs.of(part) / plan.chunks
+                for e in produced(plan, rank, part):
                     done[e] = end
                 timelines[rank].append(Timed(op, start, end))
                 free_at[rank] = end
-                position[rank] += 1
-                remaining -= 1
+                phase[rank] += 1
+                if phase[rank] == len(parts):
+                    position[rank], phase[rank] = position[rank] + 1, 0
+                    remaining -= 1
                 progressed = True
         if not progressed:
             raise DeadlockError(_deadlock_message(plan, position, done))
