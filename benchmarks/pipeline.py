@@ -18,7 +18,7 @@ that opens ``weight_grad.deferring()`` (DualPipeV's zero-bubble ``B`` steps)
 gets it later in its ``W`` step; megatron's schedules never do, so it runs inline.
 
 Every op records its wall-clock interval (``time.time()``, one clock for every
-process on the machine). Busy time of a rank is the sum of its op intervals; the
+process on the machine). Busy time of a rank is the time its op intervals cover; the
 makespan runs from the first rank leaving the barrier before the step to the last
 rank returning from the schedule; the measured bubble fraction is the mean over
 ranks of 1 - busy / makespan. Communication, megatron's bookkeeping and Python
@@ -28,8 +28,11 @@ steps is kept (on a shared machine foreign load only adds time).
 Next to each measurement: the event simulation of the same schedule's plan
 (``npu_dsv3.schedules.simulate``) and the closed-form formula
 (``formula_bubble``), both with the same per-rank costs. Our DualPipeV executor
-runs an FB pair as its forward then its backward (no overlap on CPU), so the
-simulator's comparable setting is FB = F + B (``overlap="sum"``).
+runs an FB pair as its forward then its backward, so the simulator's comparable
+setting is FB = F + B (``overlap="sum"``); the case ``dualpipev-overlap`` runs
+DualPipeV again with ``--moe-fb-overlap`` (each pair's halves on two threads: their
+sleeps overlap, as a device's compute and communication would), simulated with
+FB = max(F, B).
 
     python benchmarks/pipeline.py                       # PP=2 and PP=4, PNGs in docs/
     python benchmarks/pipeline.py --pp 2 --micro-batches 4 --unit-ms 5 --no-plot
@@ -46,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -54,6 +58,8 @@ import torch
 from npu_dsv3.schedules import Costs, formula_bubble, plan, simulate, weight_grad
 
 SCHEDULES = ("1f1b", "interleaved", "dualpipev")
+# DualPipeV once more with --moe-fb-overlap: each FB pair's forward and backward at the same time.
+CASES = SCHEDULES + ("dualpipev-overlap",)
 SEQ, HIDDEN = 128, 256
 # Per-rank costs in units: F = 1, full backward B = 2 of which W = 1.
 COSTS = Costs(f=1.0, b=2.0, w=1.0, overlap="sum")
@@ -136,36 +142,37 @@ def _forward_step(data_iterator, model):
     return model(x, microbatch), loss_func
 
 
-def _schedule_function(schedule: str):
+def _schedule_function(case: str):
     from megatron.core.pipeline_parallel import schedules as megatron_schedules
 
     from npu_dsv3.schedules.dualpipev import forward_backward_dualpipev
 
     return {"1f1b": megatron_schedules.forward_backward_pipelining_without_interleaving,
             "interleaved": megatron_schedules.forward_backward_pipelining_with_interleaving,
-            "dualpipev": forward_backward_dualpipev}[schedule]
+            "dualpipev": forward_backward_dualpipev, "dualpipev-overlap": forward_backward_dualpipev}[case]
 
 
-def run_case(schedule: str, pp: int, microbatches: int, unit_s: float, steps: int) -> dict:
-    """This rank's timelines of ``steps`` measured steps (after one warm-up) of ``schedule``."""
+def run_case(case: str, pp: int, microbatches: int, unit_s: float, steps: int) -> dict:
+    """This rank's timelines of ``steps`` measured steps (after one warm-up) of ``case``."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.transformer import TransformerConfig
 
     from npu_dsv3.training.step import pipeline_p2p
 
-    chunks = 1 if schedule == "1f1b" else 2
+    chunks = 1 if case == "1f1b" else 2
     vpp = None if chunks == 1 else 2
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
     config = TransformerConfig(num_layers=pp * chunks, hidden_size=HIDDEN, num_attention_heads=1,
                                pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
                                pipeline_dtype=torch.float32)
+    config.moe_fb_overlap = case == "dualpipev-overlap"
     pipeline_p2p(config)  # interleaved at PP=2: separate activation and gradient exchanges (see its docstring)
     timeline: list = []
     Chunk = _chunk_class()
     model = [Chunk(config, c, unit_s / chunks, timeline) for c in range(chunks)]
     batches = [(m, torch.randn(SEQ, 1, HIDDEN)) for m in range(microbatches)]
-    forward_backward = _schedule_function(schedule)
+    forward_backward = _schedule_function(case)
     measured = []
     for step in range(1 + steps):
         timeline.clear()
@@ -189,12 +196,12 @@ def worker(args) -> None:
 
     # A short timeout: when one rank dies the others fail instead of waiting 30 minutes in a receive.
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    for schedule in SCHEDULES:
-        result = run_case(schedule, args.worker_pp, args.worker_microbatches, args.unit_ms / 1000, args.steps)
+    for case in CASES:
+        result = run_case(case, args.worker_pp, args.worker_microbatches, args.unit_ms / 1000, args.steps)
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(result, gathered, dst=0)
         if dist.get_rank() == 0:
-            print(CASE_PREFIX + json.dumps({"schedule": schedule, "ranks": gathered}), flush=True)
+            print(CASE_PREFIX + json.dumps({"case": case, "ranks": gathered}), flush=True)
     dist.destroy_process_group()
 
 
@@ -232,6 +239,16 @@ def launch(pp: int, microbatches: int, args):
                 err.close()
 
 
+def _covered(intervals) -> float:
+    """Length of the union of intervals (an overlapped pair's two halves count once)."""
+    total, reach = 0.0, float("-inf")
+    for t0, t1 in sorted(intervals):
+        if t1 > reach:
+            total += t1 - max(t0, reach)
+            reach = t1
+    return total
+
+
 def measure(case: dict) -> dict:
     """The fastest step's per-rank timelines relative to its start, makespan and bubble fraction."""
     steps = [[rank["steps"][i] for rank in case["ranks"]] for i in range(len(case["ranks"][0]["steps"]))]
@@ -241,21 +258,23 @@ def measure(case: dict) -> dict:
 
     step = min(steps, key=span)
     start, makespan = min(r["start"] for r in step), span(step)
-    busy = [sum(t1 - t0 for _, _, _, t0, t1 in r["ops"]) for r in step]
+    busy = [_covered([(t0, t1) for _, _, _, t0, t1 in r["ops"]]) for r in step]
     return {"makespan": makespan, "busy": busy,
             "bubble": sum(1 - b / makespan for b in busy) / len(busy),
             "deferred": sum(r["deferred"] for r in step),
             "timelines": [[(k, m, c, t0 - start, t1 - start) for k, m, c, t0, t1 in r["ops"]] for r in step]}
 
 
-def predicted(schedule: str, pp: int, microbatches: int, deferred: bool) -> dict:
-    """Simulated and closed-form bubble fractions and the simulated makespan in units; DualPipeV is
-    simulated as the executor ran it (weight gradients deferred to W steps or not)."""
-    sim = simulate(plan(schedule, pp, microbatches, defer_weights=deferred), COSTS)
-    idle = formula_bubble(schedule, pp, COSTS, 1 if schedule == "1f1b" else 2)
+def predicted(case: str, pp: int, microbatches: int) -> dict:
+    """Simulated and closed-form bubble fractions and the simulated makespan in units; an FB pair
+    costs F + B, or max(F, B) when its halves overlap."""
+    schedule = "dualpipev" if case.startswith("dualpipev") else case
+    costs = replace(COSTS, overlap="max") if case == "dualpipev-overlap" else COSTS
+    sim = simulate(plan(schedule, pp, microbatches), costs)
+    idle = formula_bubble(schedule, pp, costs, 1 if schedule == "1f1b" else 2)
     # The formula counts idle time per rank; every rank is busy M x (F + B).
     return {"simulated": sim.bubble_fraction, "sim_makespan": sim.makespan,
-            "formula": idle / (idle + microbatches * (COSTS.f + COSTS.b))}
+            "formula": idle / (idle + microbatches * (costs.f + costs.b))}
 
 
 def check_sizes(pp: int, microbatches: int) -> None:
@@ -275,10 +294,9 @@ def plot(pp: int, microbatches: int, results: dict, unit_ms: float, path: Path) 
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(len(SCHEDULES), 1, figsize=(15, 1.2 + len(SCHEDULES) * (0.45 * pp + 0.9)),
-                             sharex=True)
-    for ax, schedule in zip(axes, SCHEDULES):
-        r = results[schedule]
+    fig, axes = plt.subplots(len(CASES), 1, figsize=(15, 1.2 + len(CASES) * (0.45 * pp + 0.9)), sharex=True)
+    for ax, case in zip(axes, CASES):
+        r = results[case]
         for rank, ops in enumerate(r["timelines"]):
             for kind, m, chunk, t0, t1 in ops:
                 ax.barh(rank, (t1 - t0) * 1e3, left=t0 * 1e3, height=0.8, color=COLORS[kind], edgecolor="black",
@@ -287,7 +305,7 @@ def plot(pp: int, microbatches: int, results: dict, unit_ms: float, path: Path) 
                     ax.text((t0 + t1) / 2 * 1e3, rank, str(m), ha="center", va="center", fontsize=6)
         ax.set_yticks(range(pp), [f"rank {i}" for i in range(pp)])
         ax.invert_yaxis()
-        ax.set_title(f"{schedule}  P={pp} M={microbatches}: measured bubble {r['bubble']:.3f} "
+        ax.set_title(f"{case}  P={pp} M={microbatches}: measured bubble {r['bubble']:.3f} "
                      f"(simulated {r['simulated']:.3f}, formula {r['formula']:.3f})", fontsize=10)
     axes[-1].set_xlabel(f"time since the step started (ms; 1 unit = {unit_ms:g} ms per rank and micro-batch)")
     legend = [Patch(color=COLORS[k], label=label) for k, label in
@@ -335,21 +353,18 @@ def main(argv=None) -> None:
     for pp, microbatches in sizes.items():
         check_sizes(pp, microbatches)
     print(f"costs per rank and micro-batch: F = B = W = 1 unit = {args.unit_ms:g} ms (full backward 2 units); "
-          f"chunks cost 1/2 with 2 per rank; simulator: f=1 b=2 w=1 overlap=sum (our DualPipeV runs an FB "
-          f"pair as forward then backward)", flush=True)
+          f"chunks cost 1/2 with 2 per rank; simulator: f=1 b=2 w=1, an FB pair costs F + B (its forward then "
+          f"its backward), or max(F, B) for dualpipev-overlap (--moe-fb-overlap)", flush=True)
     results = {}
     for pp, microbatches in sizes.items():
         results[pp] = {}
-        for case in launch(pp, microbatches, args):
-            schedule = case["schedule"]
-            r = measure(case)
-            r.update(predicted(schedule, pp, microbatches, r["deferred"] > 0))
-            results[pp][schedule] = r
-            note = ""
-            if schedule == "dualpipev":
-                note = (f" [executor: {r['deferred']} weight gradients deferred to W steps]" if r["deferred"]
-                        else " [executor: full backwards, no W steps; simulated without deferral]")
-            print(f"pp={pp} {schedule} M={microbatches}: measured bubble {r['bubble']:.3f}, simulated "
+        for gathered in launch(pp, microbatches, args):
+            case = gathered["case"]
+            r = measure(gathered)
+            r.update(predicted(case, pp, microbatches))
+            results[pp][case] = r
+            note = f" [{r['deferred']} weight gradients deferred to W steps]" if r["deferred"] else ""
+            print(f"pp={pp} {case} M={microbatches}: measured bubble {r['bubble']:.3f}, simulated "
                   f"{r['simulated']:.3f}, formula {r['formula']:.3f} (makespan {r['makespan'] * 1e3:.0f} ms, "
                   f"simulated {r['sim_makespan'] * args.unit_ms:.0f} ms)"
                   + note, flush=True)
@@ -364,7 +379,9 @@ def main(argv=None) -> None:
                 plot(pp, microbatches, results[pp], args.unit_ms, path)
                 print(f"timeline: {path}")
     final = results[max(sizes)]
-    print(f"dualpipev/1f1b = {final['dualpipev']['bubble'] / final['1f1b']['bubble']:.3f} (target <= {TARGET})")
+    print(f"dualpipev/1f1b = {final['dualpipev']['bubble'] / final['1f1b']['bubble']:.3f} (target <= {TARGET}); "
+          f"with --moe-fb-overlap: dualpipev={final['dualpipev-overlap']['bubble']:.3f}, ratio "
+          f"{final['dualpipev-overlap']['bubble'] / final['1f1b']['bubble']:.3f}")
     print("bubble: " + " ".join(f"{s}={final[s]['bubble']:.3f}" for s in SCHEDULES))
 
 

@@ -52,7 +52,7 @@ if not (_here / "ops").is_dir() and (_here.parent / "ops" / "__init__.py").is_fi
 # append your module here (e.g. "npu_dsv3.model.patches"). Plain imports: a
 # broken feature module fails `import npu_dsv3` loudly instead of half-applying.
 _FEATURE_MODULES: tuple[str, ...] = ("npu_dsv3.backend", "npu_dsv3.model.patches", "npu_dsv3.schedules.weight_grad",
-                                     "npu_dsv3.schedules.dualpipev")
+                                     "npu_dsv3.schedules.fb_overlap", "npu_dsv3.schedules.dualpipev")
 
 # megatron-core warns at import that TransformerEngine / Apex are missing. That is
 # this package's design (Ascend and CPU have neither), so the warnings say nothing.

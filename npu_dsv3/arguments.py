@@ -98,6 +98,7 @@ FLAG_TABLE = {
     "--lr": "optimizer.lr", "--min-lr": "optimizer.min_lr", "--lr-decay-style": "args.lr_decay_style",
     "--lr-decay-iters": "args.lr_decay_iters", "--lr-warmup-iters": "args.lr_warmup_iters",
     "--weight-decay": "optimizer.weight_decay", "--clip-grad": "optimizer.clip_grad",
+    "--moe-fb-overlap": "config.moe_fb_overlap (DualPipeV's forward/backward pairs run concurrently)",
     "--optimizer": "optimizer.optimizer", "--sgd-momentum": "optimizer.sgd_momentum",
     "--adam-beta1": "optimizer.adam_beta1", "--adam-beta2": "optimizer.adam_beta2", "--adam-eps": "optimizer.adam_eps",
     "--bf16": "config/optimizer bf16, params_dtype", "--fp16": "config/optimizer fp16, params_dtype",
@@ -132,8 +133,6 @@ FLAG_TABLE = {
     # refused
     "--moe-permutation-async-comm": Unsupported(_PERF_ONLY),
     "--moe-alltoall-overlap-comm": Unsupported(_PERF_ONLY),
-    "--moe-fb-overlap": Unsupported("overlapping one micro-batch's MoE communication with another's compute inside "
-                                    "the schedule is not implemented; --schedules-method dualpipev runs without it"),
     "--swap-optimizer": Unsupported("swapping optimizer state to host memory is not implemented; use "
                                     "--use-distributed-optimizer and more data-parallel ranks"),
     "--swap-optimizer-times": Unsupported("belongs to --swap-optimizer, which is not implemented"),
@@ -218,6 +217,7 @@ def _add_parallel_args(parser) -> None:
     g.add_argument("--noop-layers", type=_int_list, default=None, metavar="I,I,...",
                    help="global indices of identity layers that pad --num-layers")
     g.add_argument("--schedules-method", choices=["dualpipev"], default=None)
+    g.add_argument("--moe-fb-overlap", action="store_true")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--moe-tp-extend-ep", action="store_true",
@@ -537,6 +537,9 @@ def _check_schedules(args) -> None:
             raise ArgsError(f"the interleaved schedule (--num-layers-per-virtual-pipeline-stage) needs the "
                             f"{m} micro-batches per step (--global-batch-size / (--micro-batch-size x data-parallel "
                             f"size)) to be a multiple of --pipeline-model-parallel-size {pp}")
+    if args.moe_fb_overlap and args.schedules_method != "dualpipev":
+        raise ArgsError("--moe-fb-overlap overlaps the forward/backward pairs of --schedules-method dualpipev; "
+                        "add it or drop --moe-fb-overlap")
     if args.schedules_method == "dualpipev" and m < 2 * pp:
         raise ArgsError(f"--schedules-method dualpipev needs at least 2 x --pipeline-model-parallel-size ({2 * pp}) "
                         f"micro-batches per step, got {m}; raise --global-batch-size or lower --micro-batch-size")
@@ -720,7 +723,7 @@ def _parallel_overrides(args) -> dict:
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
         num_layer_list=args.num_layer_list, noop_layers=args.noop_layers, schedules_method=args.schedules_method,
-        mla_mm_split=args.mla_mm_split, moe_tp_extend_ep=args.moe_tp_extend_ep,
+        moe_fb_overlap=args.moe_fb_overlap, mla_mm_split=args.mla_mm_split, moe_tp_extend_ep=args.moe_tp_extend_ep,
     )
     if args.moe_tp_extend_ep:
         # megatron's expert group is then EP x TP ranks holding whole experts
@@ -800,6 +803,9 @@ def _check_model_against_flags(args, config) -> None:
         # megatron-core's MoE layer raises this only at the first training forward, naming no flag.
         raise ArgsError(f"a MoE model with --tensor-model-parallel-size {args.tensor_model_parallel_size} needs "
                         "--sequence-parallel (megatron-core's MoE layer trains only on sequence-split tokens)")
+    if args.moe_fb_overlap and args.recompute_granularity and (config.hidden_dropout or config.attention_dropout):
+        raise ArgsError("--moe-fb-overlap with recompute needs --hidden-dropout 0 and --attention-dropout 0: a "
+                        "recomputing backward resets the random generator the overlapped forward's dropout draws from")
     if not args.moe_grouped_gemm and "moe_act" in (args.recompute_modules or ()):
         raise ArgsError("--recompute-modules moe_act needs --moe-grouped-gemm")
 

@@ -88,6 +88,10 @@ class DeepSeekV3TransformerConfig(MLATransformerConfig):
     schedules_method: Optional[str] = None
     """``--schedules-method``: ``"dualpipev"`` places 2 x PP stages as two chunks per rank."""
 
+    moe_fb_overlap: bool = False
+    """``--moe-fb-overlap``: DualPipeV runs each forward/backward pair's two halves concurrently
+    (``npu_dsv3.schedules.fb_overlap``)."""
+
     mla_mm_split: bool = False
     """``--mla-mm-split``: MLA's q/kv up-projections as one column-parallel linear per part
     (linear_qk_nope, linear_qk_rope, linear_kv_nope, linear_v)."""

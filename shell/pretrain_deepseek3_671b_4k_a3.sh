@@ -10,7 +10,9 @@
 # vocabulary (the weights come from CKPT_LOAD_DIR, written by shell/ckpt_convert_deepseek3_hf2mcore.sh
 # with this layout). Layout (environment): TP=2 PP=8 EP=16, experts split over EP x TP
 # (--moe-tp-extend-ep), MLA up-projections as four matmuls (--mla-mm-split), layers padded to 64 with
-# noop layers 61,62,63, full recompute of 8 layers per stage, the distributed optimizer.
+# noop layers 61,62,63, the DualPipeV schedule with each forward/backward pair's halves run concurrently
+# (--schedules-method dualpipev --moe-fb-overlap; the checkpoint converter's default layout), full
+# recompute of 8 layers per stage, the distributed optimizer.
 # Also: NPUS_PER_NODE=16 MASTER_PORT=6000 GBS=3840 SEQ_LEN=4096 TRAIN_ITERS=2000 LR=1.0e-5
 # CKPT_LOAD_DIR (absent: random initialisation), EXTRA_ARGS (appended flags), DRY_RUN=1 prints the command.
 set -euo pipefail
@@ -31,6 +33,7 @@ launcher=(torchrun --nproc-per-node "$NPUS_PER_NODE" --nnodes "$NNODES" --node-r
           --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
 layout=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP"
         --sequence-parallel --moe-tp-extend-ep --mla-mm-split --num-layers 64 --noop-layers 61,62,63
+        --schedules-method dualpipev --moe-fb-overlap
         --use-distributed-optimizer --recompute-granularity full --recompute-method block --recompute-num-layers 8)
 model=(--hf-config "$HF_DIR" --use-mcore-models --moe-grouped-gemm --moe-token-dispatcher-type alltoall
        --use-flash-attn --mla-fa-without-pad --use-fused-rmsnorm --use-fused-swiglu --use-fused-rotary-pos-emb

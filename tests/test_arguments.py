@@ -369,6 +369,11 @@ def test_hf_config_errors_are_one_line(tmp_path, hf_dir):
     (["--padded-vocab-size", "1000"], 1, "--padded-vocab-size 1000 must be >= the vocabulary (129280)"),
     (["--spec", "my.spec", "layer_spec"], 1, "only --spec mindspeed_llm.tasks.models.spec.deepseek_spec layer_spec"),
     (["--min-lr", "1"], 1, "--min-lr 1.0 is above --lr 0.0001"),
+    (["--moe-fb-overlap"], 1, "--moe-fb-overlap overlaps the forward/backward pairs of --schedules-method dualpipev"),
+    (["--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "2", "--noop-layers", "61,62,63",
+      "--global-batch-size", "4", "--moe-fb-overlap", "--hidden-dropout", "0.1", "--recompute-granularity", "full",
+      "--recompute-method", "uniform", "--recompute-num-layers", "1"], 2,
+     "--moe-fb-overlap with recompute needs --hidden-dropout 0 and --attention-dropout 0"),
     (["--optimizer", "sgd", "--use-distributed-optimizer"], 1,
      "--use-distributed-optimizer runs --optimizer adam only"),
 ])

@@ -2,7 +2,7 @@
 [2P, 4P]) with a one-linear-layer chunk per stage: each rank runs exactly its plan's operations in
 order (the zero-bubble W steps included), rank 0 returns every micro-batch's loss, and the
 gradients of the step, weight gradients deferred to the W steps, equal autograd's on the whole
-model in one process."""
+model in one process; the same with each FB pair's halves on two threads (--moe-fb-overlap)."""
 
 import json
 import os
@@ -40,7 +40,7 @@ def run_rank(pp: int) -> None:
         hidden_size=HIDDEN, pipeline_dtype=torch.float64, sequence_parallel=False, variable_seq_lengths=False,
         timers=None, enable_autocast=False, num_moe_experts=None, mtp_num_layers=None, calculate_per_token_loss=False,
         grad_scale_func=None, deallocate_pipeline_outputs=False, no_sync_func=None, grad_sync_func=None,
-        finalize_model_grads_func=None)
+        finalize_model_grads_func=None, moe_fb_overlap=False)
 
     class Linear(torch.autograd.Function):
         """x @ w^T whose weight gradient a B step defers, as megatron's linear under the patch."""
@@ -78,34 +78,38 @@ def run_rank(pp: int) -> None:
     results = {}
     for m in range(2 * pp, 4 * pp + 1):
         batches = list(torch.randn(m, 3, 1, HIDDEN, generator=torch.Generator().manual_seed(m), dtype=torch.float64))
-        out = {}
-        for chunk in model:
-            chunk.weight.grad = None
-        for forward_only in (False, True):
-            executed = []
-            losses = forward_backward_dualpipev(
-                forward_step_func=forward_step, data_iterator=[iter(batches), iter(batches)], model=model,
-                num_microbatches=m, seq_length=3, micro_batch_size=1, forward_only=forward_only,
-                executed=executed)
-            out[str(forward_only)] = {"ops": [str(op) for op in executed], "losses": len(losses)}
-        # The step's gradients (from the training pass above) against autograd on the whole model.
-        grads = [torch.zeros_like(weights[0]) for _ in range(2 * pp)]
-        mine = torch.stack([model[0].weight.grad if model[0].weight.grad is not None else grads[0],
-                            model[1].weight.grad if model[1].weight.grad is not None else grads[0]])
-        gathered = [torch.empty_like(mine) for _ in range(pp)]
-        dist.all_gather(gathered, mine)
-        for r, pair in enumerate(gathered):
-            grads[r], grads[2 * pp - 1 - r] = pair[0], pair[1]
-        reference = weights.clone().requires_grad_(True)
-        total = 0
-        for x in batches:
-            for s in range(2 * pp):
-                x = torch.tanh(x @ reference[s].t())
-            total = total + x.square().mean() / m
-        total.backward()
-        out["grad_max_abs_diff"] = (torch.stack(grads) - reference.grad).abs().max().item()
-        out["grad_max_abs"] = reference.grad.abs().max().item()
-        results[m] = out
+        results[m] = {}
+        # Sequential pairs, then each pair's forward and backward on two threads (--moe-fb-overlap).
+        for mode in ("sequential", "overlapped"):
+            config.moe_fb_overlap = mode == "overlapped"
+            out = {}
+            for chunk in model:
+                chunk.weight.grad = None
+            for forward_only in (False, True):
+                executed = []
+                losses = forward_backward_dualpipev(
+                    forward_step_func=forward_step, data_iterator=[iter(batches), iter(batches)], model=model,
+                    num_microbatches=m, seq_length=3, micro_batch_size=1, forward_only=forward_only,
+                    executed=executed)
+                out[str(forward_only)] = {"ops": [str(op) for op in executed], "losses": len(losses)}
+            # The step's gradients (from the training pass above) against autograd on the whole model.
+            grads = [torch.zeros_like(weights[0]) for _ in range(2 * pp)]
+            mine = torch.stack([model[0].weight.grad if model[0].weight.grad is not None else grads[0],
+                                model[1].weight.grad if model[1].weight.grad is not None else grads[0]])
+            gathered = [torch.empty_like(mine) for _ in range(pp)]
+            dist.all_gather(gathered, mine)
+            for r, pair in enumerate(gathered):
+                grads[r], grads[2 * pp - 1 - r] = pair[0], pair[1]
+            reference = weights.clone().requires_grad_(True)
+            total = 0
+            for x in batches:
+                for s in range(2 * pp):
+                    x = torch.tanh(x @ reference[s].t())
+                total = total + x.square().mean() / m
+            total.backward()
+            out["grad_max_abs_diff"] = (torch.stack(grads) - reference.grad).abs().max().item()
+            out["grad_max_abs"] = reference.grad.abs().max().item()
+            results[m][mode] = out
     print(json.dumps(results), flush=True)
     dist.destroy_process_group()
 
@@ -128,13 +132,17 @@ def ranks(request):
     return pp, [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
 
+MODES = ("sequential", "overlapped")
+
+
 def test_each_rank_runs_its_plan_in_order(ranks):
     pp, results = ranks
     for m in range(2 * pp, 4 * pp + 1):
         expected = plan("dualpipev", pp, m)
         assert any(op.kind == "W" for op in expected.ranks[0])
         for rank, result in enumerate(results):
-            assert result[str(m)]["False"]["ops"] == [str(op) for op in expected.ranks[rank]]
+            for mode in MODES:
+                assert result[str(m)][mode]["False"]["ops"] == [str(op) for op in expected.ranks[rank]]
 
 
 def test_forward_only_runs_the_plans_forwards(ranks):
@@ -143,22 +151,26 @@ def test_forward_only_runs_the_plans_forwards(ranks):
         expected = plan("dualpipev", pp, m)
         for rank, result in enumerate(results):
             forwards = [f"F{mb}.{c}" for op in expected.ranks[rank] for mb, c in op.forwards()]
-            assert result[str(m)]["True"]["ops"] == forwards
+            for mode in MODES:
+                assert result[str(m)][mode]["True"]["ops"] == forwards
 
 
 def test_rank_0_computes_every_loss(ranks):
     pp, results = ranks
     for m in range(2 * pp, 4 * pp + 1):
-        assert [r[str(m)]["False"]["losses"] for r in results] == [m] + [0] * (pp - 1)
-        assert [r[str(m)]["True"]["losses"] for r in results] == [m] + [0] * (pp - 1)
+        for mode in MODES:
+            assert [r[str(m)][mode]["False"]["losses"] for r in results] == [m] + [0] * (pp - 1)
+            assert [r[str(m)][mode]["True"]["losses"] for r in results] == [m] + [0] * (pp - 1)
 
 
-def test_deferred_weight_gradients_equal_autograd_on_the_whole_model(ranks):
+def test_gradients_equal_autograd_on_the_whole_model(ranks):
+    """Deferred weight gradients, and pairs run sequentially or on two threads."""
     pp, results = ranks
     for m in range(2 * pp, 4 * pp + 1):
-        result = results[0][str(m)]
-        assert result["grad_max_abs"] > 1e-3
-        assert result["grad_max_abs_diff"] <= 1e-12 * result["grad_max_abs"] * 4 * pp, (m, result)
+        for mode in MODES:
+            result = results[0][str(m)][mode]
+            assert result["grad_max_abs"] > 1e-3
+            assert result["grad_max_abs_diff"] <= 1e-12 * result["grad_max_abs"] * 4 * pp, (m, mode, result)
 
 
 if __name__ == "__main__":

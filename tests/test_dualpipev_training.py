@@ -37,6 +37,12 @@ RUNS = {
         "--pipeline-model-parallel-size", "2", *DUALPIPEV, "--expert-model-parallel-size", "2",
         "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1",
         "--num-layers", "12", "--noop-layers", "2,5,8,11"]),
+    # each forward/backward pair's halves on two threads: EP all-to-alls of one beside the other's compute
+    "dualpipev-pp2-dp2-ep2-fb-overlap": (4, ["--pipeline-model-parallel-size", "2", *DUALPIPEV,
+                                             "--expert-model-parallel-size", "2", "--moe-fb-overlap"]),
+    "dualpipev-pp2-tp2-ep2-etp1-fb-overlap": (4, [*TP2_SP, "--pipeline-model-parallel-size", "2", *DUALPIPEV,
+                                                  "--expert-model-parallel-size", "2",
+                                                  "--expert-tensor-parallel-size", "1", "--moe-fb-overlap"]),
     # EP 2 inside TP 2 with whole experts
     "dualpipev-pp4-tp2-ep2-etp1": (8, [*TP2_SP, "--pipeline-model-parallel-size", "4", *DUALPIPEV,
                                       "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"]),

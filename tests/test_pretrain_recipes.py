@@ -9,8 +9,9 @@ import pytest
 
 from npu_dsv3.arguments import build_configs, parse_args
 
-RECIPES = {"shell/pretrain_deepseek3_671b_4k_a3.sh": (512, (2, 8, 16, 1)),
-           "shell/pretrain_deepseek3_671b_4k_a2.sh": (512, (4, 8, 8, 1))}
+# recipe: (world, (TP, PP, EP, ETP), DualPipeV with overlapped pairs)
+RECIPES = {"shell/pretrain_deepseek3_671b_4k_a3.sh": (512, (2, 8, 16, 1), True),
+           "shell/pretrain_deepseek3_671b_4k_a2.sh": (512, (4, 8, 8, 1), False)}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def _dry_run(recipe: str, **env) -> list:
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_flags_parse_for_its_layout(recipe, hf_dir):
-    world, (tp, pp, ep, etp) = RECIPES[recipe]
+    world, (tp, pp, ep, etp), dualpipev = RECIPES[recipe]
     argv = _dry_run(recipe, HF_DIR=hf_dir, DATA_PATH="/data/corpus_text_document", CKPT_SAVE_DIR="/ckpt",
                     CKPT_LOAD_DIR="/start")
     nodes = argv[argv.index("--nnodes") + 1]
@@ -39,6 +40,7 @@ def test_recipe_flags_parse_for_its_layout(recipe, hf_dir):
     assert (sizes.tp, sizes.pp, sizes.ep, sizes.etp) == (tp, pp, ep, etp)
     assert args.load == "/start" and args.finetune and args.save == "/ckpt"
     assert args.hf["n_routed_experts"] == 256 and args.num_layers == 64 and args.noop_layers
+    assert (args.schedules_method == "dualpipev", args.moe_fb_overlap) == (dualpipev, dualpipev)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))

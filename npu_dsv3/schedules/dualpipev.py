@@ -10,7 +10,9 @@ Each rank runs its operations in ``plan("dualpipev", P, M)`` order. ``B`` operat
 (the zero-bubble ones) compute input gradients only: layers that support the split
 (megatron's linears, the grouped experts) queue their weight-gradient GEMMs, which
 the matching ``W`` operation runs later (``npu_dsv3.schedules.weight_grad``). An
-``FB`` pair runs its forward and then its backward, one after the other. Forwards
+``FB`` pair runs its forward and then its backward, one after the other, or with
+``--moe-fb-overlap`` both at once on two threads, so that one's communication (the MoE
+all-to-alls) runs while the other computes (``npu_dsv3.schedules.fb_overlap``). Forwards
 and backwards are megatron's own ``forward_step`` and ``backward_step``, so the loss
 is divided by the number of micro-batches and the MoE aux-loss and MTP-loss scales
 are set exactly as in megatron's schedules; at the end megatron's
@@ -31,7 +33,7 @@ from megatron.core.pipeline_parallel.schedules import backward_step, deallocate_
 from megatron.core.utils import get_model_config, get_model_type
 
 from npu_dsv3.patching import Patch, register
-from npu_dsv3.schedules import weight_grad
+from npu_dsv3.schedules import fb_overlap, weight_grad
 from npu_dsv3.schedules.plan import Op, plan
 
 Work = Tuple[int, int]
@@ -182,8 +184,7 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
         else:
             gradient_sends.append((handle, tensor))
 
-    def run_forward(m: int, chunk: int):
-        nonlocal total_tokens
+    def forward_input(m: int, chunk: int) -> Optional[torch.Tensor]:
         if chunk == 0:
             input_tensor = None if rank == 0 else mailboxes[rank - 1].take("F", (m, 0))
         elif rank == pp - 1:
@@ -193,12 +194,19 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
             input_tensor = mailboxes[rank + 1].take("F", (m, 1))
         if input_tensor is not None:
             input_tensor.requires_grad_(not forward_only)
+        return input_tensor
+
+    def forward_compute(m: int, chunk: int, input_tensor: Optional[torch.Tensor]) -> torch.Tensor:
+        nonlocal total_tokens
         is_loss = rank == 0 and chunk == 1
         output, tokens = forward_step(
             forward_step_func, data_iterator[chunk], model[chunk], num_microbatches, input_tensor, losses, config,
             cp_group_size=cp, is_first_microbatch=m == 0, current_microbatch=m, vp_stage=chunk,
             is_last_stage=is_loss)
         total_tokens = total_tokens + tokens
+        return output
+
+    def forward_done(m: int, chunk: int, input_tensor: Optional[torch.Tensor], output: torch.Tensor):
         if _destination(pp, rank, "F", chunk) is not None:
             send("F", (m, chunk), output)
         elif chunk == 0:
@@ -206,10 +214,11 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
         if not forward_only:
             inputs[(m, chunk)], outputs[(m, chunk)] = input_tensor, output
 
-    def run_backward(m: int, chunk: int, defer_weights: bool):
+    def backward_input(m: int, chunk: int):
+        """(input, output, output gradient) of a backward; the output gradient is None for the loss."""
         work = (m, chunk)
         if rank == 0 and chunk == 1:
-            output_grad = None  # the loss
+            output_grad = None
         elif chunk == 0 and rank == pp - 1:
             output_grad = output_grads.pop(work)
         else:
@@ -221,26 +230,54 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
             activation_sends.pop(work)[0].wait()
         if output_grad is not None:  # megatron's pseudo-free of every output but the loss
             deallocate_output_tensor(output, config.deallocate_pipeline_outputs)
-        if defer_weights:
-            with weight_grad.deferring() as closures:
-                input_grad = backward_step(inputs.pop(work), output, output_grad, model_type, config)
-            deferred[work] = closures
-        else:
-            input_grad = backward_step(inputs.pop(work), output, output_grad, model_type, config)
+        return inputs.pop(work), output, output_grad
+
+    def backward_compute(m: int, chunk: int, input_tensor, output, output_grad, defer_weights: bool):
+        if not defer_weights:
+            return backward_step(input_tensor, output, output_grad, model_type, config)
+        with weight_grad.deferring() as closures:
+            input_grad = backward_step(input_tensor, output, output_grad, model_type, config)
+        deferred[(m, chunk)] = closures
+        return input_grad
+
+    def backward_done(m: int, chunk: int, input_grad: Optional[torch.Tensor]):
         if chunk == 1 and rank == pp - 1:
             output_grads[(m, 0)] = input_grad
         elif _destination(pp, rank, "B", chunk) is not None:
-            send("B", work, input_grad)
+            send("B", (m, chunk), input_grad)
 
+    def run_forward(m: int, chunk: int):
+        input_tensor = forward_input(m, chunk)
+        forward_done(m, chunk, input_tensor, forward_compute(m, chunk, input_tensor))
+
+    def run_backward(m: int, chunk: int, defer_weights: bool):
+        backward_done(m, chunk, backward_compute(m, chunk, *backward_input(m, chunk), defer_weights))
+
+    def run_overlapped(op: Op):
+        """An FB pair as two concurrent lanes; receives before and sends after, on this thread,
+        in the order the sequential pair uses (so the neighbours' mailboxes need no change)."""
+        (fm, fc), (bm, bc) = op.forwards()[0], op.backwards()[0]
+        input_tensor, backward_args = forward_input(fm, fc), backward_input(bm, bc)
+        results = {}
+        fb_overlap.run_pair(
+            lambda: results.__setitem__("F", forward_compute(fm, fc, input_tensor)),
+            lambda: results.__setitem__("B", backward_compute(bm, bc, *backward_args, defer_weights=False)))
+        forward_done(fm, fc, input_tensor, results["F"])
+        backward_done(bm, bc, results["B"])
+
+    overlap = getattr(config, "moe_fb_overlap", False) and not forward_only
     with _no_sync(config) if not forward_only else contextlib.nullcontext():
         for op in ops[rank]:
-            for step, (m, chunk) in _steps(op):
-                if step == "F":
-                    run_forward(m, chunk)
-                else:
-                    run_backward(m, chunk, defer_weights=op.kind == "B")
-            if op.kind == "W":
-                weight_grad.run(deferred.pop((op.microbatch, op.chunk)))
+            if overlap and op.kind == "FB":
+                run_overlapped(op)
+            else:
+                for step, (m, chunk) in _steps(op):
+                    if step == "F":
+                        run_forward(m, chunk)
+                    else:
+                        run_backward(m, chunk, defer_weights=op.kind == "B")
+                if op.kind == "W":
+                    weight_grad.run(deferred.pop((op.microbatch, op.chunk)))
             if executed is not None:
                 executed.append(op)
     for handle, _ in [*activation_sends.values(), *gradient_sends]:

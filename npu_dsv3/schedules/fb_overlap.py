@@ -1,0 +1,192 @@
+"""DualPipeV's overlapped pair (``--moe-fb-overlap``): one micro-batch's forward and another's
+backward at the same time, so that the communication of one (the MoE all-to-alls, the
+sequence-parallel gathers) runs while the other computes.
+
+The forward runs on the schedule's thread and the backward on a second thread. Both issue
+collectives, often on the same process groups, and every member of a group must issue that
+group's collectives in the same order. A turnstile makes that order the same on every rank:
+the two lanes take turns, one collective each (a lane that has finished lets the other run
+freely), and each collective is only *issued* inside the turn, asynchronously; the lane then
+waits for it outside, while the other lane computes or issues its own. The order therefore
+depends only on each lane's own sequence of collectives, which every member of a group runs
+identically, and never on timing.
+
+Only what the two lanes share is guarded: the collectives, and megatron's global memory buffer
+(the backward lane gets its own). Their work is disjoint otherwise: the pair's forward
+and backward belong to different model chunks, the forward alone touches the MoE trackers and
+the random generator (recompute, whose backward replays forwards under saved generator states,
+is refused with this option), and the backward alone writes gradients.
+
+``record()`` collects each lane's compute and communication intervals for timelines.
+"""
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional
+
+from npu_dsv3.patching import Patch, register
+
+LANES = ("F", "B")
+
+
+@dataclass(frozen=True)
+class Interval:
+    lane: str
+    """"F" (the pair's forward) or "B" (its backward)."""
+    kind: str
+    """"lane" (the whole forward or backward), "comm" (one collective from issue to completion)
+    or "wait" (waiting for the lane's turn to issue); the lane's other time is compute."""
+    start: float
+    end: float
+
+
+class _Turnstile:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.next = "F"
+        self.finished: set = set()
+
+    @contextlib.contextmanager
+    def turn(self, lane: str) -> Iterator[None]:
+        other = "B" if lane == "F" else "F"
+        with self.cond:
+            self.cond.wait_for(lambda: self.next == lane or other in self.finished)
+            try:
+                yield
+            finally:
+                self.next = other
+                self.cond.notify_all()
+
+    def finish(self, lane: str) -> None:
+        with self.cond:
+            self.finished.add(lane)
+            self.cond.notify_all()
+
+
+_turnstile: Optional[_Turnstile] = None
+_lane = threading.local()
+_recording: Optional[List[Interval]] = None
+
+
+@contextlib.contextmanager
+def record() -> Iterator[List[Interval]]:
+    """Collect the intervals of every overlapped pair run inside (for timelines)."""
+    global _recording
+    _recording = []
+    try:
+        yield _recording
+    finally:
+        _recording = None
+
+
+def _collective(original):
+    """A torch.distributed collective that, inside a pair, is issued in the lane's turn."""
+    if getattr(original, "takes_turns", False):  # a module bound the already wrapped function
+        return original
+
+    def collective(*args, **kwargs):
+        lane = getattr(_lane, "name", None)
+        if _turnstile is None or lane is None:
+            return original(*args, **kwargs)
+        async_op = kwargs.pop("async_op", False)
+        asked = time.perf_counter()
+        with _turnstile.turn(lane):
+            start = time.perf_counter()
+            work = original(*args, async_op=True, **kwargs)
+        if async_op:
+            return work
+        if work is not None:
+            work.wait()
+        if _recording is not None:
+            _recording.extend([Interval(lane, "wait", asked, start), Interval(lane, "comm", start, time.perf_counter())])
+        return None
+
+    collective.takes_turns = True
+    return collective
+
+
+def _memory_buffer(original):
+    """megatron's global memory buffer (the sequence-parallel gathers land in it), one per lane:
+    its contract is that a buffer is never used by two computations at once."""
+
+    def get_global_memory_buffer():
+        if getattr(_lane, "name", None) != "B":
+            return original()
+        if getattr(_lane, "buffer", None) is None:
+            from megatron.core.utils import GlobalMemoryBuffer
+
+            _lane.buffer = GlobalMemoryBuffer()
+        return _lane.buffer
+
+    return get_global_memory_buffer
+
+
+def _run_lane(name: str, work: Callable[[], None], device_mode) -> Optional[BaseException]:
+    _lane.name = name
+    start = time.perf_counter()
+    try:
+        with device_mode() if device_mode is not None else contextlib.nullcontext():
+            work()
+    except BaseException as e:  # handed to the schedule's thread, which re-raises it
+        return e
+    finally:
+        _lane.name = None
+        _turnstile.finish(name)
+        if _recording is not None:
+            _recording.append(Interval(name, "lane", start, time.perf_counter()))
+    return None
+
+
+def run_pair(forward: Callable[[], None], backward: Callable[[], None]) -> None:
+    """Run ``forward`` here and ``backward`` on a second thread, at the same time."""
+    global _turnstile
+    from npu_dsv3 import backend
+
+    # The CPU backend's device mode is a torch function mode, which is per thread.
+    mode = backend.cuda_to_cpu.mode
+    device_mode = type(mode) if mode is not None else None
+    _turnstile = _Turnstile()
+    errors: List[Optional[BaseException]] = [None]
+
+    def run_backward():
+        errors[0] = _run_lane("B", backward, device_mode)
+
+    thread = threading.Thread(target=run_backward, name="dualpipev-backward")
+    thread.start()
+    try:
+        error = _run_lane("F", forward, None)
+    finally:
+        thread.join()
+        _turnstile = None
+    for e in (error, errors[0]):
+        if e is not None:
+            raise e
+
+
+_COLLECTIVES = ("all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_gather",
+                "_all_gather_base", "_reduce_scatter_base")
+# megatron modules that bound a collective to their own name at import.
+_BOUND = {
+    "megatron.core.tensor_parallel.layers": ("dist_all_gather_func", "dist_reduce_scatter_func"),
+    "megatron.core.tensor_parallel.mappings": ("dist_all_gather_func", "dist_reduce_scatter_func"),
+    "megatron.core.tensor_parallel.utils": ("dist_all_gather_func",),
+    "megatron.core.transformer.multi_token_prediction": ("dist_all_gather_func",),
+}
+
+for _name in _COLLECTIVES:
+    register(Patch(name=f"fb-overlap.{_name}", feature="fb-overlap", target=f"torch.distributed.{_name}",
+                   replacement=_collective, wrap=True,
+                   why="--moe-fb-overlap: collectives of a pair's two threads are issued in a rank-independent "
+                   "order (a no-op outside an overlapped pair)"))
+for _module, _names in _BOUND.items():
+    for _name in _names:
+        register(Patch(name=f"fb-overlap.{_module.rsplit('.', 1)[-1]}.{_name}", feature="fb-overlap",
+                       target=f"{_module}.{_name}", replacement=_collective, wrap=True,
+                       why="--moe-fb-overlap: the same turn-taking at megatron's own binding of the collective"))
+for _module in ("megatron.core.parallel_state", "megatron.core.tensor_parallel.layers",
+                "megatron.core.tensor_parallel.mappings"):
+    register(Patch(name=f"fb-overlap.{_module.rsplit('.', 1)[-1]}.get_global_memory_buffer", feature="fb-overlap",
+                   target=f"{_module}.get_global_memory_buffer", replacement=_memory_buffer, wrap=True,
+                   why="--moe-fb-overlap: the backward lane gathers into its own buffer, not the forward's"))
