@@ -15,7 +15,7 @@ import pytest
 from npu_dsv3.cli import main
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 from checkpoint_files import hf_tensors
-from pretrain_runs import run_pretrain
+from pretrain_runs import run_pretrain, stopped_at
 
 pytestmark = pytest.mark.slow  # several training processes each
 
@@ -142,3 +142,26 @@ def test_the_converters_dualpipev_files_train_like_torch_dist(start, tmp_path):
                  "--target-pipeline-parallel-size", "2", "--schedules-method", "dualpipev", "--no-progress"]) == 0
     ours = _gradients(tmp_path / "run", 2, ["--pipeline-model-parallel-size", "2", *DUALPIPEV], hf_dir, legacy)
     _assert_same_gradients(ours, reference, hf_tensors(hf_dir))
+
+
+def test_dualpipev_checkpoints_resume_exactly(start, tmp_path):
+    """Saved in the dualpipev layout and resumed there, in both formats: torch_dist at iteration 1,
+    then the legacy files that run wrote at iteration 2; each resumed run continues the uninterrupted
+    run's losses and grad norms bit for bit."""
+    hf_dir, weights, _ = start
+    base = ["--hf-config", hf_dir, "--mock-data", "--micro-batch-size", "1", "--global-batch-size", "8",
+            "--seq-length", "16", "--train-iters", "3", "--lr", "1e-3", "--log-interval", "1", "--eval-iters", "0",
+            "--pipeline-model-parallel-size", "2", *DUALPIPEV]
+    dist, legacy = tmp_path / "dist", tmp_path / "legacy"
+    straight = run_pretrain(2, [*base, "--load", weights, "--finetune", "--save", str(dist), "--save-interval", "1"],
+                            tmp_path / "a.jsonl")
+    resumed = run_pretrain(2, [*base, "--load", str(stopped_at(dist, 1, tmp_path / "at1")), "--save", str(legacy),
+                               "--save-interval", "1", "--ckpt-format", "torch"], tmp_path / "b.jsonl")
+    again = run_pretrain(2, [*base, "--load", str(stopped_at(legacy, 2, tmp_path / "at2"))], tmp_path / "c.jsonl")
+
+    def curve(records):
+        return [(r["iteration"], r["lm_loss"], r["grad_norm"], r["mtp_loss"]) for r in records]
+
+    assert len(straight) == 3
+    assert curve(resumed) == curve(straight)[1:]
+    assert curve(again) == curve(straight)[2:]
