@@ -81,6 +81,23 @@ def record() -> Iterator[List[Interval]]:
         _recording = None
 
 
+class _Recorded:
+    """A collective's work handle whose ``wait`` records its wait-for-turn and comm intervals."""
+
+    def __init__(self, work, lane: str, asked: float, start: float):
+        self.work, self.lane, self.asked, self.start = work, lane, asked, start
+
+    def wait(self, *args, **kwargs):
+        done = self.work.wait(*args, **kwargs) if self.work is not None else True
+        if _recording is not None:
+            _recording.extend([Interval(self.lane, "wait", self.asked, self.start),
+                               Interval(self.lane, "comm", self.start, time.perf_counter())])
+        return done
+
+    def __getattr__(self, name):
+        return getattr(self.work, name)
+
+
 def _collective(original):
     """A torch.distributed collective that, inside a pair, is issued in the lane's turn."""
     if getattr(original, "takes_turns", False):  # a module bound the already wrapped function
@@ -94,13 +111,10 @@ def _collective(original):
         asked = time.perf_counter()
         with _turnstile.turn(lane):
             start = time.perf_counter()
-            work = original(*args, async_op=True, **kwargs)
+            work = _Recorded(original(*args, async_op=True, **kwargs), lane, asked, start)
         if async_op:
             return work
-        if work is not None:
-            work.wait()
-        if _recording is not None:
-            _recording.extend([Interval(lane, "wait", asked, start), Interval(lane, "comm", start, time.perf_counter())])
+        work.wait()
         return None
 
     collective.takes_turns = True
