@@ -1,5 +1,6 @@
-"""Smoke run of ``benchmarks/pipeline.py`` at PP=2: the three schedules run on real gloo processes and the
-last line reports a bubble fraction per schedule, DualPipeV's below 1F1B's."""
+"""Smoke run of ``benchmarks/pipeline.py`` at PP=2: the three schedules (and DualPipeV with
+--moe-fb-overlap) run on real gloo processes and the last line reports a bubble fraction per
+schedule, DualPipeV's below 1F1B's."""
 
 import os
 import re
@@ -20,7 +21,8 @@ def test_pp2_smoke_run_reports_each_schedules_bubble():
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert sum(line.startswith("pp=2 ") for line in lines) == 3
+    assert [line.split()[1] for line in lines if line.startswith("pp=2 ")] == [
+        "1f1b", "interleaved", "dualpipev", "dualpipev-overlap"]
     match = re.fullmatch(r"bubble: 1f1b=([\d.]+) interleaved=([\d.]+) dualpipev=([\d.]+)", lines[-1])
     assert match, lines[-1]
     one_f_one_b, interleaved, dualpipev = map(float, match.groups())
