@@ -17,6 +17,10 @@ and backward belong to different model chunks, the forward alone touches the MoE
 the random generator (recompute, whose backward replays forwards under saved generator states,
 is refused with this option), and the backward alone writes gradients.
 
+On a device the backward lane queues its kernels on a stream of its own (ordered after the
+schedule's stream at the pair's start, and waited for at its end), so the two lanes' kernels can
+run side by side; that path follows the documented stream API and is unverified on NPU and GPU.
+
 ``record()`` collects each lane's compute and communication intervals for timelines.
 """
 
@@ -25,6 +29,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
+
+import torch
 
 from npu_dsv3.patching import Patch, register
 
@@ -153,6 +159,16 @@ def _run_lane(name: str, work: Callable[[], None], device_mode) -> Optional[Base
     return None
 
 
+_streams: dict = {}
+
+
+def _side_stream():
+    """The backward lane's stream, one per process (created on first use, on the current device)."""
+    if "side" not in _streams:
+        _streams["side"] = torch.cuda.Stream()
+    return _streams["side"]
+
+
 def run_pair(forward: Callable[[], None], backward: Callable[[], None]) -> None:
     """Run ``forward`` here and ``backward`` on a second thread, at the same time."""
     global _turnstile
@@ -165,14 +181,22 @@ def run_pair(forward: Callable[[], None], backward: Callable[[], None]) -> None:
     errors: List[Optional[BaseException]] = [None]
 
     def run_backward():
-        errors[0] = _run_lane("B", backward, device_mode)
+        with torch.cuda.stream(side):
+            errors[0] = _run_lane("B", backward, device_mode)
 
+    # On a device the backward lane's kernels go to their own stream, ordered after everything the
+    # schedule queued so far; the schedule's stream then waits for them before using the results.
+    # (The CPU backend's streams are one serial stream: these calls change nothing there.)
+    main = torch.cuda.current_stream()
+    side = _side_stream()
+    side.wait_stream(main)
     thread = threading.Thread(target=run_backward, name="dualpipev-backward")
     thread.start()
     try:
         error = _run_lane("F", forward, None)
     finally:
         thread.join()
+        main.wait_stream(side)
         _turnstile = None
     for e in (error, errors[0]):
         if e is not None:
