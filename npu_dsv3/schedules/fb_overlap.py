@@ -14,8 +14,8 @@ identically, and never on timing.
 Only what the two lanes share is guarded: the collectives, and megatron's global memory buffer
 (the backward lane gets its own). Their work is disjoint otherwise: the pair's forward
 and backward belong to different model chunks, the forward alone touches the MoE trackers and
-the random generator (recompute, whose backward replays forwards under saved generator states,
-is refused with this option), and the backward alone writes gradients.
+the random generator (a recomputing backward replays forwards under saved generator states, so
+recompute is allowed only without dropout), and the backward alone writes gradients.
 
 On a device the backward lane queues its kernels on a stream of its own (ordered after the
 schedule's stream at the pair's start, and waited for at its end), so the two lanes' kernels can
@@ -33,9 +33,6 @@ from typing import Callable, Iterator, List, Optional
 import torch
 
 from npu_dsv3.patching import Patch, register
-
-LANES = ("F", "B")
-
 
 @dataclass(frozen=True)
 class Interval:
