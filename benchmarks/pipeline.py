@@ -22,8 +22,9 @@ process on the machine). Busy time of a rank is the time its op intervals cover;
 makespan runs from the first rank leaving the barrier before the step to the last
 rank returning from the schedule; the measured bubble fraction is the mean over
 ranks of 1 - busy / makespan. Communication, megatron's bookkeeping and Python
-run between the ops, so they count as idle: the simulation charges them nothing. After one warm-up step the fastest of ``--steps``
-steps is kept (on a shared machine foreign load only adds time).
+run between the ops, so they count as idle: the simulation charges them nothing.
+After one warm-up step the fastest of ``--steps`` steps is kept (on a shared
+machine foreign load only adds time).
 
 Next to each measurement: the event simulation of the same schedule's plan
 (``npu_dsv3.schedules.simulate``) and the closed-form formula

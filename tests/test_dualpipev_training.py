@@ -1,7 +1,8 @@
 """`--schedules-method dualpipev` training gives every parameter the gradient of the single-process
 run and of megatron's 1F1B: PP 2 and PP 4, with and without EP, with MTP, TP + SP, data parallel,
-recompute and noop layers (the distributed optimizer, Adam only, by its losses and grad norms), from torch_dist and from the converter's
-legacy dualpipev files, saving in the dualpipev layout.
+recompute, noop layers and --moe-fb-overlap (the distributed optimizer, Adam only, by its losses and
+grad norms), from torch_dist and from the converter's legacy dualpipev files, saving in the
+dualpipev layout; its checkpoints resume exactly.
 
 Each run is one iteration of plain SGD (no momentum, decay or clipping) from the same weights, so
 the saved weights are the starting ones minus lr x gradient; exporting them to HF
