@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel.schedules import backward_step, deallocate_output_tensor, forward_step
-from megatron.core.utils import get_model_config, get_model_type
+from megatron.core.utils import get_model_config, get_model_type, unwrap_model
 
 from npu_dsv3.patching import Patch, register
 from npu_dsv3.schedules import fb_overlap, weight_grad
@@ -116,17 +116,11 @@ def _launch_grad_sync(config, model) -> None:
         (funcs[i] if isinstance(funcs, list) else funcs)(chunk.parameters())
 
 
-def _unwrapped(chunk):
-    while hasattr(chunk, "module"):  # DDP, Float16Module
-        chunk = chunk.module
-    return chunk
-
-
 def _sum_embedding_copies(model) -> None:
     """Rank 0 holds the embedding (chunk 0) and MTP's copy of it (chunk 1). megatron keeps such
     copies equal by all-reducing their gradients between ranks; here they share a rank, so their
     gradients are summed in place, before the data-parallel reduction treats each copy alike."""
-    first, last = (_unwrapped(chunk) for chunk in model)
+    first, last = unwrap_model(model)
     if not (getattr(first, "pre_process", False) and getattr(last, "mtp_process", False)):
         return
     weights = [m.embedding.word_embeddings.weight for m in (first, last)]
