@@ -22,8 +22,9 @@ setup(
     # The small bundled corpus the main job preprocesses and trains on.
     package_data={"npu_dsv3.data.corpus": ["*.jsonl"]},
     install_requires=[
-        # A range: Ascend users install the torch that matches their torch_npu/CANN.
-        "torch>=2.1",
+        # A range: Ascend users install the torch that matches their torch_npu/CANN. megatron-core
+        # 0.16.1 itself requires torch >= 2.6.
+        "torch>=2.6",
         # Pinned: the one megatron-core version every patch is written and tested against
         # (npu_dsv3.patching.SUPPORTED_MEGATRON_CORE must say the same).
         "megatron-core==0.16.1",

@@ -700,7 +700,8 @@ def projection(results: list, boot: dict) -> list:
     lines = ["PROJECTION (computed, not measured): DeepSeek-V3 671B from the rates and memory measured above"]
     try:
         flags = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=8, expert_model_parallel_size=32,
-                     num_layers=64, noop_layers="61,62,63", schedules_method="dualpipev", moe_grouped_gemm=True)
+                     expert_tensor_parallel_size=1, num_layers=64, noop_layers="61,62,63", schedules_method="dualpipev",
+                     moe_grouped_gemm=True)
         real = real_rank_file_bytes(flags)
     except Exception as e:  # the projection must not sink the measurement
         return lines + [f"  (the 671B layout could not be computed: {e})"]

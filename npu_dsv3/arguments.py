@@ -15,11 +15,13 @@ sizes, the pipeline/expert layout and the optimizer config.
 """
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from npu_dsv3.argtypes import positive_int
 from npu_dsv3.arguments_model import (FLAGS_ONLY_HIDDEN_DROPOUT, MODEL_FLAGS, add_model_args, flag_name,
                                       hf_config_from_args)
 from npu_dsv3.features import FEATURES, add_feature_args, feature_overrides
@@ -112,7 +114,7 @@ FLAG_TABLE = {
     "--tokenizer-type": "args.tokenizer_type", "--tokenizer-name-or-path": "args.tokenizer_name_or_path",
     "--make-vocab-size-divisible-by": "args.padded_vocab_size", "--padded-vocab-size": "args.padded_vocab_size",
     "--reset-position-ids": "args.reset_position_ids", "--reset-attention-mask": "args.reset_attention_mask",
-    "--no-shared-storage": "args.shared_storage",
+    "--no-shared-storage": "args.shared_storage", "--data-cache-path": "args.data_cache_path",
     # fine-tuning (mode finetune)
     "--stage": "args.stage", "--is-instruction-dataset": "args.is_instruction_dataset",
     "--variable-seq-lengths": "args.variable_seq_lengths", "--prompt-type": "args.prompt_type",
@@ -187,13 +189,6 @@ class _Refuse(argparse.Action):
         parser.error(f"{option_string} is not supported: {FLAG_TABLE[option_string].reason}")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _int_list(text: str) -> List[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -202,27 +197,38 @@ def _int_list(text: str) -> List[int]:
 
 
 def _add_parallel_args(parser) -> None:
-    g = parser.add_argument_group("parallelism and layout")
-    g.add_argument("--tensor-model-parallel-size", type=_positive, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=_positive, default=1)
-    g.add_argument("--expert-model-parallel-size", type=_positive, default=1)
-    g.add_argument("--expert-tensor-parallel-size", type=_positive, default=None,
-                   help="default: 1 with --moe-tp-extend-ep, else the tensor-parallel size (megatron's default)")
-    g.add_argument("--context-parallel-size", type=_positive, default=1)
+    # The layout flags (npu_dsv3.layout.LAYOUT_DEFAULTS) default to None, "not given": a legacy --load
+    # checkpoint supplies the ones it records, the table the rest (_resolve_layout).
+    g = parser.add_argument_group("parallelism and layout (default: what a legacy --load checkpoint records, "
+                                  "else the value shown)")
+    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=None, help="tensor-parallel size (1)")
+    g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=None,
+                   help="pipeline-parallel size (1)")
+    g.add_argument("--expert-model-parallel-size", type=positive_int, default=None, help="expert-parallel size (1)")
+    g.add_argument("--expert-tensor-parallel-size", type=positive_int, default=None,
+                   help="tensor-parallel size of the routed experts, 1 or the tensor-parallel size (the "
+                        "tensor-parallel size, megatron's default; 1 with --moe-tp-extend-ep)")
+    g.add_argument("--context-parallel-size", type=positive_int, default=1, help="context-parallel size (1 only)")
     g.add_argument("--context-parallel-algo", default="ulysses_cp_algo",
-                   choices=["ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"])
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive, default=None)
+                   choices=["ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"],
+                   help="MindSpeed's context-parallel algorithm; no effect at context-parallel size 1")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=positive_int, default=None,
+                   help="layers per virtual pipeline stage: the interleaved schedule (none)")
     g.add_argument("--num-layer-list", type=_int_list, default=None, metavar="N,N,...",
-                   help="layers on each pipeline stage, noop layers included")
+                   help="layers on each pipeline stage, noop layers included (an even split)")
     g.add_argument("--noop-layers", type=_int_list, default=None, metavar="I,I,...",
-                   help="global indices of identity layers that pad --num-layers")
-    g.add_argument("--schedules-method", choices=["dualpipev"], default=None)
-    g.add_argument("--moe-fb-overlap", action="store_true")
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--moe-tp-extend-ep", action="store_true",
+                   help="global indices of identity layers that pad --num-layers (none)")
+    g.add_argument("--schedules-method", choices=["dualpipev"], default=None,
+                   help="dualpipev: DeepSeek's bidirectional pipeline schedule (megatron's 1F1B)")
+    g.add_argument("--moe-fb-overlap", action="store_true",
+                   help="run dualpipev's forward/backward pairs concurrently")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split activations over the tensor-parallel ranks along the sequence")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer state over the data-parallel ranks (megatron's distributed optimizer)")
+    g.add_argument("--moe-tp-extend-ep", action="store_true", default=None,
                    help="the tensor ranks of an expert rank hold different whole experts (experts over EP x TP)")
-    g.add_argument("--mla-mm-split", action="store_true",
+    g.add_argument("--mla-mm-split", action="store_true", default=None,
                    help="MLA up-projections as separate qk_nope/qk_rope and kv_nope/v linears")
 
 
@@ -232,64 +238,90 @@ def _add_moe_training_args(parser) -> None:
                    choices=["alltoall", "alltoall_seq", "allgather", "flex"],
                    help="default alltoall; alltoall_seq (MindSpeed) is megatron-core's alltoall")
     g.add_argument("--moe-router-load-balancing-type", default=None,
-                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none", "noaux_tc", "sinkhorn"])
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=None)
-    g.add_argument("--moe-router-bias-update-rate", type=float, default=None)
-    g.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default=None)
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none", "noaux_tc", "sinkhorn"],
+                   help="expert balancing: an aux loss (global, per sequence), none, or noaux_tc (expert bias)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="weight of the balance loss (1e-4 with --hf-config, else 0)")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=None,
+                   help="step of the aux-loss-free expert bias update (megatron's 1e-3)")
+    g.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default=None,
+                   help="dtype of the router's logits and probabilities (the model's dtype)")
     g.add_argument("--router-gating-in-fp32", action="store_true", help="MindSpeed's --moe-router-dtype fp32")
-    g.add_argument("--moe-router-pre-softmax", action="store_true", default=None)
-    g.add_argument("--mtp-loss-scaling-factor", type=float, default=None)
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
-    g.add_argument("--recompute-num-layers", type=_positive, default=None)
+    g.add_argument("--moe-router-pre-softmax", action="store_true", default=None,
+                   help="softmax over all experts before the top-k (softmax scoring)")
+    g.add_argument("--mtp-loss-scaling-factor", type=float, default=None,
+                   help="weight of the multi-token-prediction loss (megatron's 0.1)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="recompute activations in the backward: whole layers or --recompute-modules (none)")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="full recompute: groups of --recompute-num-layers layers, or that many layers per stage")
+    g.add_argument("--recompute-num-layers", type=positive_int, default=None,
+                   help="layers per recompute group (uniform) or recomputed per pipeline stage (block)")
     g.add_argument("--recompute-modules", nargs="+", default=None,
-                   choices=["core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"])
-    g.add_argument("--attention-softmax-in-fp32", action="store_true")
+                   choices=["core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"],
+                   help="the parts --recompute-granularity selective recomputes (megatron's core_attn)")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true",
+                   help="attention softmax in fp32 under --bf16 / --fp16")
 
 
 def _add_kernel_args(parser) -> None:
     add_feature_args(parser)
+    parser.set_defaults(moe_grouped_gemm=None)  # a layout flag too: None until _resolve_layout
     parser.add_argument("--use-fused-moe-token-permute-and-unpermute", dest="use_fused_permute", action="store_true",
                         help="MindSpeed's older name of --moe-permute-fusion")
 
 
 def _add_training_args(parser) -> None:
     g = parser.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=_positive, default=None)
-    g.add_argument("--global-batch-size", type=_positive, default=None,
+    g.add_argument("--micro-batch-size", type=positive_int, default=None,
+                   help="sequences per micro-batch on each data-parallel rank (required)")
+    g.add_argument("--global-batch-size", type=positive_int, default=None,
                    help="default: micro batch x data-parallel size")
-    g.add_argument("--seq-length", type=_positive, default=None)
-    g.add_argument("--train-iters", type=_positive, default=None)
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--seq-length", type=positive_int, default=None, help="tokens per sequence (required)")
+    g.add_argument("--train-iters", type=positive_int, default=None,
+                   help="iterations (optimizer steps) the run ends at (required)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (required)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate the decay ends at (default %(default)s)")
     g.add_argument("--lr-decay-style", default="linear",
-                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
-    g.add_argument("--lr-decay-iters", type=_positive, default=None, help="default: --train-iters")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    g.add_argument("--sgd-momentum", type=float, default=0.9)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true")
-    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
-    g.add_argument("--seed", type=int, default=1234)
+                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   help="learning-rate decay after the warmup (default %(default)s)")
+    g.add_argument("--lr-decay-iters", type=positive_int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-warmup-iters", type=int, default=0,
+                   help="iterations of linear warmup from 0 to --lr (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay (default %(default)s)")
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="clip the global gradient norm to this; 0: no clipping (default %(default)s)")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam (AdamW) or sgd (default %(default)s)")
+    g.add_argument("--sgd-momentum", type=float, default=0.9, help="--optimizer sgd's momentum (default %(default)s)")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam's beta1 (default %(default)s)")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam's beta2 (default %(default)s)")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's epsilon (default %(default)s)")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and compute, fp32 main weights (else fp32)")
+    g.add_argument("--fp16", action="store_true", help="fp16 weights and compute with loss scaling (else fp32)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32,
+                   help="--fp16's first dynamic loss scale (default 2^32)")
+    g.add_argument("--seed", type=int, default=1234,
+                   help="seed of the initialisation, dropout and mock data (default %(default)s)")
 
 
 def _add_checkpoint_args(parser) -> None:
     g = parser.add_argument_group("checkpoints")
-    g.add_argument("--load", default=None, metavar="DIR")
-    g.add_argument("--save", default=None, metavar="DIR")
-    g.add_argument("--save-interval", type=_positive, default=None)
+    g.add_argument("--load", default=None, metavar="DIR",
+                   help="checkpoint to resume from (a training save or a converted checkpoint)")
+    g.add_argument("--save", default=None, metavar="DIR", help="where checkpoints are written (none)")
+    g.add_argument("--save-interval", type=positive_int, default=None,
+                   help="save every N iterations (default: at the end only)")
     g.add_argument("--finetune", action="store_true",
                    help="load only the model weights from --load and start at iteration 0")
-    g.add_argument("--no-load-optim", dest="load_optim", action="store_false")
-    g.add_argument("--no-load-rng", dest="load_rng", action="store_false")
-    g.add_argument("--no-save-optim", dest="save_optim", action="store_false")
-    g.add_argument("--no-save-rng", dest="save_rng", action="store_false")
+    g.add_argument("--no-load-optim", dest="load_optim", action="store_false",
+                   help="do not load the optimizer state from --load")
+    g.add_argument("--no-load-rng", dest="load_rng", action="store_false",
+                   help="do not load the random generators' states from --load")
+    g.add_argument("--no-save-optim", dest="save_optim", action="store_false",
+                   help="save the weights without the optimizer state")
+    g.add_argument("--no-save-rng", dest="save_rng", action="store_false",
+                   help="save without the random generators' states")
     g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist",
                    help="torch_dist: megatron dist_checkpointing (any layout loads it); torch: the legacy per-rank "
                         "mp_rank_* files")
@@ -302,17 +334,23 @@ def _add_data_args(parser) -> None:
     g.add_argument("--mock-data", action="store_true", help="synthetic tokens instead of --data-path")
     g.add_argument("--tokenizer-type", choices=["PretrainedFromHF", "NullTokenizer"], default=None,
                    help="default with --mock-data: NullTokenizer")
-    g.add_argument("--tokenizer-name-or-path", default=None, metavar="PATH")
-    g.add_argument("--make-vocab-size-divisible-by", type=_positive, default=128)
-    g.add_argument("--padded-vocab-size", type=_positive, default=None,
+    g.add_argument("--tokenizer-name-or-path", default=None, metavar="PATH",
+                   help="local HF tokenizer directory (PretrainedFromHF)")
+    g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128,
+                   help="pad the embedding rows to a multiple of this x tensor-parallel size (default %(default)s)")
+    g.add_argument("--padded-vocab-size", type=positive_int, default=None,
                    help="embedding rows (default: vocab size rounded up to the divisor x tensor-parallel size)")
     g.add_argument("--reset-position-ids", action="store_true", help="positions restart after each EOD (packing)")
     g.add_argument("--reset-attention-mask", action="store_true", help="no attention across EOD (packing)")
     g.add_argument("--no-shared-storage", dest="shared_storage", action="store_false",
                    help="nodes do not share a file system: every node builds its own data index cache")
+    g.add_argument("--data-cache-path", default=None, metavar="DIR",
+                   help="where megatron's GPTDataset keeps its index caches (default: beside each --data-path "
+                        "prefix, which must then be writable)")
     f = parser.add_argument_group("fine-tuning (npu_dsv3.finetune)")
-    f.add_argument("--stage", choices=["sft"], default=None)
-    f.add_argument("--is-instruction-dataset", action="store_true", default=None)
+    f.add_argument("--stage", choices=["sft"], default=None, help="fine-tuning stage: sft (supervised)")
+    f.add_argument("--is-instruction-dataset", action="store_true", default=None,
+                   help="--data-path holds instruction samples (npu-dsv3 data preprocess with an instruction handler)")
     f.add_argument("--variable-seq-lengths", action="store_true", default=None,
                    help="pad each batch to its longest sample instead of --seq-length")
     f.add_argument("--prompt-type", default=None, help="chat template of the instruction data (deepseek3)")
@@ -320,29 +358,37 @@ def _add_data_args(parser) -> None:
 
 def _add_runtime_args(parser) -> None:
     g = parser.add_argument_group("logging, evaluation and runtime")
-    g.add_argument("--log-interval", type=_positive, default=100)
-    g.add_argument("--eval-interval", type=_positive, default=1000)
-    g.add_argument("--eval-iters", type=int, default=100)
-    g.add_argument("--log-throughput", action="store_true")
+    g.add_argument("--log-interval", type=positive_int, default=100,
+                   help="print a progress line every N iterations (default %(default)s)")
+    g.add_argument("--eval-interval", type=positive_int, default=1000,
+                   help="evaluate every N iterations (default %(default)s)")
+    g.add_argument("--eval-iters", type=int, default=100,
+                   help="validation batches per evaluation; 0: no evaluation (default %(default)s)")
+    g.add_argument("--log-throughput", action="store_true",
+                   help="accepted for recipe compatibility: the progress lines always show TFLOP/s and tokens/s")
     g.add_argument("--log-jsonl", default=None, metavar="PATH", help="one JSON object of metrics per iteration")
     g.add_argument("--distributed-backend", choices=["nccl", "hccl", "gloo"], default=None,
                    help="default: the device's (hccl on Ascend, nccl on CUDA, gloo on CPU)")
-    g.add_argument("--distributed-timeout-minutes", type=_positive, default=10)
-    g.add_argument("--manual-gc", action="store_true", help="Python GC only every --manual-gc-interval steps")
-    g.add_argument("--manual-gc-interval", type=int, default=0)
+    g.add_argument("--distributed-timeout-minutes", type=positive_int, default=10,
+                   help="collective operations time out after this (default %(default)s)")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="accepted for recipe compatibility; Python's garbage collector runs as usual")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="accepted for recipe compatibility with --manual-gc (default %(default)s)")
 
 
 def _add_fixed_and_refused(parser) -> None:
     g = parser.add_argument_group("fixed by DeepSeek-V3 (accepted for recipe compatibility)")
     for flag in _FIXED_SWITCHES:
         g.add_argument(flag, action="store_true", help=FLAG_TABLE[flag])
-    g.add_argument("--position-embedding-type", choices=["rope"], default=None)
-    g.add_argument("--normalization", choices=["RMSNorm"], default=None)
+    g.add_argument("--position-embedding-type", choices=["rope"], default=None,
+                   help=FLAG_TABLE["--position-embedding-type"])
+    g.add_argument("--normalization", choices=["RMSNorm"], default=None, help=FLAG_TABLE["--normalization"])
     g.add_argument("--spec", nargs=2, default=None, metavar=("MODULE", "NAME"), help=FLAG_TABLE["--spec"])
     r = parser.add_argument_group("refused (see npu_dsv3.arguments.FLAG_TABLE)")
     for flag, where in FLAG_TABLE.items():
         if isinstance(where, Unsupported):
-            r.add_argument(flag, action=_Refuse, nargs="*", help=argparse.SUPPRESS)
+            r.add_argument(flag, action=_Refuse, nargs="*", help=f"not supported: {where.reason}")
 
 
 def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
@@ -372,12 +418,42 @@ def parse_args(argv: Sequence[str], world_size: int, mode: str = "pretrain") -> 
     args.__dict__.pop("_alias_given", None)
     args.mode, args.world_size, args.notes = mode, world_size, []
     for check in (_check_mode, _check_precision, _check_required, _check_data, _check_eval, _check_checkpoint,
-                  _check_fixed, _check_parallel, _check_batches, _check_schedules, _check_recompute, _check_moe,
-                  _check_lr, _check_optimizer):
+                  _check_fixed):
         check(args)
-    args.hf = _model_hf_config(args)
-    build_configs(args)  # the model-dependent checks: heads, experts, layers against the layout
+    taken_note = _resolve_layout(args)
+    try:
+        for check in (_check_parallel, _check_batches, _check_schedules, _check_recompute, _check_moe, _check_lr,
+                      _check_optimizer):
+            check(args)
+        args.hf = _model_hf_config(args)
+        build_configs(args)  # the model-dependent checks: heads, experts, layers against the layout
+    except ArgsError as e:
+        if taken_note is None:
+            raise
+        raise ArgsError(f"{e} ({taken_note})") from None  # the user may not know where a value came from
     return args
+
+
+def _resolve_layout(args) -> Optional[str]:
+    """Fills the layout flags not given: from what a legacy --load checkpoint records, else the defaults.
+    Returns the note saying which came from the checkpoint (also queued in ``args.notes``), or None."""
+    from npu_dsv3.layout import LAYOUT_DEFAULTS, LayoutError, layout_note, resolve_layout, training_flag
+
+    recorded, source = None, f"--load {args.load}"
+    if args.load:
+        from npu_dsv3.checkpoint.layout_record import recorded_layout
+
+        recorded = recorded_layout(args.load)
+    given = {name: getattr(args, name) for name in LAYOUT_DEFAULTS}
+    try:
+        layout, taken = resolve_layout(given, recorded, training_flag, source)
+    except LayoutError as e:
+        raise ArgsError(str(e)) from None
+    vars(args).update(layout)
+    note = layout_note(source, taken)
+    if note is not None:
+        args.notes.append(note)
+    return note
 
 
 def _check_mode(args) -> None:
@@ -459,6 +535,27 @@ def _check_data(args) -> None:
     if args.is_instruction_dataset and (args.mock_data or args.tokenizer_type != "PretrainedFromHF"):
         raise ArgsError("--is-instruction-dataset needs --data-path and --tokenizer-type PretrainedFromHF "
                         "(its chat template)")
+    _check_output_dir("--data-cache-path", args.data_cache_path)
+
+
+def output_dir_problem(directory: str) -> Optional[str]:
+    """Why files cannot be written under ``directory`` (made if missing), or None when they can."""
+    path = os.path.abspath(directory)
+    while not os.path.exists(path):  # the first existing ancestor is where it would be made
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{path} is a file, not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None
+
+
+def _check_output_dir(flag: str, value: Optional[str], directory: Optional[str] = None) -> None:
+    """``value`` (a directory, or a file in ``directory``) can be written, or one line naming ``flag``."""
+    # Before the model is built: a run must not spend its compute and then fail at its first write.
+    problem = value and output_dir_problem(directory or value)
+    if problem:
+        raise ArgsError(f"{flag} {value}: {problem}; give a path this run can write")
 
 
 def _check_checkpoint(args) -> None:
@@ -467,6 +564,9 @@ def _check_checkpoint(args) -> None:
         raise ArgsError(f"{what} starts from a checkpoint: give --load DIR")
     if args.save_interval is not None and not args.save:
         raise ArgsError("--save-interval needs --save DIR")
+    _check_output_dir("--save", args.save)
+    if args.log_jsonl:
+        _check_output_dir("--log-jsonl", args.log_jsonl, os.path.dirname(os.path.abspath(args.log_jsonl)))
 
 
 def _check_fixed(args) -> None:
@@ -485,7 +585,7 @@ def _check_parallel(args) -> None:
         raise ArgsError(f"world size {args.world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                         f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}")
     args.data_parallel_size = args.world_size // (tp * pp * cp)
-    _resolve_expert_tp(args)
+    _check_expert_tp(args)
     expert_ranks = ep * (tp if args.moe_tp_extend_ep else args.expert_tensor_parallel_size)
     if args.world_size % (expert_ranks * pp):
         what = ("--expert-model-parallel-size x --tensor-model-parallel-size (--moe-tp-extend-ep)"
@@ -495,15 +595,10 @@ def _check_parallel(args) -> None:
     _check_sequence_parallel(args)
 
 
-def _resolve_expert_tp(args) -> None:
-    tp, etp = args.tensor_model_parallel_size, args.expert_tensor_parallel_size
-    if args.moe_tp_extend_ep:
-        if etp not in (None, 1):
-            raise ArgsError(f"--moe-tp-extend-ep keeps every expert whole: --expert-tensor-parallel-size must be 1, "
-                            f"not {etp}")
-        args.expert_tensor_parallel_size = 1
-    elif etp is None:
-        args.expert_tensor_parallel_size = tp
+def _check_expert_tp(args) -> None:
+    if args.moe_tp_extend_ep and args.expert_tensor_parallel_size != 1:
+        raise ArgsError(f"--moe-tp-extend-ep keeps every expert whole: --expert-tensor-parallel-size must be 1, "
+                        f"not {args.expert_tensor_parallel_size}")
 
 
 def _check_sequence_parallel(args) -> None:
@@ -780,7 +875,7 @@ def _layout(args, config):
             moe_grouped_gemm=args.moe_grouped_gemm, moe_tp_extend_ep=args.moe_tp_extend_ep,
             mla_mm_split=args.mla_mm_split)
     except LayoutError as e:
-        raise ArgsError(_training_flag_names(str(e))) from None
+        raise ArgsError(training_flag_names(str(e))) from None
 
 
 # rank_state's checks speak the converter's flag names; the same sizes are these flags in training.
@@ -789,7 +884,7 @@ _CONVERTER_TO_TRAINING = {"--target-tensor-parallel-size": "--tensor-model-paral
                           "--target-pipeline-parallel-size": "--pipeline-model-parallel-size"}
 
 
-def _training_flag_names(message: str) -> str:
+def training_flag_names(message: str) -> str:
     for converter, training in _CONVERTER_TO_TRAINING.items():
         message = message.replace(converter, training)
     return message

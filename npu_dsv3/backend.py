@@ -202,6 +202,14 @@ def dist_backend() -> str:
     return _DIST_BACKEND[current_backend()]
 
 
+def set_local_device() -> None:
+    """Binds this process to its device: torchrun starts one process per NPU / GPU of a node, and each
+    must compute on device LOCAL_RANK, not all on device 0. Nothing to do on cpu."""
+    b = current_backend()
+    if b != "cpu":
+        (torch.npu if b == "npu" else torch.cuda).set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
 # --------------------------------------------------------------------------- CPU adapter
 
 _CPU = torch.device("cpu")
@@ -425,7 +433,15 @@ class _ModeSwitch:
     def mode(self, new: CudaToCpuMode) -> None:
         if self._mode is not None:
             raise RuntimeError("the CUDA->CPU device mode is already active")
-        new.__enter__()
+        # Enter it beneath the modes active in this thread: the patches are applied when megatron.core is
+        # first imported, which may happen inside `with torch.device("meta"):`, and leaving that block pops
+        # the top of the mode stack, which must be the block's own mode, not this one.
+        above = [torch.overrides._pop_mode() for _ in range(torch._C._len_torch_function_stack())]
+        try:
+            new.__enter__()
+        finally:
+            for mode in reversed(above):
+                torch.overrides._push_mode(mode)
         self._mode = new
 
     @mode.deleter

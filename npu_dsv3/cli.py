@@ -127,6 +127,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input or environment: one line that says what is wrong, no traceback.
         print(f"npu-dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that cannot be written: permissions, a file in the way, a full disk
+        print(f"npu-dsv3 {args.command}: error: {_os_error_line(e, args)}", file=sys.stderr)
+        return 2
+
+
+# Where each command writes; an OSError that names no file (a full disk) is reported against it.
+OUTPUT_DESTS = ("save_dir", "output_bf16_hf_path", "output_prefix")
+
+
+def _os_error_line(e: OSError, args: argparse.Namespace) -> str:
+    from npu_dsv3.argtypes import os_error_line
+
+    return os_error_line(e, next((getattr(args, dest) for dest in OUTPUT_DESTS if getattr(args, dest, None)), None))
 
 
 if __name__ == "__main__":

@@ -139,7 +139,40 @@ def load_hf_config(path) -> dict:
         raise ValueError(f"{file!r} is not a valid JSON config: {e}") from e
     if not isinstance(config, dict):
         raise ValueError(f"{file!r} must hold a JSON object, got {type(config).__name__}")
+    check_value_types(config, file)
     return config
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The JSON types of the keys npu_dsv3 reads (JSON has no other way to say 64 than 64: "64" and 64.0 are
+# mistakes that would otherwise surface as a traceback deep in megatron). Keys marked nullable may be null.
+_KEY_TYPES = {
+    **{key: ("an integer", _is_int) for key in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "intermediate_size", "max_position_embeddings", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+        "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group", "moe_layer_freq",
+        "num_nextn_predict_layers")},
+    **{key: ("a number", lambda v: _is_int(v) or isinstance(v, float)) for key in (
+        "rms_norm_eps", "initializer_range", "attention_dropout", "routed_scaling_factor", "rope_theta")},
+    **{key: ("true or false", lambda v: isinstance(v, bool)) for key in (
+        "norm_topk_prob", "tie_word_embeddings", "seq_aux", "attention_bias")},
+    **{key: ("a string", lambda v: isinstance(v, str)) for key in (
+        "model_type", "scoring_func", "topk_method", "hidden_act")},
+}
+_NULLABLE_KEYS = {"q_lora_rank", "num_key_value_heads", "n_group", "topk_group", "num_nextn_predict_layers",
+                  "routed_scaling_factor"}
+
+
+def check_value_types(hf: dict, where: str = "the HF config") -> None:
+    """One line naming the first key whose value has the wrong JSON type."""
+    for key, (kind, valid) in _KEY_TYPES.items():
+        if key not in hf or (hf[key] is None and key in _NULLABLE_KEYS) or valid(hf[key]):
+            continue
+        raise ValueError(f"{where}: {key!r} must be {kind}, got {hf[key]!r} ({type(hf[key]).__name__})")
 
 
 def moe_layer_pattern(num_layers: int, first_k_dense_replace: int, moe_layer_freq: int) -> List[int]:
@@ -241,6 +274,7 @@ def _check_source(hf: dict) -> None:
     for key in required:
         if key not in hf:
             raise ValueError(f"HF config ({model_type}) is missing required key {key!r}")
+    check_value_types(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {hf['hidden_act']!r}")
     if hf.get("attention_bias", False):

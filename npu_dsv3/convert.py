@@ -12,17 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from npu_dsv3.argtypes import positive_int
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
     """--workers / --resume / --no-progress, shared by every conversion that writes a directory."""
-    p.add_argument("--workers", type=_positive_int, default=1,
+    p.add_argument("--workers", type=positive_int, default=1,
                    help="files converted at a time, one process each (default %(default)s: in this process); "
                         "each holds a few tensors in memory")
     p.add_argument("--resume", action="store_true",
@@ -64,39 +59,51 @@ def run_fp8_to_bf16(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- hf2mcore / mcore2hf
 
 
-_SIDED = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size")
+# dest -> the name the converters' prefixed flag has (MindSpeed-LLM's --target-tensor-parallel-size).
+_SIDED = {"tensor_model_parallel_size": "tensor_parallel_size",
+          "pipeline_model_parallel_size": "pipeline_parallel_size",
+          "expert_model_parallel_size": "expert_parallel_size"}
 _SHARED = ("expert_tensor_parallel_size", "num_layers_per_virtual_pipeline_stage", "num_layer_list", "noop_layers",
            "schedules_method", "num_layers", "moe_grouped_gemm", "moe_tp_extend_ep", "mla_mm_split",
            "first_k_dense_replace", "mtp_num_layers")
 
 
 def _add_layout_arguments(p: argparse.ArgumentParser, side: str, prefix_all: bool = False) -> None:
-    """The layout flags of MindSpeed-LLM's converter for ``side`` ("target" or "source").
+    """The layout flags of MindSpeed-LLM's converter for ``side`` ("target" or "source"), with its defaults.
 
     hf2mcore / mcore2hf have one megatron side, so only the parallel sizes carry
     the prefix (``--target-tensor-parallel-size``, ``--num-layer-list``);
-    reshard has two and prefixes every flag (``--source-num-layer-list``).
+    reshard has two and prefixes every flag (``--source-num-layer-list``). The
+    layout flags default to None ("not given"): a source side takes what the
+    checkpoint records, then ``npu_dsv3.layout.LAYOUT_DEFAULTS``.
     """
     group = p.add_argument_group(f"{side} layout")
     pre = f"--{side}-" if prefix_all else "--"
-    for name in _SIDED:
-        group.add_argument(f"--{side}-{name.replace('_', '-')}", type=_positive_int, default=1)
-    group.add_argument(f"{pre}expert-tensor-parallel-size", type=_positive_int, default=1,
-                       help="1 (DeepSeek-V3 recipes) or the tensor-parallel size")
-    group.add_argument(f"{pre}num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None)
-    group.add_argument(f"{pre}num-layer-list", default=None, metavar="N,N,...", help="layers per pipeline stage")
+    recorded = " (default: what the checkpoint records, else %s)" if side == "source" else " (default %s)"
+    for name, what in zip(_SIDED.values(), ("tensor", "pipeline", "expert")):
+        group.add_argument(f"--{side}-{name.replace('_', '-')}", type=positive_int, default=None, metavar="N",
+                           help=f"{what}-parallel size" + recorded % 1)
+    group.add_argument(f"{pre}expert-tensor-parallel-size", type=positive_int, default=None, metavar="N",
+                       help="tensor-parallel size of the routed experts: 1 (DeepSeek-V3 recipes) or the "
+                            "tensor-parallel size" + recorded % "the tensor-parallel size, 1 with --moe-tp-extend-ep")
+    group.add_argument(f"{pre}num-layers-per-virtual-pipeline-stage", type=positive_int, default=None, metavar="N",
+                       help="layers per virtual pipeline stage (interleaved schedule)" + recorded % "none")
+    group.add_argument(f"{pre}num-layer-list", default=None, metavar="N,N,...",
+                       help="layers per pipeline stage" + recorded % "an even split")
     group.add_argument(f"{pre}noop-layers", default=None, metavar="I,I,...",
-                       help="global indices of identity layers that pad --num-layers")
-    group.add_argument(f"{pre}schedules-method", choices=["dualpipev"], default=None)
-    group.add_argument(f"{pre}num-layers", type=_positive_int, default=None,
+                       help="global indices of identity layers that pad --num-layers" + recorded % "none")
+    group.add_argument(f"{pre}schedules-method", choices=["dualpipev"], default=None,
+                       help="dualpipev: each pipeline rank holds stages r and 2P-1-r" + recorded % "none")
+    group.add_argument(f"{pre}num-layers", type=positive_int, default=None,
                        help="decoder layers including the noop layers (default: config.json's + noop layers)")
-    group.add_argument(f"{pre}moe-grouped-gemm", action="store_true",
-                       help="experts as GroupedMLP weight1/weight2 (else one MLP per expert)")
-    group.add_argument(f"{pre}moe-tp-extend-ep", action="store_true",
+    group.add_argument(f"{pre}moe-grouped-gemm", action="store_true", default=None,
+                       help="experts as GroupedMLP weight1/weight2 (else one MLP per expert)" + recorded % "off")
+    group.add_argument(f"{pre}moe-tp-extend-ep", action="store_true", default=None,
                        help="the TP ranks of an EP rank hold different whole experts (experts split over EP x TP; "
-                            "--expert-tensor-parallel-size 1)")
-    group.add_argument(f"{pre}mla-mm-split", action="store_true",
-                       help="MLA's up-projections as linear_qk_nope/linear_qk_rope and linear_kv_nope/linear_v")
+                            "--expert-tensor-parallel-size 1)" + recorded % "off")
+    group.add_argument(f"{pre}mla-mm-split", action="store_true", default=None,
+                       help="MLA's up-projections as linear_qk_nope/linear_qk_rope and linear_kv_nope/linear_v"
+                            + recorded % "off")
     # Model sizes default to config.json; smaller values convert part of the model.
     group.add_argument(f"{pre}first-k-dense-replace", type=int, default=None, metavar="K",
                        help="dense layers before the MoE layers; below the checkpoint's, its first K dense "
@@ -105,16 +112,42 @@ def _add_layout_arguments(p: argparse.ArgumentParser, side: str, prefix_all: boo
                        help="MTP layers to convert, 0 for none (default: config.json's)")
 
 
-def _layout_flags(args: argparse.Namespace, side: str, prefix_all: bool = False) -> dict:
-    """The ``ParallelLayout.from_flags`` keywords for ``side``."""
-    flags = {
-        "tensor_model_parallel_size": getattr(args, f"{side}_tensor_parallel_size"),
-        "pipeline_model_parallel_size": getattr(args, f"{side}_pipeline_parallel_size"),
-        "expert_model_parallel_size": getattr(args, f"{side}_expert_parallel_size"),
-    }
+def _flag_name(side: str, prefix_all: bool):
+    """dest -> this side's flag, for messages."""
+
+    def name(dest: str) -> str:
+        if dest in _SIDED:
+            return f"--{side}-{_SIDED[dest].replace('_', '-')}"
+        return f"--{side}-" + dest.replace("_", "-") if prefix_all else "--" + dest.replace("_", "-")
+
+    return name
+
+
+def _given_flags(args: argparse.Namespace, side: str, prefix_all: bool = False) -> dict:
+    """The layout and model-size flags of ``side`` as given (None: not on the command line), by
+    ``ParallelLayout.from_flags`` keyword."""
+    flags = {dest: getattr(args, f"{side}_{name}") for dest, name in _SIDED.items()}
     for name in _SHARED:
         flags[name] = getattr(args, f"{side}_{name}" if prefix_all else name)
     return flags
+
+
+def _layout_flags(args: argparse.Namespace, side: str, prefix_all: bool = False, load_dir: str = None) -> dict:
+    """The ``ParallelLayout.from_flags`` keywords for ``side``: the flags given, then what the legacy
+    checkpoint ``load_dir`` records (one note when it supplies any), then the defaults."""
+    from npu_dsv3.layout import layout_note, resolve_layout
+
+    given = _given_flags(args, side, prefix_all)
+    recorded = None
+    if load_dir is not None:
+        from npu_dsv3.checkpoint.layout_record import recorded_layout
+
+        recorded = recorded_layout(load_dir)
+    layout, taken = resolve_layout(given, recorded, _flag_name(side, prefix_all), f"--load-dir {load_dir}")
+    note = layout_note(f"--load-dir {load_dir}", taken)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return {**given, **layout}
 
 
 def _add_save_format(p: argparse.ArgumentParser) -> None:
@@ -130,11 +163,9 @@ def _is_dist(load_dir: str) -> bool:
     return release_dir(load_dir) is not None
 
 
-def _ignored_source_flags(args: argparse.Namespace, flags: dict) -> None:
+def _ignored_source_flags(args: argparse.Namespace, given: dict) -> None:
     """torch_dist checkpoints carry their own layout: say so rather than silently ignore --source-* flags."""
-    defaults = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "expert_model_parallel_size": 1,
-                "expert_tensor_parallel_size": 1, "moe_grouped_gemm": False}
-    given = sorted(k for k, v in flags.items() if v not in (None, False) and defaults.get(k) != v)
+    given = sorted(k for k, v in given.items() if v is not None and k != "mtp_num_layers")
     if given:
         print(f"note: {args.load_dir} is a torch_dist checkpoint, which any layout reads; the source layout "
               f"flags ({', '.join(given)}) are not needed and were not used", file=sys.stderr)
@@ -171,7 +202,8 @@ def add_mcore2hf(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "mcore2hf", help="megatron checkpoint of any layout -> HF safetensors",
         description="Rebuild the HF checkpoint (<= 5 GB shards, index, config.json, tokenizer files) from a "
-                    "megatron checkpoint written by hf2mcore or by training; the --source-* flags describe it.")
+                    "megatron checkpoint written by hf2mcore or by training; the layout flags it records are used, "
+                    "--source-* flags given must agree with them.")
     p.add_argument("--load-dir", required=True, metavar="DIR", help="megatron checkpoint directory (with config.json)")
     p.add_argument("--save-dir", required=True, metavar="DIR", help="HF directory to write")
     _add_layout_arguments(p, "source")
@@ -190,14 +222,24 @@ def _report_dist(args: argparse.Namespace, source: tuple, flags: dict, command: 
     return 0
 
 
+def _source_flags(args: argparse.Namespace, prefix_all: bool = False):
+    """The layout of the legacy checkpoint ``--load-dir``, or None for a torch_dist one (any layout reads it)."""
+    from npu_dsv3.checkpoint.layout_record import checkpoint_dir
+
+    checkpoint_dir(args.load_dir)  # a missing tracker or iteration, named before any layout is blamed
+    if _is_dist(args.load_dir):
+        _ignored_source_flags(args, _given_flags(args, "source", prefix_all))
+        return None
+    return _layout_flags(args, "source", prefix_all, load_dir=args.load_dir)
+
+
 def run_mcore2hf(args: argparse.Namespace) -> int:
     from npu_dsv3.checkpoint.mcore_dist import convert_dist_to_hf
     from npu_dsv3.checkpoint.mcore_legacy import convert_legacy_to_hf
 
-    flags = _layout_flags(args, "source")
-    if _is_dist(args.load_dir):
-        _ignored_source_flags(args, {k: v for k, v in flags.items() if k != "mtp_num_layers"})
-        summary = convert_dist_to_hf(args.load_dir, args.save_dir, flags.get("mtp_num_layers"), resume=args.resume,
+    flags = _source_flags(args)
+    if flags is None:
+        summary = convert_dist_to_hf(args.load_dir, args.save_dir, args.mtp_num_layers, resume=args.resume,
                                      progress=args.progress)
     else:
         summary = convert_legacy_to_hf(args.load_dir, args.save_dir, flags, resume=args.resume,
@@ -213,8 +255,8 @@ def add_reshard(subparsers) -> argparse.ArgumentParser:
         description="Rewrite a megatron checkpoint (--source-* layout) in another layout (--target-*). Options "
                     "without a side (--expert-tensor-parallel-size, --num-layer-list, ...) take --source-/--target- "
                     "prefixes here.")
-    p.add_argument("--load-dir", required=True, metavar="DIR")
-    p.add_argument("--save-dir", required=True, metavar="DIR")
+    p.add_argument("--load-dir", required=True, metavar="DIR", help="megatron checkpoint directory to read")
+    p.add_argument("--save-dir", required=True, metavar="DIR", help="megatron checkpoint directory to write")
     for side in ("source", "target"):
         _add_layout_arguments(p, side, prefix_all=True)
     _add_save_format(p)
@@ -226,25 +268,18 @@ def add_reshard(subparsers) -> argparse.ArgumentParser:
 def run_reshard(args: argparse.Namespace) -> int:
     from npu_dsv3.checkpoint.mcore_legacy import reshard_legacy
 
-    source_flags, target_flags = _layout_flags(args, "source", True), _layout_flags(args, "target", True)
-    if _is_dist(args.load_dir):
-        _ignored_source_flags(args, source_flags)
-        source = ("dist", args.load_dir)
-    else:
-        source = ("mcore", args.load_dir, source_flags)
+    source_flags, target_flags = _source_flags(args, True), _layout_flags(args, "target", True)
+    source = ("dist", args.load_dir) if source_flags is None else ("mcore", args.load_dir, source_flags)
     if args.save_format == "torch_dist":
         return _report_dist(args, source, target_flags, "convert reshard")
-    if source[0] == "dist":
+    if source_flags is None:
         from npu_dsv3.checkpoint.mcore_dist import convert_to_legacy
 
         summary = convert_to_legacy(args.load_dir, args.save_dir, target_flags, workers=args.workers,
                                     resume=args.resume, progress=args.progress)
-        print(f"wrote {args.save_dir}: {summary['written']} of {summary['rank_files']} rank files in "
-              f"{summary['seconds']:.1f} s", file=sys.stderr)
-        return 0
-    summary = reshard_legacy(args.load_dir, args.save_dir, _layout_flags(args, "source", True),
-                             _layout_flags(args, "target", True),
-                             workers=args.workers, resume=args.resume, progress=args.progress)
+    else:
+        summary = reshard_legacy(args.load_dir, args.save_dir, source_flags, target_flags, workers=args.workers,
+                                 resume=args.resume, progress=args.progress)
     print(f"wrote {args.save_dir}: {summary['written']} of {summary['rank_files']} rank files in "
           f"{summary['seconds']:.1f} s", file=sys.stderr)
     return 0
@@ -265,10 +300,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from npu_dsv3.checkpoint.io import check_output_path
 
-    # The streaming writers save data-less skeletons and read tensors at their file offsets.
-    if not hasattr(torch.serialization, "skip_data"):
-        raise ValueError(f"npu-dsv3 convert needs torch >= 2.5 (this is {torch.__version__}); a CPU-only torch "
-                         "in its own environment is enough for converting")
+    check_output_path(getattr(args, "save_dir", None) or args.output_bf16_hf_path)  # before any input is read
     return args._convert(args)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from npu_dsv3.argtypes import positive_int
 from npu_dsv3.cli import main as cli
 
 # The loss must end below this fraction of where it started (mean of the first and last 5 iterations).
@@ -30,14 +31,18 @@ def add_parser(subparsers):
     p = subparsers.add_parser("demo", help="tiny DeepSeek-V3 end to end: data, multi-process training, HF export, "
                                            "parity with transformers")
     p.add_argument("--workdir", default="runs/demo", help="where everything is written (default %(default)s)")
-    p.add_argument("--train-iters", type=int, default=40)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=2)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=2)
-    p.add_argument("--expert-model-parallel-size", type=int, default=2)
-    p.add_argument("--seq-length", type=int, default=64)
-    p.add_argument("--global-batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--train-iters", type=positive_int, default=40, help="training iterations (default %(default)s)")
+    p.add_argument("--tensor-model-parallel-size", type=positive_int, default=2,
+                   help="tensor-parallel size of the run (default %(default)s)")
+    p.add_argument("--pipeline-model-parallel-size", type=positive_int, default=2,
+                   help="pipeline-parallel size of the run (default %(default)s)")
+    p.add_argument("--expert-model-parallel-size", type=positive_int, default=2,
+                   help="expert-parallel size of the run (default %(default)s)")
+    p.add_argument("--seq-length", type=positive_int, default=64, help="tokens per sequence (default %(default)s)")
+    p.add_argument("--global-batch-size", type=positive_int, default=8,
+                   help="sequences per iteration (default %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default %(default)s)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the data and the model (default %(default)s)")
     return p
 
 

@@ -20,7 +20,7 @@ no loss. The training loop is ``npu_dsv3.pretrain``'s; this module gives it the 
 import sys
 from functools import partial
 
-from npu_dsv3.pretrain import DataSource, dataset_microbatches, main as _main
+from npu_dsv3.pretrain import DataSource, dataset_microbatches, main as _main, nth_global_batch
 
 
 def instruction_source(args) -> DataSource:
@@ -57,7 +57,9 @@ def instruction_source(args) -> DataSource:
     # The shape megatron's schedule sizes fixed-length pipeline messages by.
     shape = (args.micro_batch_size * args.seq_length, 1) if packed else (args.seq_length, args.micro_batch_size)
     return DataSource(partial(dataset_microbatches, args, train, collate=collate),
-                      None if valid is None else partial(dataset_microbatches, args, valid, collate=collate), *shape)
+                      None if valid is None else
+                      partial(nth_global_batch, args, partial(dataset_microbatches, args, valid, collate=collate)),
+                      *shape)
 
 
 def _collate(args, pad_id: int, samples):

@@ -17,7 +17,7 @@ Placement follows the flags' MindSpeed-LLM meaning:
 """
 
 from dataclasses import dataclass, field
-from typing import FrozenSet, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 
 class LayoutError(ValueError):
@@ -127,3 +127,87 @@ class PipelineLayout:
         if global_index in self.noop_layers:
             return None
         return global_index - sum(1 for i in self.noop_layers if i < global_index)
+
+
+# --------------------------------------------------------------------------- the layout flags
+
+# The layout flags training, verify and the converters share, by their argparse dest, and the value of each
+# when neither the command line nor the checkpoint gives one: MindSpeed-LLM's converter defaults, which are
+# also Megatron's training defaults. expert_tensor_parallel_size None stands for the tensor-parallel size
+# (1 with --moe-tp-extend-ep). Every parser declares these flags with default None, so None is "not given".
+LAYOUT_DEFAULTS = {
+    "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "expert_model_parallel_size": 1,
+    "expert_tensor_parallel_size": None, "num_layers_per_virtual_pipeline_stage": None, "num_layer_list": None,
+    "noop_layers": None, "schedules_method": None, "moe_grouped_gemm": False, "moe_tp_extend_ep": False,
+    "mla_mm_split": False,
+}
+
+
+def _comparable(value):
+    """One form for the ways a value is written: ``"1,2"`` and ``[1, 2]``, None and an empty list."""
+    if value in ("", [], ()):
+        return None
+    if isinstance(value, str) and value.replace(",", "").replace(" ", "").isdigit():
+        value = [int(v) for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value) or None
+    return value
+
+
+def _as_flag(flag: str, value) -> str:
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return f"{flag} {value}"
+
+
+def training_flag(dest: str) -> str:
+    """The flag of a layout dest in training and verify (the converters prefix some: --target-...)."""
+    return "--" + dest.replace("_", "-")
+
+
+def default_expert_tp(tensor_model_parallel_size: int, moe_tp_extend_ep: bool) -> int:
+    """--expert-tensor-parallel-size when not given: the tensor-parallel size (Megatron's and MindSpeed-LLM's
+    default), 1 when each tensor rank holds whole experts."""
+    return 1 if moe_tp_extend_ep else tensor_model_parallel_size
+
+
+def resolve_layout(given: Dict[str, object], recorded: Optional[Dict[str, object]], flag: Callable[[str], str],
+                   source: str) -> Tuple[Dict[str, object], List[str]]:
+    """Every layout flag: the command line's value (``given``; None = not given), else the one the checkpoint
+    ``source`` records (``recorded``; None: it records none), else ``LAYOUT_DEFAULTS``.
+
+    ``flag(dest)`` is the tool's name of a flag, for messages. Returns the values and the flags taken from
+    the checkpoint (for the caller's one note). A given value the checkpoint contradicts is a LayoutError
+    naming the value to pass.
+    """
+    values, from_record = {}, []
+    for name, default in LAYOUT_DEFAULTS.items():
+        value = given.get(name)
+        if recorded is not None and recorded.get(name) is not None:
+            stored = recorded[name]
+            if value is None:
+                value = stored
+                from_record.append(name)
+            elif _comparable(value) != _comparable(stored):
+                written, asked = (_as_flag(flag(name), _comparable(v)) for v in (stored, value))
+                wanted = f"drop {flag(name)}" if stored is False else f"pass {written}"
+                raise LayoutError(f"{source} was written with {written}, not {asked}: {wanted} (or rewrite it in "
+                                  "this layout with `npu-dsv3 convert reshard`)")
+        values[name] = default if value is None else value
+    expert_tp = default_expert_tp(values["tensor_model_parallel_size"], values["moe_tp_extend_ep"])
+    if values["expert_tensor_parallel_size"] is None:
+        values["expert_tensor_parallel_size"] = expert_tp
+    # The note lists what the record changed: a recorded value equal to the default is no news.
+    fallback = {**LAYOUT_DEFAULTS, "expert_tensor_parallel_size": expert_tp}
+    taken = [_as_flag(flag(name), _comparable(values[name])) for name in from_record
+             if _comparable(values[name]) != _comparable(fallback[name])]
+    return values, taken
+
+
+def layout_note(source: str, taken: List[str]) -> Optional[str]:
+    """The one note line saying which layout flags came from the checkpoint (None: none did)."""
+    if not taken:
+        return None
+    return f"{source} records its layout: using {', '.join(taken)} from it"

@@ -12,8 +12,11 @@ A feature registers its patches at import time (nothing is changed then)::
     def _mla_forward(self, hidden_states, *args, **kwargs):
         ...
 
-and ``npu_dsv3.setup()`` (run by ``import npu_dsv3``) calls
-``apply_patches(backend)``, which sets every pending patch for that backend.
+and ``npu_dsv3.setup()`` (run when megatron.core or torch.distributed.checkpoint
+is first imported after ``import npu_dsv3``) calls ``apply_patches(backend)``, which sets every pending
+patch for that backend. Until then the setup is deferred (``defer_setup``):
+``apply_patches``, ``revert_patches``, ``unregister`` and ``patch_status``
+complete it first, so they always act on and report the set-up registry.
 ``revert_patches()`` puts the originals back (tests use it; ``unregister(name)``
 drops a patch); ``patch_status()`` and ``npu-dsv3 patches`` list what is
 applied on this machine and why.
@@ -66,6 +69,8 @@ __all__ = [
     "revert_patches",
     "patch_status",
     "megatron_core_version",
+    "defer_setup",
+    "complete_deferred_setup",
 ]
 
 ALL_BACKENDS: tuple[str, ...] = ("cpu", "cuda", "npu")
@@ -110,6 +115,27 @@ class Patch:
 _REGISTRY: list[Patch] = []
 _LOCK = threading.RLock()
 _active_backend: str | None = None  # backend of the patches currently applied/skipped
+_deferred_setup: Callable[[], Any] | None = None
+
+
+def defer_setup(setup: Callable[[], Any] | None) -> None:
+    """Register the setup ``complete_deferred_setup`` runs (None: nothing is deferred)."""
+    global _deferred_setup
+    _deferred_setup = setup
+
+
+def complete_deferred_setup() -> None:
+    """Run the deferred setup once. A call made while it runs (its own apply_patches) does
+    nothing; if it fails it stays deferred, so the next call retries and fails loudly again."""
+    global _deferred_setup
+    setup, _deferred_setup = _deferred_setup, None
+    if setup is None:
+        return
+    try:
+        setup()
+    except BaseException:
+        _deferred_setup = setup
+        raise
 
 
 def register(p: Patch) -> Patch:
@@ -123,6 +149,7 @@ def register(p: Patch) -> Patch:
 
 def unregister(name: str) -> None:
     """Remove a patch by name, reverting it first if it is applied."""
+    complete_deferred_setup()
     with _LOCK:
         p = _find(name)
         if p.status == "applied":
@@ -167,6 +194,7 @@ def apply_patches(backend: str) -> None:
     no-op unless new patches were registered since. All-or-nothing per call: if
     one patch fails, the ones this call applied are reverted before raising."""
     global _active_backend
+    complete_deferred_setup()
     if backend not in ALL_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {ALL_BACKENDS}")
     with _LOCK:
@@ -199,6 +227,7 @@ def revert_patches(feature: str | None = None) -> None:
     newest first. Their status (and that of skipped ones) goes back to
     "pending", so a later ``apply_patches`` applies them again."""
     global _active_backend
+    complete_deferred_setup()
     with _LOCK:
         for p in reversed(_REGISTRY):
             if feature is not None and p.feature != feature:
@@ -212,6 +241,7 @@ def revert_patches(feature: str | None = None) -> None:
 
 def patch_status() -> list[dict]:
     """One dict per registered patch, in registration (= application) order."""
+    complete_deferred_setup()
     with _LOCK:
         return [
             {

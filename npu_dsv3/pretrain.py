@@ -5,8 +5,9 @@ builds its (tensor, pipeline, expert) share of the model as the pipeline layout
 places it, runs megatron's schedule, DDP and optimizer one step at a time
 (``npu_dsv3.training.step``), logs a Megatron-style line every
 ``--log-interval`` and, with ``--log-jsonl``, one JSON record per iteration,
-stops on a non-finite loss, and saves / resumes through
-``npu_dsv3.training.checkpointing``. With ``--eval-iters K`` it evaluates K
+stops on a non-finite loss (on every rank, the tracker naming the last checkpoint whose next step
+was finite), and saves / resumes through ``npu_dsv3.training.checkpointing`` (the data position by
+the consumed samples the checkpoint stores, as Megatron-LM does). With ``--eval-iters K`` it evaluates K
 validation batches every ``--eval-interval`` iterations and at the end.
 
 ``npu_dsv3.finetune`` runs the same loop; only the ``DataSource`` differs
@@ -36,6 +37,7 @@ def initialize(args, parallel, config) -> None:
     from npu_dsv3.model.placement import dualpipev_embedding_ranks
 
     if not dist.is_initialized():
+        backend.set_local_device()
         if "RANK" in os.environ:
             dist.init_process_group(args.distributed_backend or backend.dist_backend())
         else:
@@ -68,9 +70,10 @@ VALIDATION_SEEDS = 2 ** 31
 
 
 class DataSource(NamedTuple):
-    """What the training loop reads: ``train(i)``, this data-parallel rank's micro-batches of
-    iteration i; ``valid(j)``, those of validation batch j (None: no evaluation); and the
-    (sequence length, micro-batch size) megatron's schedule sizes pipeline messages by."""
+    """What the training loop reads: ``train(n)``, this data-parallel rank's micro-batches of the
+    global batch that starts after n consumed samples; ``valid(j)``, those of validation batch j
+    (None: no evaluation); and the (sequence length, micro-batch size) megatron's schedule sizes
+    pipeline messages by."""
 
     train: Callable[[int], Batches]
     valid: Optional[Callable[[int], Batches]]
@@ -97,20 +100,44 @@ def mock_microbatches(args, iteration: int, validation: bool = False) -> Batches
                "loss_mask": torch.ones(args.micro_batch_size, args.seq_length)}
 
 
+def _mock_train(args, consumed_samples: int) -> Batches:
+    # Synthetic tokens have no position in a corpus to keep: batch k of this --global-batch-size.
+    return mock_microbatches(args, consumed_samples // args.global_batch_size)
+
+
 def _stack(samples) -> Dict[str, torch.Tensor]:
     return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in
             ("tokens", "labels", "loss_mask", "position_ids")}
 
 
-def dataset_microbatches(args, dataset, index: int, collate=_stack) -> Batches:
-    """The same slicing over a dataset (megatron's GPTDataset, or instruction samples): global batch
-    ``index`` is samples ``index * global_batch + i``, each micro-batch put together by ``collate``."""
+def dataset_microbatches(args, dataset, consumed_samples: int, collate=_stack) -> Batches:
+    """The same slicing over a dataset (megatron's GPTDataset, or instruction samples): the global batch
+    after ``consumed_samples`` is samples ``consumed_samples + i``, each micro-batch put together by
+    ``collate``."""
     from megatron.core import parallel_state
 
     per_rank = args.micro_batch_size * args.num_microbatches
-    first = index * args.global_batch_size + parallel_state.get_data_parallel_rank() * per_rank
+    first = consumed_samples + parallel_state.get_data_parallel_rank() * per_rank
     for m in range(args.num_microbatches):
-        yield collate([dataset[first + m * args.micro_batch_size + i] for i in range(args.micro_batch_size)])
+        batch = collate([dataset[first + m * args.micro_batch_size + i] for i in range(args.micro_batch_size)])
+        _check_vocabulary(args, batch, first + m * args.micro_batch_size)
+        yield batch
+
+
+def _check_vocabulary(args, batch: Dict[str, torch.Tensor], first: int) -> None:
+    # An id past the vocabulary would index the embedding out of range, or (in its padding) give an
+    # infinite loss that reads like a divergence.
+    vocab = args.hf["vocab_size"]
+    top = int(torch.maximum(batch["tokens"].max(), batch["labels"].max()))
+    if top >= vocab:
+        raise ValueError(f"--data-path {' '.join(args.data_path)}: token id {top} (samples {first}.."
+                         f"{first + args.micro_batch_size - 1}) is outside the model's vocabulary of {vocab}: the "
+                         "data was tokenized with another tokenizer; preprocess it again with this model's")
+
+
+def nth_global_batch(args, batches: Callable[[int], Batches], index: int) -> Batches:
+    """Global batch ``index`` of a split read from its start (validation batches)."""
+    return batches(index * args.global_batch_size)
 
 
 def _documents_apart(args) -> bool:
@@ -133,27 +160,29 @@ def _collate_documents(samples) -> Dict[str, torch.Tensor]:
     return collate_instruction(tensors, len(tensors[0]["tokens"]), pad_id=0, packed=True)
 
 
-def pretrain_source(args) -> DataSource:
-    """Mock tokens, or the train / valid splits of --data-path through GPTDataset."""
+def pretrain_source(args, train_samples: Optional[int] = None) -> DataSource:
+    """Mock tokens, or the train / valid splits of --data-path through GPTDataset (``train_samples``
+    training samples; default --train-iters x --global-batch-size)."""
     if args.mock_data:
         valid = partial(mock_microbatches, args, validation=True) if args.eval_iters else None
-        return DataSource(partial(mock_microbatches, args), valid, args.seq_length, args.micro_batch_size)
-    train, valid = _pretrain_datasets(args)
+        return DataSource(partial(_mock_train, args), valid, args.seq_length, args.micro_batch_size)
+    train, valid = _pretrain_datasets(args, train_samples)
     if _documents_apart(args):
         batches = partial(dataset_microbatches, args, collate=_collate_documents)
         shape = (args.micro_batch_size * args.seq_length, 1)
     else:
         batches, shape = partial(dataset_microbatches, args), (args.seq_length, args.micro_batch_size)
-    return DataSource(partial(batches, train), None if valid is None else partial(batches, valid), *shape)
+    return DataSource(partial(batches, train),
+                      None if valid is None else partial(nth_global_batch, args, partial(batches, valid)), *shape)
 
 
-def _data_source(args) -> DataSource:
+def _data_source(args, train_samples: Optional[int] = None) -> DataSource:
     # Fine-tuning without --is-instruction-dataset continues on pretraining data, as in megatron.
     if args.mode == "finetune" and args.is_instruction_dataset:
         from npu_dsv3.finetune import instruction_source
 
-        return instruction_source(args)
-    return pretrain_source(args)
+        return instruction_source(args)  # its samples repeat in epochs: any count is there
+    return pretrain_source(args, train_samples)
 
 
 def _validation_batch_count(args) -> int:
@@ -196,9 +225,9 @@ def train(args) -> dict:
 
     from npu_dsv3.arguments import build_configs
     from npu_dsv3.training import train_step, wrap_model
-    from npu_dsv3.training.checkpointing import load_checkpoint, save_checkpoint
-    from npu_dsv3.training.metrics import (IterationMetrics, JsonlLog, check_finite, eval_fields, format_eval_line,
-                                           format_line, peak_memory_gb, throughput)
+    from npu_dsv3.training.checkpointing import publish_checkpoint, resume_checkpoint, save_checkpoint
+    from npu_dsv3.training.metrics import (IterationMetrics, JsonlLog, eval_fields, format_eval_line, format_line,
+                                           non_finite, peak_memory_gb, throughput)
     from npu_dsv3.training.step import evaluate
 
     configs = build_configs(args)
@@ -215,33 +244,41 @@ def train(args) -> dict:
               for m in build_chunks(config, args.padded_vocab_size)]
     optimizer = get_megatron_optimizer(configs.optimizer, chunks)
     scheduler = _scheduler(args, optimizer)
-    iteration = 0
+    iteration = consumed = 0
     if args.load:
-        iteration = load_checkpoint(args.load, chunks, optimizer, scheduler, finetune=args.finetune,
+        resumed = resume_checkpoint(args.load, chunks, optimizer, scheduler, finetune=args.finetune,
                                     load_optim=args.load_optim, load_rng=args.load_rng)
+        iteration, consumed = resumed.iteration, _consumed_samples(args, resumed)
+        if consumed != iteration * args.global_batch_size:
+            source = _resized_source(args, source, iteration, consumed)
     log = JsonlLog(args.log_jsonl) if args.log_jsonl else None
     last = {}
+    pending = None  # a saved iteration the tracker names once the next step's loss is finite
     while iteration < args.train_iters:
-        batches = source.train(iteration)
+        batches = source.train(consumed)
         start = time.perf_counter()
         result = train_step(chunks, optimizer, batches, args.num_microbatches, source.seq_length,
                             source.micro_batch_size)
         scheduler.step(increment=1)
         seconds = time.perf_counter() - start
         iteration += 1
+        consumed += args.global_batch_size
         here = "lm_loss" in result  # the loss exists on the last pipeline stage only
         tokens_per_sec, tflops = throughput(config, args.seq_length, args.global_batch_size, seconds,
                                             dist.get_world_size(), vocab_size=args.padded_vocab_size)
         metrics = IterationMetrics(
-            iteration=iteration, train_iters=args.train_iters, consumed_samples=iteration * args.global_batch_size,
+            iteration=iteration, train_iters=args.train_iters, consumed_samples=consumed,
             global_batch_size=args.global_batch_size, lm_loss=result.get("lm_loss"),
             grad_norm=None if result["grad_norm"] is None else float(result["grad_norm"]),
             lr=optimizer.param_groups[0]["lr"], ms_per_iter=seconds * 1e3, tokens_per_sec=tokens_per_sec,
             tflops_per_device=tflops, memory_gb=peak_memory_gb(),
             mtp_loss=(sum(result["mtp_loss"]) if result.get("mtp_loss") else None),
             load_balancing_loss=result.get("seq_load_balancing_loss", result.get("load_balancing_loss")))
-        if here:
-            check_finite(metrics)
+        if not _finite_everywhere(non_finite(metrics) is None):
+            _stop_non_finite(args, metrics, pending)
+        if pending is not None:  # its weights just gave a finite loss
+            publish_checkpoint(args.save, pending)
+            pending = None
         eval_loss = None
         if _evaluation_due(args, iteration):
             eval_loss = evaluate(chunks, _validation_batches(args, source, iteration), args.num_microbatches,
@@ -258,25 +295,83 @@ def train(args) -> dict:
         last = {"lm_loss": metrics.lm_loss, "grad_norm": metrics.grad_norm, **metrics.extra}
         if args.save and (iteration % (args.save_interval or args.train_iters) == 0
                           or iteration == args.train_iters):
-            save_checkpoint(args.save, iteration, chunks, optimizer, scheduler, args=_saved_args(args),
+            final = iteration == args.train_iters
+            save_checkpoint(args.save, iteration, chunks, optimizer, scheduler,
+                            args={**_saved_args(args), "consumed_train_samples": consumed},
                             ckpt_format=args.ckpt_format, save_optim=args.save_optim, save_rng=args.save_rng,
-                            hf_config=args.hf, tokenizer_dir=args.tokenizer_name_or_path)
+                            hf_config=args.hf, tokenizer_dir=args.tokenizer_name_or_path, publish=final)
+            pending = None if final else iteration
     if log is not None:
         log.close()
     return last
 
 
-def _pretrain_datasets(args):
+def _finite_everywhere(finite_here: bool) -> bool:
+    """Whether every rank's loss and grad norm are finite: the loss exists on the last pipeline stage
+    only, and every rank must agree on stopping and on publishing a checkpoint."""
+    flag = torch.tensor([int(finite_here)], dtype=torch.int32, device=backend.device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _stop_non_finite(args, metrics, pending: Optional[int]) -> None:
+    """Raises NonFiniteLossError on every rank. The checkpoint saved one step before (``pending``), whose
+    weights gave this loss, is removed unpublished: the tracker names the last checkpoint whose next step
+    was finite, and the message says which."""
+    from npu_dsv3.training.checkpointing import TRACKER_FILE, discard_checkpoint, tracked_iteration
+    from npu_dsv3.training.metrics import NonFiniteLossError, check_finite
+
+    if not args.save:
+        where = "nothing was saved (no --save)"
+    else:
+        if pending is not None:
+            discard_checkpoint(args.save, pending)
+        tag = tracked_iteration(args.save)
+        tracker = os.path.join(args.save, TRACKER_FILE)
+        where = (f"no checkpoint is published in {args.save}" if tag is None
+                 else f"{tracker} names iteration {tag}: resume from it")
+        if pending is not None:
+            where += f"; iteration {pending}'s checkpoint was removed (its weights give this loss)"
+    check_finite(metrics, where)  # the ranks that hold the value name it
+    raise NonFiniteLossError(f"a loss is not finite at iteration {metrics.iteration} (on the last pipeline "
+                             f"stage): stopping; {where}; lower --lr or check the data")
+
+
+def _consumed_samples(args, resumed) -> int:
+    """Megatron-LM's consumed_train_samples as the checkpoint stores it, so a run resumed with another
+    --global-batch-size reads on where the saved one stopped; an older checkpoint's from its iteration
+    and batch size."""
+    if resumed.iteration == 0:  # a fine-tuning start or a converted checkpoint: from the first sample
+        return 0
+    if "consumed_train_samples" in resumed.args:
+        return int(resumed.args["consumed_train_samples"])
+    return resumed.iteration * int(resumed.args.get("global_batch_size") or args.global_batch_size)
+
+
+def _resized_source(args, source: DataSource, iteration: int, consumed: int) -> DataSource:
+    """The data source of a run resumed after ``consumed`` samples with another batch size: the
+    training split holds the samples the remaining iterations read."""
+    if dist.get_rank() == 0:
+        print(f"note: the checkpoint consumed {consumed} samples in {iteration} iterations (another "
+              f"--global-batch-size): training reads on from sample {consumed}", file=sys.stderr)
+    needed = consumed + (args.train_iters - iteration) * args.global_batch_size
+    if needed <= args.train_iters * args.global_batch_size:
+        return source
+    return _data_source(args, needed)
+
+
+def _pretrain_datasets(args, train_samples: Optional[int] = None):
     """(train, valid) GPTDatasets; valid is None without evaluation."""
     from npu_dsv3.data.dataset import build_pretrain_datasets
     from npu_dsv3.data.tokenizer import load_tokenizer
 
-    sizes = [args.train_iters * args.global_batch_size, _validation_batch_count(args) * args.global_batch_size, 0]
+    train_samples = train_samples or args.train_iters * args.global_batch_size
+    sizes = [train_samples, _validation_batch_count(args) * args.global_batch_size, 0]
     train, valid, _ = build_pretrain_datasets(
         args.data_path, seq_length=args.seq_length, sizes=sizes, seed=args.seed, split=args.split,
         tokenizer=load_tokenizer(args.tokenizer_type, args.tokenizer_name_or_path, vocab_size=args.hf["vocab_size"]),
         reset_position_ids=_documents_apart(args), reset_attention_mask=args.reset_attention_mask,
-        create_attention_mask=False)
+        create_attention_mask=False, path_to_cache=args.data_cache_path)
     return train, valid
 
 
@@ -289,15 +384,20 @@ def _saved_args(args) -> dict:
 
 def main(argv=None, mode: str = "pretrain") -> int:
     from npu_dsv3.arguments import parse_args
+    from npu_dsv3.argtypes import os_error_line
     from npu_dsv3.checkpoint.hf_reader import CheckpointError
     from npu_dsv3.training.metrics import NonFiniteLossError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = None
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv, world_size=world, mode=mode)
         train(args)
     except (ValueError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"npu_dsv3.{mode}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a save that cannot be written: permissions, a file in the way, a full disk
+        print(f"npu_dsv3.{mode}: error: {os_error_line(e, getattr(args, 'save', None))}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

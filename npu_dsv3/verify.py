@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from npu_dsv3.argtypes import positive_int
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_TOLERANCE = 1e-4
 
@@ -50,7 +52,8 @@ def verify_hf_dir(hf_dir: str, dtype=torch.float32, batch: int = 2, seq_length: 
     ids = torch.randint(0, vocab, (batch, seq_length), generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.no_grad():
         result = compare_logits(forward_logits(ours, ids), reference(ids).logits, tolerance)
-    return {"hf_dir": hf_dir, **({"mcore_dir": mcore_dir} if mcore_dir else {}), "dtype": str(dtype).replace("torch.", ""), "batch": batch, "seq_length": seq_length,
+    return {"hf_dir": hf_dir, **({"mcore_dir": mcore_dir} if mcore_dir else {}),
+            "dtype": str(dtype).replace("torch.", ""), "batch": batch, "seq_length": seq_length,
             "tolerance": tolerance, **result}
 
 
@@ -59,24 +62,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--hf-dir", required=True, help="HF DeepSeek-V3 directory (config.json + safetensors)")
     p.add_argument("--device", choices=("cpu", "cuda", "npu"), default="cpu",
                    help="where both models run (default %(default)s)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seq-length", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="dtype of both models (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="sequences compared (default %(default)s)")
+    p.add_argument("--seq-length", type=positive_int, default=64, help="tokens per sequence (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default %(default)s)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="pass if max|ours - hf| <= tolerance * max|hf| (default %(default)s)")
-    mcore = p.add_argument_group("megatron checkpoint (compare it instead of our model loaded from --hf-dir)")
+    mcore = p.add_argument_group("megatron checkpoint (compare it instead of our model loaded from --hf-dir); "
+                                 "the layout flags, training's names, default to what the checkpoint records")
     mcore.add_argument("--mcore-dir", default=None, metavar="DIR",
-                       help="a checkpoint written by convert hf2mcore; a torch_dist one needs no layout flags")
-    for flag in LAYOUT_FLAGS:
-        mcore.add_argument(f"--{flag.replace('_', '-')}", type=int, default=1)
-    mcore.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    mcore.add_argument("--num-layer-list", default=None)
-    mcore.add_argument("--noop-layers", default=None)
-    mcore.add_argument("--schedules-method", choices=["dualpipev"], default=None)
-    mcore.add_argument("--moe-grouped-gemm", action="store_true")
-    mcore.add_argument("--moe-tp-extend-ep", action="store_true")
-    mcore.add_argument("--mla-mm-split", action="store_true")
+                       help="a checkpoint written by convert hf2mcore or by training")
+    for flag, what in zip(LAYOUT_FLAGS, ("tensor", "pipeline", "expert", "expert-tensor")):
+        mcore.add_argument(f"--{flag.replace('_', '-')}", type=positive_int, default=None,
+                           help=f"{what}-parallel size of a legacy --mcore-dir")
+    mcore.add_argument("--num-layers-per-virtual-pipeline-stage", type=positive_int, default=None,
+                       help="layers per virtual pipeline stage of a legacy --mcore-dir")
+    mcore.add_argument("--num-layer-list", default=None, metavar="N,N,...",
+                       help="layers per pipeline stage of a legacy --mcore-dir")
+    mcore.add_argument("--noop-layers", default=None, metavar="I,I,...",
+                       help="identity layers of a legacy --mcore-dir")
+    mcore.add_argument("--schedules-method", choices=["dualpipev"], default=None,
+                       help="a legacy --mcore-dir written for dualpipev")
+    mcore.add_argument("--moe-grouped-gemm", action="store_true", default=None,
+                       help="a legacy --mcore-dir with GroupedMLP experts")
+    mcore.add_argument("--moe-tp-extend-ep", action="store_true", default=None,
+                       help="a legacy --mcore-dir whose tensor ranks hold different whole experts")
+    mcore.add_argument("--mla-mm-split", action="store_true", default=None,
+                       help="a legacy --mcore-dir with split MLA up-projections")
     return p
 
 
@@ -85,9 +98,18 @@ LAYOUT_FLAGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "e
 
 
 def _layout(args) -> dict:
-    names = LAYOUT_FLAGS + ("num_layers_per_virtual_pipeline_stage", "num_layer_list", "noop_layers",
-                            "schedules_method", "moe_grouped_gemm", "moe_tp_extend_ep", "mla_mm_split")
-    return {name: getattr(args, name) for name in names}
+    """The layout of a legacy --mcore-dir: the flags given, then what it records, then the defaults."""
+    from npu_dsv3.checkpoint.layout_record import checkpoint_dir, recorded_layout
+    from npu_dsv3.layout import LAYOUT_DEFAULTS, layout_note, resolve_layout, training_flag
+
+    checkpoint_dir(args.mcore_dir)
+    source = f"--mcore-dir {args.mcore_dir}"
+    given = {name: getattr(args, name) for name in LAYOUT_DEFAULTS}
+    layout, taken = resolve_layout(given, recorded_layout(args.mcore_dir), training_flag, source)
+    note = layout_note(source, taken)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return layout
 
 
 def run(args) -> int:
@@ -98,7 +120,14 @@ def run(args) -> int:
         backend.require_backend(args.device)
         env = {**os.environ, backend.ENV_VAR: args.device}
         return subprocess.run([sys.executable, "-m", "npu_dsv3", *args._argv], env=env).returncode
-    result = verify_hf_dir(args.hf_dir, DTYPES[args.dtype], args.batch_size, args.seq_length, args.seed,
-                           args.tolerance, args.mcore_dir, _layout(args))
+    from npu_dsv3.arguments import training_flag_names
+    from npu_dsv3.layout import LayoutError
+
+    layout = _layout(args) if args.mcore_dir else None
+    try:
+        result = verify_hf_dir(args.hf_dir, DTYPES[args.dtype], args.batch_size, args.seq_length, args.seed,
+                               args.tolerance, args.mcore_dir, layout)
+    except LayoutError as e:  # the layout checks speak the converter's flag names; verify has training's
+        raise LayoutError(training_flag_names(str(e))) from None
     print(json.dumps(result), flush=True)
     return 0 if result["passed"] else 1

@@ -14,6 +14,10 @@ from npu_dsv3 import backend
 from npu_dsv3.backend import ENV_VAR, BackendUnavailableError, select_backend
 from npu_dsv3.patching import apply_patches, patch_status, revert_patches
 
+# The adapter tests call torch.cuda without importing megatron.core, which is what otherwise
+# triggers the deferred setup that applies the patches.
+npu_dsv3.setup()
+
 on_cpu_backend = pytest.mark.skipif(
     npu_dsv3.backend() != "cpu", reason="the CPU adapter is only applied on the cpu backend"
 )

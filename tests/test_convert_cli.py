@@ -137,7 +137,7 @@ def test_bad_input_is_one_clear_error(hf_dir, tmp_path, capsys):
     assert "--target-tensor-parallel-size" in capsys.readouterr().err
     assert main(["convert", "mcore2hf", "--load-dir", str(tmp_path / "missing"), "--save-dir",
                  str(tmp_path / "b")]) == 2
-    assert "no HF config" in capsys.readouterr().err
+    assert "missing does not exist" in capsys.readouterr().err
 
 
 def test_mtp_copies_that_differ_are_refused(hf_dir, tmp_path, capsys):

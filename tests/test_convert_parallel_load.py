@@ -28,7 +28,8 @@ def test_tp2_ep2_ranks_load_legacy_and_torch_dist_checkpoints(tmp_path):
     hf_dir = save_hf(hf, str(tmp_path / "hf"))
     legacy, dist = str(tmp_path / "legacy"), str(tmp_path / "dist")
     assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", legacy, "--no-progress",
-                 "--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"]) == 0
+                 "--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2",
+                 "--expert-tensor-parallel-size", "1", "--moe-grouped-gemm"]) == 0
     assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", dist, "--no-progress",
                  "--save-format", "torch_dist", "--target-tensor-parallel-size", "2"]) == 0
     # world 2 = TP 2, and the same two ranks form the EP 2 group (expert TP 1): rank r holds

@@ -19,13 +19,13 @@ from npu_dsv3.tiny_model import cast_like_release, make_hf_model, save_hf
 LAYOUTS = {
     "tp2-pp2-vpp-noop-grouped": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                                      expert_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
-                                     noop_layers="1,5"),
+                                     noop_layers="1,5", expert_tensor_parallel_size=1, moe_grouped_gemm=True),
     "tp2-etp2-per-expert": dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=2,
                                 expert_model_parallel_size=3, moe_grouped_gemm=False),
     "dualpipev": dict(pipeline_model_parallel_size=2, schedules_method="dualpipev", noop_layers="2,5,6,7",
-                      expert_model_parallel_size=2),
+                      expert_model_parallel_size=2, moe_grouped_gemm=True),
     "tp2-ep2-tp-extend-ep-mla-mm-split": dict(tensor_model_parallel_size=2, expert_model_parallel_size=2,
-                                              moe_tp_extend_ep=True, mla_mm_split=True),
+                                              moe_tp_extend_ep=True, mla_mm_split=True, moe_grouped_gemm=True),
 }
 
 
@@ -150,7 +150,8 @@ def test_crc32_combine_is_zlibs():
 
 def test_resume_detects_truncated_and_altered_outputs(checkpoint, tmp_path):
     hf_dir, tensors, _ = checkpoint
-    flags = dict(tensor_model_parallel_size=2, expert_model_parallel_size=2)
+    flags = dict(tensor_model_parallel_size=2, expert_model_parallel_size=2, expert_tensor_parallel_size=1,
+                 moe_grouped_gemm=True)
     mcore, hf_back = str(tmp_path / "mcore"), str(tmp_path / "hf")
     convert_hf_to_legacy(hf_dir, mcore, flags, progress=False)
     files = sorted(os.path.relpath(os.path.join(d, n), mcore) for d, _, names in os.walk(mcore) for n in names

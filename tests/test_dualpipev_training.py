@@ -128,9 +128,12 @@ def test_distributed_optimizer_steps_like_the_single_process_run(start, tmp_path
     ours = run_pretrain(4, [*adam, "--pipeline-model-parallel-size", "2", *DUALPIPEV, "--expert-model-parallel-size",
                             "2", "--use-distributed-optimizer"], tmp_path / "ours.jsonl")
     assert len(ours) == len(single) == 2
-    for a, b in zip(ours, single):
+    for i, (a, b) in enumerate(zip(ours, single)):
         assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-6, abs=0)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=0)
+        # After one Adam step, fp32 summation-order differences of ~1e-7 in near-zero gradients become
+        # whole updates (Adam divides by their root mean square): measured 1.1e-6 with EP 2 alone, no
+        # dualpipev, on transformers 5.25's tiny model.
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6 if i == 0 else 5e-6, abs=0)
         assert a["mtp_loss"] == pytest.approx(b["mtp_loss"], rel=1e-6, abs=0)
 
 

@@ -102,7 +102,8 @@ def test_pp_stages_build_exactly_the_converters_chunks(tmp_path):
     tensors = _hf_tensors(hf_dir)
     for name, (overrides, flags) in PP_LAYOUTS.items():
         config = _config(hf_dir, pipeline_model_parallel_size=2, **{"mtp_num_layers": None, **overrides})
-        par = ParallelLayout.from_flags(config, pipeline_model_parallel_size=2, **flags)
+        par = ParallelLayout.from_flags(config, pipeline_model_parallel_size=2,
+                                        moe_grouped_gemm=config.moe_grouped_gemm, **flags)
         for pp_rank, chunk in par.pipeline.stages():
             built = results[pp_rank][name][str(chunk)]
             expected = chunk_state_dict(config, par, tensors.__getitem__, 0, pp_rank, 0, chunk)

@@ -1,4 +1,6 @@
-"""Smoke tests on real Ascend hardware: every op's torch_npu path vs its portable path on CPU.
+"""Smoke tests on real Ascend hardware: every op's torch_npu path vs its portable path on CPU; one
+training step of the tiny model through megatron-core on the npu backend (one rank, and two over
+HCCL when two NPUs are visible) against the same step on CPU; a conversion round trip.
 
 Run with ``python -m pytest -q -m npu tests/test_npu_smoke.py`` on a machine with torch_npu and
 a visible NPU; ``tests/conftest.py`` skips them everywhere else. Inputs are bfloat16 on the NPU
@@ -8,6 +10,7 @@ at bf16 resolution. Shapes are small: this checks the calls, not performance.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -123,3 +126,93 @@ def test_permute_unpermute_on_npu(npu):
     out_n, out_c, (dx_n,), (dx_c,) = _run_both(moe_round_trip, [torch.randn(num_tokens, 64)], npu)
     assert_close(out_n, out_c, what="permute/unpermute forward")
     assert_close(dx_n, dx_c, what="permute/unpermute backward")
+
+
+# --------------------------------------------------------------------------- megatron on the npu backend
+
+# One SGD step (no momentum, clipping or decay: the weights move by exactly lr * gradient), as the
+# CPU training tests run it. Float32 on both devices.
+ONE_SGD_STEP = ["--mock-data", "--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "16",
+                "--train-iters", "1", "--optimizer", "sgd", "--sgd-momentum", "0", "--lr", "0.1", "--min-lr", "0.1",
+                "--lr-decay-style", "constant", "--weight-decay", "0", "--clip-grad", "0", "--eval-iters", "0",
+                "--log-interval", "1", "--finetune", "--no-save-optim", "--no-save-rng"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(HF directory of the tests' tiny model with MTP, its torch_dist weights for --load)."""
+    from checkpoint_files import release_like_hf_dir
+    from npu_dsv3.cli import main
+
+    root = tmp_path_factory.mktemp("npu-tiny")
+    hf = release_like_hf_dir(str(root / "hf"), seed=11)
+    weights = str(root / "start")
+    assert main(["convert", "hf2mcore", "--load-dir", hf, "--save-dir", weights, "--save-format", "torch_dist",
+                 "--no-progress"]) == 0
+    return hf, weights
+
+
+def _train_one_step(device: str, world: int, flags, tiny, out):
+    """(logged record of the step, the weights it saved, exported to HF) of a run with NPU_DSV3_DEVICE=device."""
+    from checkpoint_files import hf_tensors
+    from npu_dsv3.cli import main
+    from pretrain_runs import run_pretrain
+
+    hf, weights = tiny
+    out.mkdir()
+    os.environ["NPU_DSV3_DEVICE"] = device
+    try:
+        records = run_pretrain(world, ["--hf-config", hf, "--load", weights, "--save", str(out / "ckpt"),
+                                       *ONE_SGD_STEP, *flags], out / "run.jsonl")
+    finally:
+        del os.environ["NPU_DSV3_DEVICE"]
+    assert len(records) == 1
+    assert main(["convert", "mcore2hf", "--load-dir", str(out / "ckpt"), "--save-dir", str(out / "hf"),
+                 "--no-progress"]) == 0
+    return records[0], hf_tensors(out / "hf")
+
+
+def _assert_same_step(npu_run, cpu_run, start):
+    (npu_record, npu_after), (cpu_record, cpu_after) = npu_run, cpu_run
+    assert math.isfinite(npu_record["lm_loss"])
+    assert npu_record["lm_loss"] == pytest.approx(cpu_record["lm_loss"], rel=1e-3)
+    assert npu_after.keys() == cpu_after.keys() == start.keys()
+    moved = 0
+    for name, before in start.items():
+        # the update lr * gradient, NPU against CPU, at the precision of the NPU's float32 matmuls
+        assert_close(npu_after[name].double() - before.double(), cpu_after[name].double() - before.double(),
+                     tol=5e-2, what=f"update of {name}")
+        moved += not torch.equal(npu_after[name], before)
+    assert moved > len(start) // 2, "the step left most weights unchanged"
+
+
+def test_one_training_step_on_npu_matches_cpu(npu, tiny, tmp_path):
+    from checkpoint_files import hf_tensors
+
+    start = hf_tensors(tiny[0])
+    cpu_run = _train_one_step("cpu", 1, [], tiny, tmp_path / "cpu")
+    _assert_same_step(_train_one_step("npu", 1, [], tiny, tmp_path / "npu"), cpu_run, start)
+    if torch.npu.device_count() >= 2:
+        # two ranks over HCCL: expert parallel all-to-alls and data-parallel gradient all-reduce
+        ep2 = _train_one_step("npu", 2, ["--expert-model-parallel-size", "2"], tiny, tmp_path / "npu-ep2")
+        _assert_same_step(ep2, cpu_run, start)
+
+
+def test_conversion_round_trip_on_npu_backend_is_bit_exact(npu, tmp_path):
+    """The converters under the npu backend (torch_npu's transfer_to_npu and the npu patches applied)."""
+    import npu_dsv3
+    from checkpoint_files import hf_tensors, release_like_hf_dir
+    from npu_dsv3.cli import main
+
+    assert npu_dsv3.backend() == "npu"
+    hf = release_like_hf_dir(str(tmp_path / "hf"), seed=13)
+    layout = ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"]
+    assert main(["convert", "hf2mcore", "--load-dir", hf, "--save-dir", str(tmp_path / "mcore"), "--workers", "2",
+                 "--no-progress", *layout]) == 0
+    source = [flag.replace("--target-", "--source-") for flag in layout]
+    assert main(["convert", "mcore2hf", "--load-dir", str(tmp_path / "mcore"), "--save-dir", str(tmp_path / "back"),
+                 "--no-progress", *source]) == 0
+    original, back = hf_tensors(hf), hf_tensors(tmp_path / "back")
+    assert original.keys() == back.keys()
+    for name in original:
+        assert back[name].dtype == original[name].dtype and torch.equal(back[name], original[name]), name

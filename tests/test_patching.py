@@ -246,3 +246,49 @@ def test_cli_in_process_and_unknown_subcommand(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["no-such-command"])
     assert e.value.code == 2
+
+
+# --------------------------------------------------------------------------- deferred setup
+
+_AFTER_SETUP = """
+import torch
+import npu_dsv3.backend
+from megatron.core.tensor_parallel import random
+# The patches' effects, checked before anything asks the registry (which would complete the setup itself):
+assert random._set_cuda_rng_state is npu_dsv3.backend._megatron_set_cuda_rng_state, 'megatron target not patched'
+assert torch.cuda.current_device() == torch.device('cpu'), 'torch target not patched'
+assert torch.empty(1, device='cuda').device.type == 'cpu', 'the CUDA->CPU device mode is not active'
+from npu_dsv3.patching import patch_status
+statuses = {row['status'] for row in patch_status()}
+assert statuses <= {'applied', 'skipped'} and 'applied' in statuses, statuses
+"""
+
+
+@pytest.mark.parametrize("imports", [
+    # import npu_dsv3 leaves megatron alone; importing megatron.core applies every patch
+    # (inside a device context, whose exit pops the top torch function mode: it must stay its own)
+    "import npu_dsv3, torch\n"
+    "assert not [m for m in sys.modules if m.split('.')[0] == 'megatron'], 'megatron imported'\n"
+    "with torch.device('meta'):\n    import megatron.core\nassert torch.empty(1).device.type == 'cpu'",
+    # an npu_dsv3 module that imports megatron and is itself imported by a feature module (model.patches)
+    "import npu_dsv3.config",
+    # megatron first: import npu_dsv3 applies at once
+    "import megatron.core\nassert 'npu_dsv3' not in sys.modules\nimport npu_dsv3",
+    # torch's checkpoint reader, patched by the restricted reader, triggers the setup too (which imports megatron)
+    "import npu_dsv3\nimport torch.distributed.checkpoint\nassert 'megatron.core' in sys.modules, 'no setup'",
+], ids=["npu_dsv3-then-megatron", "npu_dsv3-module-importing-megatron", "megatron-then-npu_dsv3", "npu_dsv3-then-dcp"])
+def test_patches_are_applied_when_a_setup_trigger_is_imported(imports):
+    out = subprocess.run([sys.executable, "-c", "import sys\n" + imports + _AFTER_SETUP], cwd=REPO,
+                         env={**os.environ, "NPU_DSV3_DEVICE": "cpu"}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_the_cli_parsers_import_no_megatron():
+    """`npu-dsv3 --help` and argument errors come as fast as `import torch`: no subcommand module may import
+    megatron (or a module that does) at its top level."""
+    code = ("import sys\nfrom npu_dsv3.cli import build_parser\nbuild_parser()\n"
+            "print([m for m in sys.modules if m.split('.')[0] == 'megatron'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "NPU_DSV3_DEVICE": "cpu"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -136,6 +136,26 @@ def test_a_legacy_checkpoint_of_another_model_is_one_line(hf_dir, tmp_path):
         load_checkpoint(str(tmp_path / "three"), *_run(hf_dir))
 
 
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_a_training_save_converts_to_hf(hf_dir, tmp_path, ckpt_format):
+    """`npu-dsv3 convert mcore2hf` reads the directory the tracker names (iter_XXXXXXX), in either format,
+    with the config.json the save wrote beside it: untrained weights come back as the HF ones, bit for bit."""
+    from checkpoint_files import hf_tensors
+    from npu_dsv3.cli import main
+
+    _seed(0)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf_config = json.load(f)
+    # load_hf's model holds grouped-GEMM experts; pretrain records every layout flag the same way
+    save_checkpoint(str(tmp_path / "ckpt"), 3, *_run(hf_dir), args={"moe_grouped_gemm": True},
+                    ckpt_format=ckpt_format, hf_config=hf_config)
+    assert main(["convert", "mcore2hf", "--load-dir", str(tmp_path / "ckpt"), "--save-dir", str(tmp_path / "hf"),
+                 "--no-progress"]) == 0
+    original, exported = hf_tensors(hf_dir), hf_tensors(str(tmp_path / "hf"))
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+
+
 def test_a_crash_mid_save_keeps_the_previous_checkpoint(hf_dir, tmp_path, monkeypatch):
     _seed(0)
     run = _run(hf_dir)

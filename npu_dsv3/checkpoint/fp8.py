@@ -325,6 +325,10 @@ def _other_files(input_dir: str, skip: set) -> List[str]:
 
 
 def _plan(input_dir: str, output_dir: str, weight_map: Dict[str, str], block) -> List[_ShardJob]:
+    if not any(name.endswith(SCALE_SUFFIX) for name in weight_map):
+        # Without block scales there is no FP8 weight to cast: the output would be a copy.
+        raise CheckpointError(f"{input_dir} is not an FP8 checkpoint (no *{SCALE_SUFFIX} tensors); it needs no "
+                              "fp8-to-bf16 conversion, use it as it is")
     for scale in (n for n in weight_map if n.endswith(SCALE_SUFFIX)):
         if scale[: -len(SCALE_SUFFIX)] not in weight_map:
             raise CheckpointError(f"{scale} in {os.path.join(input_dir, weight_map[scale])} has no weight "

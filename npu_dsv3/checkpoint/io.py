@@ -17,13 +17,17 @@ from __future__ import annotations
 import concurrent.futures
 import concurrent.futures.process
 import contextlib
+import ctypes
 import functools
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import struct
 import sys
+import threading
+import time
 import uuid
 import zlib
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -244,16 +248,59 @@ class Manifest:
             self.save()
 
 
+def check_output_path(directory: str) -> None:
+    """``directory`` can be the output of a job: a directory, or absent under a writable directory. Jobs call
+    it before reading their input, so a wrong output path fails in one line before the work starts."""
+    from npu_dsv3.arguments import output_dir_problem
+
+    problem = output_dir_problem(directory)
+    if problem:
+        raise ValueError(f"output directory {directory}: {problem}; choose another")
+
+
+def _finished_no_file(directory: str) -> bool:
+    """True if all ``directory`` holds is what a job that died before finishing any file leaves:
+    its manifest listing no file and/or temp files (at least one of them), and folders of those."""
+    traces = False
+    manifest = os.path.join(directory, MANIFEST_FILE)
+    for dirpath, _dirs, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if name.endswith(TEMP_SUFFIX) or (path == manifest and _records_nothing(directory)):
+                traces = True
+            else:
+                return False
+    return traces
+
+
+def _records_nothing(directory: str) -> bool:
+    try:
+        return not Manifest(directory).files
+    except ValueError:  # unreadable: not ours to judge, prepare_output_dir's checks refuse it
+        return False
+
+
+def _clear_traces(directory: str) -> None:
+    """Removes what ``_finished_no_file`` accepted: the files, then the folders they were in."""
+    for dirpath, dirs, names in os.walk(directory, topdown=False):
+        for name in names:
+            os.remove(os.path.join(dirpath, name))
+        for name in dirs:
+            os.rmdir(os.path.join(dirpath, name))
+
+
 def prepare_output_dir(directory: str, resume: bool, job: Dict[str, object]) -> Manifest:
     """Creates ``directory`` (or checks it may be resumed) and returns its manifest.
 
     Without ``resume`` the directory must be absent or empty. With it, a non-empty
     directory must hold a manifest of the same ``job``; temp files of a killed run
-    are removed.
+    are removed. A directory left by a job that failed before finishing any file
+    counts as empty, for any job: there is nothing in it to keep.
     """
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"output path {directory} exists and is not a directory")
+    check_output_path(directory)
     os.makedirs(directory, exist_ok=True)
+    if _finished_no_file(directory):
+        _clear_traces(directory)
     entries = os.listdir(directory)
     if entries and not resume:
         raise ValueError(f"output directory {directory} is not empty; pass --resume to continue an interrupted "
@@ -320,7 +367,30 @@ def progress(total_bytes: int, desc: str, enabled: bool = True, done_bytes: int 
 # --------------------------------------------------------------------------- parallel map
 
 
-def _worker_init() -> None:
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Make this worker die with ``parent_pid``. A worker whose converter was killed (kill -9, OOM
+    killer) would otherwise finish its item, holding hundreds of MB, then wait forever for work.
+    Linux: the kernel sends SIGKILL when the parent dies. Elsewhere: a thread polls the parent pid."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            if ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # it died before prctl took effect
+                    os._exit(1)
+                return
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
+
+
+def _worker_init(parent_pid: int) -> None:
+    _exit_with_parent(parent_pid)
     # Workers are forked. A forked child that enters an OpenMP parallel region the
     # parent already used hangs (GNU OpenMP is not fork-safe; reproduced with torch
     # 2.13), so each worker computes single-threaded: parallelism is across items.
@@ -394,7 +464,7 @@ def parallel_map(fn: Callable, items: Iterable, workers: int = 1,
 
     first_error = None
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(items)), mp_context=_pool_context(),
-                                                initializer=_worker_init) as pool:
+                                                initializer=_worker_init, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
         for future in concurrent.futures.as_completed(futures):
             i = futures[future]

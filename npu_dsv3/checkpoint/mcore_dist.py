@@ -33,6 +33,7 @@ import torch
 
 from npu_dsv3.checkpoint import io, writers
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
+from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.layout import LayoutError, PipelineLayout
 
 FORMAT = "torch_dist"
@@ -345,11 +346,21 @@ def _save_strategy(planner, writer):
     from megatron.core.dist_checkpointing.strategies.torch import (
         TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
     from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from npu_dsv3.checkpoint.safe_load import dcp_failure
 
     class InProcessSave(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-            dcp_save(mcore_to_pyt_state_dict(flat, False), storage_writer=writer(checkpoint_dir), planner=planner)
+            try:
+                dcp_save(mcore_to_pyt_state_dict(flat, False), storage_writer=writer(checkpoint_dir), planner=planner)
+            except CheckpointException as e:
+                # a full disk or a refused write is the one thing to say, not every rank's traceback
+                plain = dcp_failure(e, (OSError, CheckpointError))
+                if plain is None:
+                    raise
+                raise plain from e
 
     return InProcessSave(FORMAT, 1)
 
@@ -526,13 +537,14 @@ class DistSource:
             return self._load(piece)
         try:
             with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 f.seek(info.offset)
                 data = f.read(info.length)
-            if len(data) != info.length:
-                raise EOFError(f"{path} ends before byte {info.offset + info.length}")
-            tensor = torch.load(bytes_io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:
+        except OSError as e:
             raise CheckpointError(f"cannot read {piece.key} at {piece.offset} from {path} ({e})") from e
+        if len(data) != info.length:
+            raise CheckpointError(f"{path} is truncated: {size} bytes, its .metadata needs {info.offset + info.length}")
+        tensor = load_torch(bytes_io.BytesIO(data), f"{path} ({piece.key} at {piece.offset})", map_location="cpu")
         if tuple(tensor.shape) != piece.shape or tensor.dtype != piece.dtype:
             raise CheckpointError(f"{piece.key} at {piece.offset} in {path} is {tuple(tensor.shape)} "
                                   f"{tensor.dtype}, the metadata says {piece.shape} {piece.dtype}")
@@ -589,7 +601,7 @@ def convert_to_dist(source: tuple, save_dir: str, flags: dict, command: str, wor
     import time
 
     from npu_dsv3.checkpoint.mcore_legacy import (HF_EXTRA_FILES, _check_mtp_copies, _model_config,
-                                                  conversion_configs, conversion_input)
+                                                  conversion_configs, conversion_input, record_hf_dtypes)
 
     start = time.monotonic()
     source_dir = source[1]
@@ -610,6 +622,7 @@ def convert_to_dist(source: tuple, save_dir: str, flags: dict, command: str, wor
             manifest.record(extra)
     io.atomic_write_json({k: v for k, v in hf_config.items() if k != "quantization_config"},
                          os.path.join(save_dir, "config.json"))
+    record_hf_dtypes(meta_get, hf_config, save_dir)
     with io.atomic_write(os.path.join(save_dir, TRACKER_FILE)) as tmp:  # last: the directory is complete
         with open(tmp, "w") as f:
             f.write(RELEASE)
@@ -622,7 +635,7 @@ def convert_dist_to_hf(load_dir: str, save_dir: str, mtp_num_layers: Optional[in
     (``mtp_num_layers=0``: without the MTP layer)."""
     import time
 
-    from npu_dsv3.checkpoint.mcore_legacy import write_hf_checkpoint
+    from npu_dsv3.checkpoint.mcore_legacy import _WithHFDtypes, write_hf_checkpoint
     from npu_dsv3.checkpoint.rank_state import effective_hf_config
     from npu_dsv3.config import load_hf_config
 
@@ -630,11 +643,12 @@ def convert_dist_to_hf(load_dir: str, save_dir: str, mtp_num_layers: Optional[in
     hf_config = effective_hf_config(load_hf_config(load_dir), {"mtp_num_layers": mtp_num_layers},
                                     select_layers=False)
     source = DistSource(release_dir(load_dir), hf_config)
+    shapes = _WithHFDtypes(_Shapes(source.shape), load_dir)
+    source = _WithHFDtypes(source, load_dir)
     manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf", "format": FORMAT,
                                                         "input": os.path.realpath(load_dir),
                                                         "mtp_num_layers": mtp_num_layers})
-    summary = write_hf_checkpoint(source, hf_config, load_dir, save_dir, manifest, progress,
-                                  shapes=_Shapes(source.shape))
+    summary = write_hf_checkpoint(source, hf_config, load_dir, save_dir, manifest, progress, shapes=shapes)
     return {**summary, "seconds": time.monotonic() - start}
 
 

@@ -13,14 +13,19 @@ rebuilt HF tensor at a time.
 """
 
 import os
+import struct
+import zipfile
+import zlib
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Tuple
 
 import torch
 
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
+from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.rank_state import (HFFromRanks, ParallelLayout, chunk_state_dict, chunk_state_pieces,
-                                            effective_hf_config, source_getter)
+                                            effective_hf_config, hf_tensor_shapes, source_getter)
+from npu_dsv3.layout import LAYOUT_DEFAULTS
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -33,8 +38,16 @@ def _owned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().clone()
 
 
-def rank_file(root: str, par: ParallelLayout, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
-    return os.path.join(root, RELEASE, par.rank_dir(tp_rank, pp_rank, ep_rank), MODEL_FILE)
+def rank_file(root: str, par: ParallelLayout, tp_rank: int, pp_rank: int, ep_rank: int, tag: str = RELEASE) -> str:
+    return os.path.join(root, tag, par.rank_dir(tp_rank, pp_rank, ep_rank), MODEL_FILE)
+
+
+def tracked_tag(root: str) -> str:
+    """The checkpoint directory a reader of ``root`` opens: the one its tracker names (a training save's
+    ``iter_XXXXXXX`` or a converter's ``release``), ``release`` without a tracker."""
+    from npu_dsv3.checkpoint.mcore_dist import tracked_dir
+
+    return os.path.basename(tracked_dir(root) or RELEASE)
 
 
 def rank_payload(config, par, get, tp_rank, pp_rank, ep_rank) -> dict:
@@ -47,33 +60,87 @@ def rank_payload(config, par, get, tp_rank, pp_rank, ep_rank) -> dict:
 
 
 def load_rank(root: str, par: ParallelLayout, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
-    """A rank file's payload with meta tensors: only the pickle is read (``weights_only``). Each
+    """A rank file's payload with meta tensors: only the pickle is read (through the allow-list). Each
     tensor's storage carries ``_checkpoint_offset``, where its bytes start in the file."""
-    path = rank_file(root, par, tp_rank, pp_rank, ep_rank)
+    path = rank_file(root, par, tp_rank, pp_rank, ep_rank, tracked_tag(root))
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: the checkpoint does not have the layout the --source-* flags describe")
-    try:
-        return torch.load(path, map_location="meta", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read {path} ({e})") from e
+        raise CheckpointError(f"{path} is missing: the checkpoint was not written with tensor / pipeline / expert "
+                              f"parallel sizes {par.tp} / {par.pipeline.pp} / {par.ep}")
+    return load_torch(path, map_location="meta")
 
 
-def _read_tensor(path: str, meta: torch.Tensor) -> torch.Tensor:
+class _CheckedRecords:
+    """The zip records of one rank file, each checked against its CRC-32 before its bytes are used.
+
+    A torch zip file records the CRC-32 of every record (torch's reader checks none):
+    torch's own records (the pickle, a few kB) are checked on opening; a storage's
+    CRC is computed as ``_read_tensor`` reads it, so a tensor that covers its storage
+    costs no second pass (a view of part of a storage gets its storage checked once
+    on its own). Where the converter's manifest lists the file, the file's digest
+    rebuilt from the recorded CRCs and the bytes between records must match it, so
+    the headers and the pickle are checked too. A record whose CRC is 0 was written
+    without one (``torch.serialization.set_crc32_options(False)``) and cannot be checked.
+    """
+
+    def __init__(self, path: str, manifest_entry: dict = None):
+        from npu_dsv3.checkpoint import io, writers
+
+        self.path = path
+        try:
+            records = writers.zip_records(path)
+            digest = None if manifest_entry is None else writers.digest_from_records(path)
+        except (OSError, zipfile.BadZipFile, struct.error) as e:
+            raise CheckpointError(f"{path} is damaged: cannot read its zip records ({e}); "
+                                  "re-convert or restore it") from e
+        if digest != manifest_entry:
+            raise CheckpointError(f"{path} is damaged: its size and CRC-32 {digest} differ from those "
+                                  f"{io.MANIFEST_FILE} recorded ({manifest_entry}); re-convert or restore it")
+        self.storages = {r.data_offset: r for r in records if r.index >= 0}
+        self.checked = set()
+        for record in records:
+            if record.index < 0:
+                self.check(record)
+
+    def check(self, record, crc: int = None) -> None:
+        """Refuses the file if ``record``'s bytes (``crc``: their CRC-32, if already computed) are not
+        the ones its header describes; each record is read for this at most once."""
+        from npu_dsv3.checkpoint import writers
+
+        if record.crc == 0 or (crc is None and record.data_offset in self.checked):
+            return
+        if crc is None:
+            crc = writers.record_crc(self.path, record)
+        if crc != record.crc:
+            raise CheckpointError(f"{self.path} is damaged: record {record.name} has CRC-32 {crc:08x}, its zip "
+                                  f"header says {record.crc:08x}; re-convert or restore it")
+        self.checked.add(record.data_offset)
+
+
+def _read_tensor(path: str, meta: torch.Tensor, records: _CheckedRecords) -> torch.Tensor:
     """The data of ``meta`` (a tensor of ``load_rank``'s payload) read with ``pread`` into memory of
     its own: freed with the tensor, unlike the pages of a memory map, which stay resident while the
-    file is mapped."""
+    file is mapped. The bytes are checked against their record's CRC-32 (``_CheckedRecords``)."""
+    from npu_dsv3.checkpoint.writers import WRITE_CHUNK
+
     size, stride = tuple(meta.shape), meta.stride()
     # Elements from the first to the last the view reaches (a view may skip some: a transpose).
     span = 1 + sum((n - 1) * st for n, st in zip(size, stride)) if meta.numel() else 0
     out = torch.empty(span * meta.element_size(), dtype=torch.uint8)
+    record = records.storages.get(meta.untyped_storage()._checkpoint_offset)
     begin = meta.untyped_storage()._checkpoint_offset + meta.storage_offset() * meta.element_size()
-    view, done = memoryview(out.numpy()), 0
+    if record is None:
+        raise CheckpointError(f"{path} is damaged: its pickle places a tensor at byte {begin}, where no record is")
+    whole = begin == record.data_offset and len(out) == record.size
+    view, done, crc = memoryview(out.numpy()), 0, 0
     with open(path, "rb", buffering=0) as f:
         f.seek(begin)
-        while done < len(view) and (n := f.readinto(view[done:])):
+        # In chunks, each checksummed while it is in cache.
+        while done < len(view) and (n := f.readinto(view[done:done + WRITE_CHUNK])):
+            crc = zlib.crc32(view[done:done + n], crc) if whole else crc
             done += n
     if done != len(view):
         raise CheckpointError(f"cannot read a tensor of {path}: the file is truncated")
+    records.check(record, crc if whole else None)
     return out.view(meta.dtype).as_strided(size, stride)
 
 
@@ -86,8 +153,8 @@ class _PreadChunk:
     per expert, consecutively; anything else is read once.
     """
 
-    def __init__(self, path: str, meta: dict, recent: OrderedDict, keep: int):
-        self.path, self.meta, self.recent, self.keep = path, meta, recent, keep
+    def __init__(self, path: str, meta: dict, records: _CheckedRecords, recent: OrderedDict, keep: int):
+        self.path, self.meta, self.records, self.recent, self.keep = path, meta, records, recent, keep
 
     def __contains__(self, name: str) -> bool:
         return name in self.meta
@@ -97,7 +164,7 @@ class _PreadChunk:
         if key in self.recent:
             self.recent.move_to_end(key)
             return self.recent[key]
-        tensor = _read_tensor(self.path, self.meta[name])
+        tensor = _read_tensor(self.path, self.meta[name], self.records)
         self.recent[key] = tensor
         while len(self.recent) > self.keep:
             self.recent.popitem(last=False)
@@ -133,23 +200,33 @@ def legacy_meta_source(root: str, config, par: ParallelLayout) -> HFFromRanks:
 
 
 def _legacy_source(root: str, config, par: ParallelLayout, meta: bool) -> HFFromRanks:
+    from npu_dsv3.checkpoint import io
+
     payloads: Dict[Tuple[int, int, int], dict] = {}
+    checked: Dict[Tuple[int, int, int], _CheckedRecords] = {}
+    # What the converter that wrote ``root`` recorded (nothing for a checkpoint saved by training).
+    digests = io.Manifest(root).files if os.path.isfile(os.path.join(root, io.MANIFEST_FILE)) else {}
     # The weight1 and weight2 of the expert-tensor-parallel ranks one expert is rebuilt from.
     recent, keep = OrderedDict(), 2 * par.etp
 
+    tag = tracked_tag(root)
+
     def fetch(tp_rank, pp_rank, ep_rank, chunk):
         key = (tp_rank, pp_rank, ep_rank)
+        path = rank_file(root, par, *key, tag)
         if key not in payloads:
+            if os.path.isfile(path):  # else load_rank says what is missing; the pickle is checked before it is read
+                checked[key] = _CheckedRecords(path, digests.get(os.path.relpath(path, root)))
             payloads[key] = load_rank(root, par, *key)
         name = par.chunk_key(chunk)
         if name not in payloads[key]:
-            raise CheckpointError(f"{rank_file(root, par, *key)} has no '{name}': check "
-                                  "--source-pipeline-parallel-size / --num-layers-per-virtual-pipeline-stage")
+            raise CheckpointError(f"{path} has no '{name}': the checkpoint was not written with "
+                                  f"{par.pipeline.num_chunks} model chunks per pipeline rank (virtual pipeline stages)")
         if meta:
             return payloads[key][name]
-        return _PreadChunk(rank_file(root, par, *key), payloads[key][name], recent, keep)
+        return _PreadChunk(path, payloads[key][name], checked[key], recent, keep)
 
-    return HFFromRanks(config, par, fetch, lambda *key: rank_file(root, par, *key))
+    return HFFromRanks(config, par, fetch, lambda *key: rank_file(root, par, *key, tag))
 
 
 def read_hf_tensors(root: str, config, par: ParallelLayout) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -172,11 +249,26 @@ def _model_config(hf_config: dict, grouped_gemm: bool, **overrides):
     return hf_to_mcore_config_dpskv3(hf_config, moe_grouped_gemm=grouped_gemm, **overrides)
 
 
+def _fp8_block(hf_config: dict) -> Tuple[int, int]:
+    return tuple((hf_config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+
+
+def check_hf_source(hf_dir: str, hf_config: dict, mtp_layers: int = None) -> None:
+    """The check every reader of an HF checkpoint runs before writing anything: each tensor's shape
+    against ``hf_config`` (its config.json), the dtypes, missing and unexpected tensors, from the
+    shards' headers alone (``HFCheckpointReader.check``). ``mtp_layers``: the MTP layers that must be
+    there (default: all config.json declares; the others are checked if present)."""
+    from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
+
+    shapes, optional = hf_tensor_shapes(_model_config(hf_config, True), mtp_layers)
+    HFCheckpointReader(hf_dir).check(shapes, optional, _fp8_block(hf_config))
+
+
 def _bf16_getter(reader, hf_config: dict):
     """``get(name)`` that dequantises DeepSeek's block-FP8 weights as they are read."""
     from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX, dequantize_fp8_block
 
-    block = tuple((hf_config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+    block = _fp8_block(hf_config)
 
     def get(name: str) -> torch.Tensor:
         tensor = reader.get(name)
@@ -278,7 +370,7 @@ def _source_meta_getter(source: tuple, hf_config: dict):
 
         return DistSource(release_dir(source[1]), hf_config).shape
     _, load_dir, flags = source
-    config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
+    config = _model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
     return legacy_meta_source(load_dir, config, ParallelLayout.from_flags(config, **flags)).get
 
 
@@ -291,7 +383,7 @@ def _source_getter(source: tuple, hf_config: dict):
 
         return DistSource(release_dir(source[1]), hf_config).get
     _, load_dir, flags = source
-    config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
+    config = _model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
     return legacy_source(load_dir, config, ParallelLayout.from_flags(config, **flags)).get
 
 
@@ -303,14 +395,75 @@ def conversion_configs(source: tuple, flags: dict) -> Tuple[dict, dict]:
     source_hf = load_hf_config(source[1])
     if source[0] == "mcore":
         source_hf = effective_hf_config(source_hf, source[2], select_layers=False)
-    return source_hf, effective_hf_config(source_hf, flags)
+    hf_config = effective_hf_config(source_hf, flags)
+    if source[0] == "hf":
+        check_hf_source(source[1], source_hf, hf_config["num_nextn_predict_layers"])
+    return source_hf, hf_config
 
 
 def conversion_input(source: tuple, source_hf: dict, hf_config: dict):
     """(get, meta_get) of a conversion's input by the HF names of the model written; ``meta_get``
-    gives shapes and dtypes as meta tensors without reading data."""
-    return (source_getter(_source_getter(source, source_hf), source_hf, hf_config),
-            source_getter(_source_meta_getter(source, source_hf), source_hf, hf_config))
+    gives shapes and dtypes as meta tensors without reading data. A megatron source gives each
+    tensor the dtype its HF checkpoint had, where the converter recorded it (``DTYPES_FILE``)."""
+    get, meta_get = _source_getter(source, source_hf), _source_meta_getter(source, source_hf)
+    if source[0] != "hf":
+        get, meta_get = with_hf_dtypes(get, source[1]), with_hf_dtypes(meta_get, source[1])
+    return source_getter(get, source_hf, hf_config), source_getter(meta_get, source_hf, hf_config)
+
+
+# The dtype of every HF tensor of the model a converter wrote, beside the megatron checkpoint: megatron
+# keeps some tensors in another dtype (the expert bias in fp32), and the way back restores the HF one.
+DTYPES_FILE = "hf_dtypes.json"
+
+
+def record_hf_dtypes(meta_get, hf_config: dict, save_dir: str) -> None:
+    """Writes ``save_dir``'s ``DTYPES_FILE`` from ``meta_get`` (the HF tensors written, as meta
+    tensors): the most common dtype, and each tensor whose dtype differs from it."""
+    from collections import Counter
+
+    from npu_dsv3.checkpoint import io
+
+    shapes, optional = hf_tensor_shapes(_model_config(hf_config, True))
+    dtypes = {name: str(meta_get(name).dtype).replace("torch.", "") for name in shapes if name not in optional}
+    default = Counter(dtypes.values()).most_common(1)[0][0]
+    io.atomic_write_json({"default": default, "tensors": {n: d for n, d in dtypes.items() if d != default}},
+                         os.path.join(save_dir, DTYPES_FILE), sort_keys=True)
+
+
+def with_hf_dtypes(get, root: str):
+    """``get(name)`` giving each tensor the dtype ``root``'s ``DTYPES_FILE`` records for it; ``get``
+    itself where the checkpoint the tracker names is not a converter's (``release``) or has no record."""
+    import json
+
+    from npu_dsv3.checkpoint.mcore_dist import RELEASE, tracked_dir
+
+    path = os.path.join(root, DTYPES_FILE)
+    if not os.path.isfile(path) or os.path.basename(tracked_dir(root) or "") != RELEASE:
+        return get
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        default = getattr(torch, record["default"])
+        dtypes = {name: getattr(torch, dtype) for name, dtype in record["tensors"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a readable dtype record ({e}); delete it to keep megatron's "
+                              "dtypes") from e
+
+    def cast(name: str) -> torch.Tensor:
+        tensor = get(name)
+        return tensor.to(dtypes.get(name, default))
+
+    return cast
+
+
+class _WithHFDtypes:
+    """A ``names()`` / ``get(name)`` source (``HFFromRanks``, ``DistSource``) with ``with_hf_dtypes``' dtypes."""
+
+    def __init__(self, source, root: str):
+        self.source, self.get = source, with_hf_dtypes(source.get, root)
+
+    def names(self) -> List[str]:
+        return self.source.names()
 
 
 def _write_rank(job) -> dict:
@@ -318,7 +471,7 @@ def _write_rank(job) -> dict:
     from npu_dsv3.checkpoint import io, writers
 
     source, save_dir, source_hf, hf_config, flags, ranks = job
-    config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
+    config = _model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
     par = ParallelLayout.from_flags(config, **flags)
     path = rank_file(save_dir, par, *ranks)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -339,10 +492,11 @@ def _write_layout(source: tuple, save_dir: str, flags: dict, command: str, worke
     start = time.monotonic()
     source_dir = source[1]
     source_hf, hf_config = conversion_configs(source, flags)
-    config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
+    config = _model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
     par = ParallelLayout.from_flags(config, **flags)
+    get, meta_get = conversion_input(source, source_hf, hf_config)
     if source[0] == "hf":
-        _check_mtp_copies(config, conversion_input(source, source_hf, hf_config)[0])
+        _check_mtp_copies(config, get)
     job = {"command": command, "input": os.path.realpath(source_dir), "layout": flags}
     manifest = io.prepare_output_dir(save_dir, resume, job)
     rel = {ranks: os.path.relpath(rank_file(save_dir, par, *ranks), save_dir) for ranks in par.ranks()}
@@ -362,6 +516,7 @@ def _write_layout(source: tuple, save_dir: str, flags: dict, command: str, worke
             manifest.record(extra)
     hf_out = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     io.atomic_write_json(hf_out, os.path.join(save_dir, "config.json"))
+    record_hf_dtypes(meta_get, hf_config, save_dir)
     with io.atomic_write(os.path.join(save_dir, TRACKER_FILE)) as tmp:
         with open(tmp, "w") as f:
             f.write(RELEASE)
@@ -466,11 +621,12 @@ def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool
     start = time.monotonic()
     # Rank files fix the layers; only MTP may be left out (--mtp-num-layers 0).
     hf_config = effective_hf_config(load_hf_config(load_dir), flags, select_layers=False)
-    config = _model_config(hf_config, flags.get("moe_grouped_gemm", True))
+    config = _model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
     par = ParallelLayout.from_flags(config, **flags)
     manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf",
                                                         "input": os.path.realpath(load_dir), "layout": flags})
     with io.single_threaded_torch():
-        summary = write_hf_checkpoint(legacy_source(load_dir, config, par), hf_config, load_dir, save_dir, manifest,
-                                      progress, max_shard_bytes, shapes=legacy_meta_source(load_dir, config, par))
+        summary = write_hf_checkpoint(_WithHFDtypes(legacy_source(load_dir, config, par), load_dir), hf_config,
+                                      load_dir, save_dir, manifest, progress, max_shard_bytes,
+                                      shapes=_WithHFDtypes(legacy_meta_source(load_dir, config, par), load_dir))
     return {**summary, "seconds": time.monotonic() - start}

@@ -14,7 +14,7 @@ import torch
 
 from npu_dsv3.checkpoint import sharding
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
-from npu_dsv3.layout import LayoutError, PipelineLayout
+from npu_dsv3.layout import LAYOUT_DEFAULTS, LayoutError, PipelineLayout, default_expert_tp
 from npu_dsv3.model.builder import padded_vocab_size
 from npu_dsv3.model.spec import moe_layer_pattern
 
@@ -27,7 +27,7 @@ class ParallelLayout:
     tp: int = 1
     ep: int = 1
     etp: int = 1
-    grouped_gemm: bool = True
+    grouped_gemm: bool = LAYOUT_DEFAULTS["moe_grouped_gemm"]
     tp_extend_ep: bool = False
     """``--moe-tp-extend-ep``: the TP ranks of an EP rank hold different whole experts."""
     mla_mm_split: bool = False
@@ -44,16 +44,19 @@ class ParallelLayout:
 
     @classmethod
     def from_flags(cls, config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                   expert_model_parallel_size=1, expert_tensor_parallel_size=1,
+                   expert_model_parallel_size=1, expert_tensor_parallel_size=None,
                    num_layers_per_virtual_pipeline_stage=None, num_layer_list=None, noop_layers=None,
-                   schedules_method=None, num_layers=None, moe_grouped_gemm=True, moe_tp_extend_ep=False,
-                   mla_mm_split=False, first_k_dense_replace=None, mtp_num_layers=None) -> "ParallelLayout":
+                   schedules_method=None, num_layers=None, moe_grouped_gemm=LAYOUT_DEFAULTS["moe_grouped_gemm"],
+                   moe_tp_extend_ep=False, mla_mm_split=False, first_k_dense_replace=None,
+                   mtp_num_layers=None) -> "ParallelLayout":
         """The layout the converter / training flags of the same names describe.
 
         ``config`` is the model's: the model-size flags (``num_layers``,
         ``first_k_dense_replace``, ``mtp_num_layers``) must agree with it; build it
-        from ``effective_hf_config`` to apply them.
+        from ``effective_hf_config`` to apply them. The defaults are ``npu_dsv3.layout.LAYOUT_DEFAULTS``.
         """
+        if expert_tensor_parallel_size is None:
+            expert_tensor_parallel_size = default_expert_tp(tensor_model_parallel_size, moe_tp_extend_ep)
         noop = frozenset(int(i) for i in _int_list(noop_layers))
         par = cls(
             PipelineLayout(
@@ -309,6 +312,66 @@ def chunk_state_dict(config, par: ParallelLayout, get: Callable[[str], torch.Ten
     return out
 
 
+def hf_tensor_shapes(config, mtp_layers: int = None) -> Tuple[Dict[str, Tuple[int, ...]], set]:
+    """(every HF tensor of the model ``config`` describes with the shape config.json gives it, the
+    names a checkpoint may leave out): MTP layers beyond the first ``mtp_layers`` (default: all
+    required), the MTP layers' copies of the embedding and head, the head when tied, and the empty
+    shared experts of a model without them."""
+    hidden, heads, vocab = config.hidden_size, config.num_attention_heads, config.vocab_size
+    nope, rope, v = config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+
+    def mlp(prefix, ffn):
+        shapes.update({prefix + "gate_proj.weight": (ffn, hidden), prefix + "up_proj.weight": (ffn, hidden),
+                       prefix + "down_proj.weight": (hidden, ffn)})
+
+    def layer(prefix, moe):
+        attn = prefix + "self_attn."
+        shapes.update({prefix + "input_layernorm.weight": (hidden,),
+                       prefix + "post_attention_layernorm.weight": (hidden,),
+                       attn + "kv_a_proj_with_mqa.weight": (config.kv_lora_rank + rope, hidden),
+                       attn + "kv_a_layernorm.weight": (config.kv_lora_rank,),
+                       attn + "kv_b_proj.weight": (heads * (nope + v), config.kv_lora_rank),
+                       attn + "o_proj.weight": (hidden, heads * v)})
+        if config.q_lora_rank is None:
+            shapes[attn + "q_proj.weight"] = (heads * (nope + rope), hidden)
+        else:
+            shapes.update({attn + "q_a_proj.weight": (config.q_lora_rank, hidden),
+                           attn + "q_a_layernorm.weight": (config.q_lora_rank,),
+                           attn + "q_b_proj.weight": (heads * (nope + rope), config.q_lora_rank)})
+        if not moe:
+            mlp(prefix + "mlp.", config.ffn_hidden_size)
+            return
+        shapes[prefix + "mlp.gate.weight"] = (config.num_moe_experts, hidden)
+        if config.moe_router_enable_expert_bias:
+            shapes[prefix + "mlp.gate.e_score_correction_bias"] = (config.num_moe_experts,)
+        if config.moe_shared_expert_intermediate_size:
+            mlp(prefix + "mlp.shared_experts.", config.moe_shared_expert_intermediate_size)
+        else:  # n_shared_experts 0: transformers still saves the shared expert, with 0 rows or columns
+            before = set(shapes)
+            mlp(prefix + "mlp.shared_experts.", 0)
+            optional.update(set(shapes) - before)
+        for e in range(config.num_moe_experts):
+            mlp(f"{prefix}mlp.experts.{e}.", config.moe_ffn_hidden_size)
+
+    for index, moe in enumerate(moe_layer_pattern(config)):
+        layer(f"model.layers.{index}.", bool(moe))
+    mtp = config.mtp_num_layers or 0
+    for depth in range(mtp):
+        prefix = f"model.layers.{config.num_layers + depth}."
+        before = set(shapes)
+        layer(prefix, bool(config.num_moe_experts))
+        shapes.update({prefix + "enorm.weight": (hidden,), prefix + "hnorm.weight": (hidden,),
+                       prefix + "eh_proj.weight": (hidden, 2 * hidden),
+                       prefix + "shared_head.norm.weight": (hidden,),
+                       prefix + "embed_tokens.weight": (vocab, hidden),
+                       prefix + "shared_head.head.weight": (vocab, hidden)})
+        optional |= {prefix + "embed_tokens.weight", prefix + "shared_head.head.weight"}
+        if mtp_layers is not None and depth >= mtp_layers:
+            optional |= set(shapes) - before
+    return shapes, optional
 
 
 class HFFromRanks:
@@ -351,7 +414,7 @@ class HFFromRanks:
             if name not in sd:
                 raise CheckpointError(
                     f"{name} is missing from {self.describe(tp_rank, pp_rank, ep_rank)}: "
-                    "the --source-* layout flags or the model config disagree with the checkpoint"
+                    "the layout flags or the model config disagree with the checkpoint"
                 )
             pieces.append(sd[name])
         return pieces

@@ -20,7 +20,7 @@ import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,18 +59,25 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
 
 
 @dataclass(frozen=True)
-class _Record:
-    """A tensor storage in a torch zip file: where its bytes and both copies of its CRC live."""
+class ZipRecord:
+    """A record of a torch zip file: where its bytes, its CRC-32 and both copies of the CRC live."""
 
-    index: int  # torch's storage key: storages are numbered in pickling order
+    name: str
     data_offset: int
     size: int
+    crc: int  # as the central directory records it
     local_crc_offset: int
     central_crc_offset: int
 
+    @property
+    def index(self) -> int:
+        """torch's storage key (storages are numbered in pickling order), or -1 for torch's own records."""
+        parent, _, key = self.name.rpartition("/")
+        return int(key) if parent.endswith("/data") and key.isdigit() else -1
 
-def _storage_records(path: str) -> List[_Record]:
-    """The storage records of a torch zip file, by storage key.
+
+def zip_records(path: str) -> List[ZipRecord]:
+    """Every record of a torch zip file, in the central directory's order; only the headers are read.
 
     zipfile finds each entry's local header (zip64 included); the central
     directory is walked by hand because zipfile does not say where each entry's
@@ -87,14 +94,16 @@ def _storage_records(path: str) -> List[_Record]:
             pos += 46 + name_len + extra_len + comment_len
         records = []
         for info, cd in zip(infos, cd_offsets):
-            parent, _, key = info.filename.rpartition("/")
-            if not parent.endswith("/data") or not key.isdigit():
-                continue  # the pickle, version and byte-order records torch wrote itself
             f.seek(info.header_offset + 26)
             name_len, extra_len = struct.unpack("<HH", f.read(4))
-            records.append(_Record(int(key), info.header_offset + 30 + name_len + extra_len, info.file_size,
-                                   info.header_offset + 14, cd + 16))
-    return sorted(records, key=lambda r: r.index)
+            records.append(ZipRecord(info.filename, info.header_offset + 30 + name_len + extra_len, info.file_size,
+                                     info.CRC, info.header_offset + 14, cd + 16))
+    return records
+
+
+def _storage_records(path: str) -> List[ZipRecord]:
+    """The tensor storage records of a torch zip file, by storage key."""
+    return sorted((r for r in zip_records(path) if r.index >= 0), key=lambda r: r.index)
 
 
 def _fake(obj, mode):
@@ -130,8 +139,10 @@ def save_torch_streamed(skeleton, producers: Sequence[Callable[[], Iterable[torc
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with torch.serialization.skip_data(materialize_fake_tensors=True):
-        torch.save(_fake(skeleton, FakeTensorMode()), path)
+    # Into an open file: torch names a file's records after the path it is given, which here is a
+    # temporary name with a random part (``io.atomic_write``); a file object gets the fixed "archive/".
+    with torch.serialization.skip_data(materialize_fake_tensors=True), open(path, "wb") as f:
+        torch.save(_fake(skeleton, FakeTensorMode()), f)
     records = _storage_records(path)
     if [r.index for r in records] != list(range(len(producers))):
         raise ValueError(f"the skeleton has {len(records)} tensor storages, but {len(producers)} producers were given")
@@ -147,7 +158,7 @@ def save_torch_streamed(skeleton, producers: Sequence[Callable[[], Iterable[torc
         os.close(fd)
 
 
-def _fill(fd: int, record: _Record, pieces: Iterable[torch.Tensor]) -> int:
+def _fill(fd: int, record: ZipRecord, pieces: Iterable[torch.Tensor]) -> int:
     """Writes ``pieces`` into ``record``'s hole; their CRC-32."""
     crc, written = 0, 0
     for piece in pieces:
@@ -162,7 +173,7 @@ def _fill(fd: int, record: _Record, pieces: Iterable[torch.Tensor]) -> int:
     return crc
 
 
-def _file_digest_from_records(fd: int, records: Sequence[_Record], crcs: Sequence[int]) -> dict:
+def _file_digest_from_records(fd: int, records: Sequence[ZipRecord], crcs: Sequence[int]) -> dict:
     """The whole file's digest: the bytes between records are read back (headers and pickle,
     a few kB), the records' CRCs are combined in."""
     size = os.fstat(fd).st_size
@@ -173,6 +184,30 @@ def _file_digest_from_records(fd: int, records: Sequence[_Record], crcs: Sequenc
         pos = record.data_offset + record.size
     crc = zlib.crc32(_pread_all(fd, size - pos, pos), crc)
     return io.digest_of(size, crc)
+
+
+def digest_from_records(path: str) -> dict:
+    """A torch zip file's manifest digest (``io.file_digest``'s) from the CRC-32s its headers record
+    for the storages and the bytes between them: all but the storage bytes are read. It equals
+    ``io.file_digest(path)`` when every storage holds the bytes its recorded CRC describes."""
+    records = _storage_records(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _file_digest_from_records(fd, records, [r.crc for r in records])
+    finally:
+        os.close(fd)
+
+
+def record_crc(path: str, record: ZipRecord) -> int:
+    """The CRC-32 of ``record``'s bytes as they are in the file now, read a chunk at a time."""
+    crc = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start in range(0, record.size, WRITE_CHUNK):
+            crc = zlib.crc32(_pread_all(fd, min(WRITE_CHUNK, record.size - start), record.data_offset + start), crc)
+    finally:
+        os.close(fd)
+    return crc
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -236,9 +271,17 @@ def save_safetensors_streamed(plan: Sequence[Tuple[str, Sequence[int], torch.dty
     return io.digest_of(size, crc)
 
 
-def dtype_from_safetensors(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name ("BF16", "F8_E4M3", ...)."""
+def safetensors_dtype(name: str) -> Optional[torch.dtype]:
+    """The torch dtype of a safetensors dtype name ("BF16", "F8_E4M3", ...), None if unknown."""
     for dtype, known in _SAFETENSORS_DTYPES.items():
         if known == name:
             return dtype
-    raise ValueError(f"unsupported safetensors dtype {name}")
+    return None
+
+
+def dtype_from_safetensors(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name ("BF16", "F8_E4M3", ...)."""
+    dtype = safetensors_dtype(name)
+    if dtype is None:
+        raise ValueError(f"unsupported safetensors dtype {name}")
+    return dtype

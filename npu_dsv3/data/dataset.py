@@ -12,6 +12,7 @@ attention (``npu_dsv3.ops.mla_attention(..., cu_seqlens=...)``); ``SampleStream`
 from __future__ import annotations
 
 import os
+import struct
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,12 +28,20 @@ class _GPTTokenizer:
     padding, and a pad id equal to eod (DeepSeek-V3 pads with eos) would make megatron stop
     masking pad labels, with a warning per dataset; its default pad id (-1) matches no token."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, prefixes: Sequence[str] = ()):
         self.vocab_size = tokenizer.vocab_size
         self.eod = tokenizer.eod
-        # megatron hashes the dataset config, tokenizer included, to name its index caches.
+        # megatron hashes the dataset config, tokenizer included, to name its index caches, but not the
+        # data: with the files' sizes and times in the hash, data written again under the same prefix
+        # gets new caches instead of indices into the old documents.
         self.unique_identifiers = OrderedDict(kind=tokenizer.kind, name_or_path=tokenizer.name_or_path,
-                                              vocab_size=tokenizer.vocab_size)
+                                              vocab_size=tokenizer.vocab_size,
+                                              data_files=[_file_stamp(p) for p in prefixes])
+
+
+def _file_stamp(prefix: str) -> List[int]:
+    stats = [os.stat(prefix + suffix) for suffix in (".bin", ".idx")]
+    return [n for st in stats for n in (st.st_size, st.st_mtime_ns)]
 
 
 def _require(prefix: str, what: str) -> None:
@@ -41,6 +50,41 @@ def _require(prefix: str, what: str) -> None:
     if not IndexedDataset.exists(prefix):
         raise FileNotFoundError(f"{what} {prefix}: {prefix}.bin / {prefix}.idx not found (or incomplete); "
                                 f"write them with npu-dsv3 data preprocess")
+    _check_complete(prefix)
+
+
+def _check_complete(prefix: str) -> None:
+    """One line naming a truncated (or mismatched) .idx or .bin, before anything reads a sample."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    try:
+        index = _IndexReader(prefix + ".idx", False)
+    except (AssertionError, ValueError, struct.error, OSError) as e:
+        raise ValueError(f"{prefix}.idx cannot be read ({e}): it is truncated or not written by npu-dsv3 data "
+                         "preprocess; write the data again") from None
+    lengths, pointers = index.sequence_lengths, index.sequence_pointers
+    expected = int(pointers[-1]) + int(lengths[-1]) * index.dtype_size if len(lengths) else 0
+    found = os.path.getsize(prefix + ".bin")
+    if found != expected:
+        raise ValueError(f"{prefix}.bin holds {found} bytes where {prefix}.idx describes {expected}: it is "
+                         "truncated or from another preprocessing run; write the data again")
+
+
+def _check_cache_dir(prefixes: Sequence[str], path_to_cache: Optional[str]) -> None:
+    """Where megatron writes the index caches must be writable: --data-cache-path, or else beside each
+    prefix (megatron's default, ``PREFIX/cache``)."""
+    from npu_dsv3.arguments import output_dir_problem
+
+    if path_to_cache:
+        problem = output_dir_problem(path_to_cache)
+        if problem:
+            raise ValueError(f"--data-cache-path {path_to_cache}: {problem}; give a directory this run can write")
+        return
+    for prefix in prefixes:
+        problem = output_dir_problem(os.path.join(prefix, "cache"))
+        if problem:
+            raise ValueError(f"--data-path {prefix}: megatron keeps its index caches beside the data, and {problem}: "
+                             "pass --data-cache-path DIR (a writable directory)")
 
 
 def parse_data_path(data_path: Union[str, Sequence[str]]) -> Tuple[List[str], Optional[List[float]]]:
@@ -87,12 +131,13 @@ def build_pretrain_datasets(data_path: Union[str, Sequence[str]], *, seq_length:
     prefixes, weights = parse_data_path(data_path)
     for prefix in prefixes:
         _require(prefix, "--data-path")
+    _check_cache_dir(prefixes, path_to_cache)
     if path_to_cache:
         os.makedirs(path_to_cache, exist_ok=True)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
-        path_to_cache=path_to_cache, tokenizer=_GPTTokenizer(tokenizer), reset_position_ids=reset_position_ids,
-        reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss,
+        path_to_cache=path_to_cache, tokenizer=_GPTTokenizer(tokenizer, prefixes),
+        reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss,
         create_attention_mask=create_attention_mask)
     # Every rank builds its own view: the caches land in path_to_cache (or beside the data).
     return BlendedMegatronDatasetBuilder(GPTDataset, list(sizes), lambda: True, config).build()

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional
 
 import numpy
 
+from npu_dsv3.argtypes import positive_int
 from npu_dsv3.checkpoint.io import TEMP_SUFFIX, atomic_write, parallel_map, progress
 from npu_dsv3.data.chat_template import PROMPT_TYPES
 from npu_dsv3.data.handlers import HANDLERS, IGNORE_INDEX, Malformed, make_handler, parse_map_keys
@@ -57,10 +58,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "preprocess_data.py flags and output names). Prints one JSON summary line.")
     p.add_argument("--input", required=True, help="a file, a directory or a glob of .jsonl/.json/.parquet files")
     p.add_argument("--output-prefix", required=True, help="outputs are {prefix}_..._document.bin/.idx")
-    p.add_argument("--tokenizer-type", default="PretrainedFromHF", choices=TOKENIZER_TYPES)
+    p.add_argument("--tokenizer-type", default="PretrainedFromHF", choices=TOKENIZER_TYPES,
+                   help="an HF tokenizer, or NullTokenizer (text of space-separated ids) (default %(default)s)")
     p.add_argument("--tokenizer-name-or-path", help="local HF tokenizer directory (PretrainedFromHF)")
-    p.add_argument("--vocab-size", type=int, help="NullTokenizer: ids 0..N-1 are text, N is eod")
-    p.add_argument("--handler-name", default="GeneralPretrainHandler", choices=list(HANDLERS))
+    p.add_argument("--vocab-size", type=positive_int, help="NullTokenizer: ids 0..N-1 are text, N is eod")
+    p.add_argument("--handler-name", default="GeneralPretrainHandler", choices=list(HANDLERS),
+                   help="pretraining text, or Alpaca / ShareGPT instruction records (default %(default)s)")
     p.add_argument("--json-keys", nargs="+", default=["text"],
                    help="GeneralPretrainHandler: record fields to tokenize, one dataset each (default: text)")
     p.add_argument("--append-eod", action="store_true", help="end each pretraining document with the eos token")
@@ -71,7 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="instruction data: samples longer than this are dropped (and counted); with --pack, "
                    "the length of every packed sequence")
     p.add_argument("--pack", action="store_true", help="pack instruction samples into --seq-length sequences")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     p.add_argument("--chunk-mb", type=float, default=16.0,
                    help="JSON-lines input is split into chunks of this many MiB (default 16); parquet by row group")
     p.add_argument("--max-malformed-fraction", type=float, default=0.0,
@@ -172,8 +175,12 @@ def process_chunk(task: Task) -> dict:
 
 
 def _validate(args: argparse.Namespace, handler) -> None:
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    from npu_dsv3.arguments import output_dir_problem
+
+    problem = output_dir_problem(os.path.dirname(os.path.abspath(args.output_prefix)))
+    if problem:  # found now, not after the tokenizing
+        raise ValueError(f"--output-prefix {args.output_prefix}: {problem}; give a prefix in a directory this run "
+                         "can write")
     if not 0.0 <= args.max_malformed_fraction <= 1.0:
         raise ValueError(f"--max-malformed-fraction must lie in [0, 1], got {args.max_malformed_fraction}")
     if args.chunk_mb <= 0:

@@ -56,11 +56,20 @@ def _null_ids(text: str, eod: int) -> Optional[List[int]]:
     return ids if all(0 <= i < eod for i in ids) else None
 
 
+# The files an HF tokenizer's vocabulary is read from: a fast tokenizer's, sentencepiece's, BPE's, WordPiece's.
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def _load_hf(path: Optional[str]):
     if not path:
-        raise ValueError("--tokenizer-type PretrainedFromHF needs --tokenizer-name-or-path (a local HF tokenizer directory)")
+        raise ValueError("--tokenizer-type PretrainedFromHF needs --tokenizer-name-or-path (a local HF tokenizer "
+                         "directory)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in VOCABULARY_FILES):
+        # transformers would fall back to a slow tokenizer and ask for sentencepiece instead
+        raise FileNotFoundError(f"tokenizer directory {path} has none of {', '.join(VOCABULARY_FILES)}: give the "
+                                "directory of the HF model's tokenizer")
     from transformers import AutoTokenizer
 
     try:

@@ -9,7 +9,8 @@ from npu_dsv3.checkpoint.hf_reader import CheckpointError, HFCheckpointReader
 from npu_dsv3.config import hf_to_mcore_config_dpskv3, load_hf_config
 from npu_dsv3.distributed import ensure_single_process_group
 from npu_dsv3.model.builder import build_model
-from npu_dsv3.checkpoint.rank_state import ParallelLayout, chunk_state_dict
+# The module, not its names: rank_state imports npu_dsv3.model, which may still be importing this.
+from npu_dsv3.checkpoint import rank_state
 from npu_dsv3.layout import PipelineLayout
 
 
@@ -23,6 +24,8 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides):
     A checkpoint without MTP tensors (transformers does not save them) gives a
     model without the MTP block, with a warning. ``overrides`` are config fields.
     """
+    from npu_dsv3.checkpoint.mcore_legacy import check_hf_source
+
     ensure_single_process_group()
     hf_config = load_hf_config(path)
     reader = HFCheckpointReader(path)
@@ -32,6 +35,7 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides):
             f"model.layers.{hf_config['num_hidden_layers']}.* tensors; building the model without MTP"
         )
         overrides.setdefault("mtp_num_layers", None)
+    check_hf_source(path, hf_config, None if _mtp_present(reader, hf_config) else 0)
     config = hf_to_mcore_config_dpskv3(
         hf_config,
         params_dtype=dtype,
@@ -50,7 +54,7 @@ def load_mcore(path: str, dtype: torch.dtype = torch.float32, **layout):
 
     A torch_dist checkpoint is read by ``megatron.core.dist_checkpointing.load`` into
     this single-rank model (megatron reshards; ``layout`` is not needed). A legacy
-    per-rank one needs ``layout``: the layout flags by their names
+    per-rank one is read in the layout it records, or in ``layout``: the layout flags by their names
     (``tensor_model_parallel_size``, ``pipeline_model_parallel_size``,
     ``expert_model_parallel_size``, ``expert_tensor_parallel_size``,
     ``num_layers_per_virtual_pipeline_stage``, ``num_layer_list``, ``noop_layers``,
@@ -60,30 +64,35 @@ def load_mcore(path: str, dtype: torch.dtype = torch.float32, **layout):
     from npu_dsv3.checkpoint.mcore_dist import release_dir
     from npu_dsv3.checkpoint.mcore_legacy import read_hf_tensors
 
+    from npu_dsv3.checkpoint.layout_record import recorded_layout
+    from npu_dsv3.layout import resolve_layout
+
     ensure_single_process_group()
     hf_config = load_hf_config(path)
-    grouped = layout.get("moe_grouped_gemm", True)
+    dist_dir = release_dir(path)
+    if dist_dir is None:  # a legacy checkpoint reads back only in its layout: what is not given, it records
+        layout = {**layout, **resolve_layout(layout, recorded_layout(path), str, path)[0]}
+    # For torch_dist, which megatron reshards, moe_grouped_gemm only picks the experts' kernel (load_hf's).
     config = hf_to_mcore_config_dpskv3(hf_config, params_dtype=dtype, bf16=dtype == torch.bfloat16,
                                        use_cpu_initialization=True, perform_initialization=False,
-                                       moe_grouped_gemm=grouped)
-    dist_dir = release_dir(path)
+                                       moe_grouped_gemm=layout.get("moe_grouped_gemm", True))
     if dist_dir is not None:
         return _load_dist(config, dist_dir).eval()
-    tensors = dict(read_hf_tensors(path, config, ParallelLayout.from_flags(config, **layout)))
+    tensors = dict(read_hf_tensors(path, config, rank_state.ParallelLayout.from_flags(config, **layout)))
     model = build_model(config)
     load_hf_weights(model, tensors.__getitem__, path)
     return model.eval()
 
 
-def single_rank_layout(config) -> ParallelLayout:
+def single_rank_layout(config) -> "rank_state.ParallelLayout":
     """TP = PP = EP = 1: the whole model in one chunk, with the config's MLA and expert storage."""
-    return ParallelLayout(PipelineLayout(config.num_layers, mtp_num_layers=config.mtp_num_layers or 0),
-                          grouped_gemm=config.moe_grouped_gemm, mla_mm_split=config.mla_mm_split)
+    pipeline = PipelineLayout(config.num_layers, mtp_num_layers=config.mtp_num_layers or 0)
+    return rank_state.ParallelLayout(pipeline, grouped_gemm=config.moe_grouped_gemm, mla_mm_split=config.mla_mm_split)
 
 
 def load_hf_weights(model, get: Callable[[str], torch.Tensor], source: str) -> None:
     """Copy every tensor the model owns from HF tensors read by ``get``; any mismatch is an error."""
-    values = chunk_state_dict(model.config, single_rank_layout(model.config), get, 0, 0, 0, 0)
+    values = rank_state.chunk_state_dict(model.config, single_rank_layout(model.config), get, 0, 0, 0, 0)
     params = model.state_dict(keep_vars=True)
     expected = {k for k in params if not k.endswith("_extra_state")}
     if values.keys() != expected:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from npu_dsv3.argtypes import positive_int
 from npu_dsv3.schedules.plan import SCHEDULES, plan
 from npu_dsv3.schedules.simulator import Costs, formula_bubble, simulate
 
@@ -18,9 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "closed-form bubble. Notation: F<mb>.<chunk> forward, BW full backward, B input-gradient backward "
         "with its weight gradient deferred to W, FB(<fwd>|<bwd>) an overlapped forward/backward pair.",
     )
-    p.add_argument("--schedule", choices=SCHEDULES, default="dualpipev")
-    p.add_argument("--pipeline-model-parallel-size", type=int, required=True)
-    p.add_argument("--micro-batches", type=int, required=True)
+    p.add_argument("--schedule", choices=SCHEDULES, default="dualpipev", help="the schedule (default %(default)s)")
+    p.add_argument("--pipeline-model-parallel-size", type=positive_int, required=True, help="pipeline ranks")
+    p.add_argument("--micro-batches", type=positive_int, required=True, help="micro-batches per step")
     p.add_argument("--virtual-chunks", type=int, default=2, help="chunks per rank for interleaved (default 2)")
     p.add_argument("--no-defer-weights", action="store_true",
                    help="dualpipev without zero-bubble weight-gradient deferral")

@@ -21,12 +21,15 @@ seeded streams).
 A checkpoint is written under a temporary name and renamed once every rank has
 finished, and only then does ``latest_checkpointed_iteration.txt`` move to it:
 a crash mid-save leaves the previous checkpoint and the tracker as they were.
+Training moves the tracker one step later still (``publish=False``, then
+``publish_checkpoint``), once the next step's loss is finite on every rank, so it
+never names weights whose next forward is NaN / inf.
 
 The files are written by torch's DCP writer threads inside the training
 processes (megatron's default writer forks helper processes, which needs
 ``psutil`` and a ``__main__`` guard in every launcher). Everything is read back
-with ``weights_only=True``: the arguments and RNG states are stored as plain
-numbers, strings and tensors.
+through the allow-list of ``npu_dsv3.checkpoint.safe_load``: the arguments and
+RNG states are stored as plain numbers, strings and tensors.
 """
 
 import contextlib
@@ -35,7 +38,7 @@ import os
 import random
 import shutil
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -48,6 +51,7 @@ from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.mcore_dist import (FORMAT, TRACKER_FILE, in_process_save_strategy, release_dir,
                                             tracked_dir)
 from npu_dsv3.checkpoint.rank_state import rank_dir_name
+from npu_dsv3.checkpoint.safe_load import load_torch
 
 CHECKPOINT_VERSION = 3.0
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # Megatron-LM's name, beside each rank's model_optim_rng.pt
@@ -179,7 +183,7 @@ def _param_state(optimizer):
 @torch.no_grad()  # with fp32 weights the optimizer's main parameters are views of the model's
 def _load_param_state(optimizer, directory: str) -> None:
     """The inverse of ``_param_state``: the first rank of each data-parallel group reads the file
-    (tensors only, ``weights_only=True``) and megatron scatters the buffers over the group."""
+    (tensors only, through ``safe_load``'s allow-list) and megatron scatters the buffers over the group."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     chain = _chain(optimizer)
@@ -190,8 +194,7 @@ def _load_param_state(optimizer, directory: str) -> None:
         state = None
         if inner.data_parallel_group.rank() == 0:
             if stored is None:
-                stored = torch.load(os.path.join(directory, DISTRIB_OPTIM_FILE), map_location="cpu",
-                                    weights_only=True)
+                stored = load_torch(os.path.join(directory, DISTRIB_OPTIM_FILE), map_location="cpu")
             state = stored if len(chain) == 1 else stored[i]
         inner.load_parameter_state_from_dp_zero(state)
 
@@ -271,11 +274,12 @@ def _save_legacy(staging: str, model_chunks, optimizer, scheduler, iteration: in
 def save_checkpoint(root: str, iteration: int, model_chunks: List, optimizer, scheduler,
                     args: Optional[dict] = None, ckpt_format: str = FORMAT, workers: int = 2,
                     save_optim: bool = True, save_rng: bool = True, hf_config: Optional[dict] = None,
-                    tokenizer_dir: Optional[str] = None) -> str:
+                    tokenizer_dir: Optional[str] = None, publish: bool = True) -> str:
     """Every rank calls this; returns the checkpoint directory once the tracker names it.
     ``save_optim`` / ``save_rng`` False: ``--no-save-optim`` / ``--no-save-rng``. ``hf_config``
     (and the tokenizer files of ``tokenizer_dir``) go beside the checkpoints, where ``npu-dsv3
-    convert mcore2hf`` and ``verify --mcore-dir`` read the model's description."""
+    convert mcore2hf`` and ``verify --mcore-dir`` read the model's description. ``publish`` False:
+    the directory is complete but the tracker stays where it was until ``publish_checkpoint``."""
     final = iteration_dir(root, iteration)
     staging = os.path.join(root, f".iter_{iteration:07d}.saving")
     if dist.get_rank() == 0:
@@ -283,29 +287,60 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List, optimizer, sc
         shutil.rmtree(staging, ignore_errors=True)  # what a crashed save left
         os.makedirs(staging)
     dist.barrier()
-    if ckpt_format == FORMAT:
-        state = _sharded_state(model_chunks, optimizer, scheduler, iteration, dict(args or {}), rng=save_rng,
-                               optim=save_optim)
-        dist_checkpointing.save(state, staging, sharded_strategy=in_process_save_strategy(workers),
-                                validate_access_integrity=True)
-    elif ckpt_format == "torch":
-        _save_legacy(staging, model_chunks, optimizer, scheduler, iteration, dict(args or {}), rng=save_rng,
-                     optim=save_optim)
-    else:
-        raise ValueError(f"--ckpt-format {ckpt_format}: use torch_dist or torch")
-    dist.barrier()
+    try:
+        if ckpt_format == FORMAT:
+            state = _sharded_state(model_chunks, optimizer, scheduler, iteration, dict(args or {}), rng=save_rng,
+                                   optim=save_optim)
+            dist_checkpointing.save(state, staging, sharded_strategy=in_process_save_strategy(workers),
+                                    validate_access_integrity=True)
+        elif ckpt_format == "torch":
+            _save_legacy(staging, model_chunks, optimizer, scheduler, iteration, dict(args or {}), rng=save_rng,
+                         optim=save_optim)
+        else:
+            raise ValueError(f"--ckpt-format {ckpt_format}: use torch_dist or torch")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            _sync_tree(staging)
+    except OSError:
+        # A save this rank could not write (a full disk, permissions) leaves nothing half-written. A crashed
+        # peer is not handled here: its staging directory stays until the next save of this iteration.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if dist.get_rank() == 0:
-        _sync_tree(staging)
         if os.path.exists(final):  # saving the same iteration again: the new one replaces it whole
             shutil.rmtree(final)
         os.replace(staging, final)
         if hf_config is not None:
             _describe_model(root, hf_config, tokenizer_dir)
+    if publish:
+        publish_checkpoint(root, iteration)
+    else:
+        dist.barrier()
+    return final
+
+
+def publish_checkpoint(root: str, iteration: int) -> None:
+    """Every rank calls this: the tracker under ``root`` names the saved ``iteration`` from now on."""
+    if dist.get_rank() == 0:
         with io.atomic_write(os.path.join(root, TRACKER_FILE)) as tmp:
             with open(tmp, "w") as f:
                 f.write(str(iteration))
     dist.barrier()
-    return final
+
+
+def discard_checkpoint(root: str, iteration: int) -> None:
+    """Removes the unpublished checkpoint of ``iteration`` (rank 0 does; the tracker never named it)."""
+    if dist.get_rank() == 0:
+        shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
+
+
+def tracked_iteration(root: str) -> Optional[str]:
+    """What the tracker under ``root`` holds (an iteration, or ``release``); None without one."""
+    tracker = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(tracker):
+        return None
+    with open(tracker) as f:
+        return f.read().strip()
 
 
 def _describe_model(root: str, hf_config: dict, tokenizer_dir: Optional[str]) -> None:
@@ -333,10 +368,23 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return directory
 
 
+class Resumed(NamedTuple):
+    iteration: int
+    """The iteration to continue from (0 with ``finetune``)."""
+    args: dict
+    """The flags the checkpoint was saved with ({} when it records none)."""
+
+
 def load_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=None, finetune: bool = False,
                     load_optim: bool = True, load_rng: bool = True) -> int:
     """Loads the latest checkpoint under ``root`` (either format) into this run; returns the iteration
     to continue from (0 with ``finetune``, which loads the weights only)."""
+    return resume_checkpoint(root, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng).iteration
+
+
+def resume_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=None, finetune: bool = False,
+                      load_optim: bool = True, load_rng: bool = True) -> Resumed:
+    """``load_checkpoint``, also returning the flags the checkpoint was saved with."""
     directory = latest_checkpoint(root)
     if directory is None:
         raise CheckpointError(f"--load {root}: no {TRACKER_FILE} there")
@@ -367,7 +415,14 @@ def load_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=Non
         scheduler.load_state_dict(stored["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(state["rng_state"])
-    return 0 if finetune else int(stored.get("iteration", 0))
+    return _resumed(stored, finetune)
+
+
+def _resumed(stored: dict, finetune: bool) -> Resumed:
+    saved = stored.get("args") or {}
+    # Megatron-LM / MindSpeed-LLM store their flags as an argparse Namespace.
+    return Resumed(0 if finetune else int(stored.get("iteration", 0)),
+                   dict(saved if isinstance(saved, dict) else vars(saved)))
 
 
 def _optimizer_kinds(optimizer) -> List[str]:
@@ -378,19 +433,27 @@ def _check_optimizer_kinds(saved: Optional[List[str]], optimizer, directory: str
     """megatron keys the optimizer state by the optimizers of the run: plain or distributed, fp32 or
     mixed precision, and one for all parameters or (expert-parallel size > 1) a second one for the
     experts. The state loads only into the same ones; any TP / PP / EP / DP sizes otherwise."""
-    if saved is not None and saved != _optimizer_kinds(optimizer):
-        raise CheckpointError(f"{directory} holds the state of the optimizers {saved}, this run has "
-                              f"{_optimizer_kinds(optimizer)} (they differ with --use-distributed-optimizer, "
-                              "--bf16 / --fp16, and between --expert-model-parallel-size 1 and > 1): pass "
-                              "--no-load-optim to load the weights only")
+    now = _optimizer_kinds(optimizer)
+    if saved is not None and saved != now:
+        differ = [i for i in range(max(len(saved), len(now))) if saved[i:i + 1] != now[i:i + 1]]
+        saved_kinds = ", ".join(saved[i] if i < len(saved) else "none" for i in differ)
+        now_kinds = ", ".join(now[i] if i < len(now) else "none" for i in differ)
+        raise CheckpointError(f"{directory} holds the state of {saved_kinds} optimizer(s) where this run has "
+                              f"{now_kinds} (they differ with --use-distributed-optimizer, --bf16 / --fp16, and "
+                              "between --expert-model-parallel-size 1 and > 1): pass --no-load-optim to load the "
+                              "weights only")
 
 
 def _same_layout(saved: Optional[dict]) -> bool:
-    if saved == _layout():
+    now = _layout()
+    if saved == now:
         return True
     if dist.get_rank() == 0:
-        print(f"note: the checkpoint was saved with parallel sizes {saved}, this run has {_layout()}: its RNG "
-              "states are not loaded", file=sys.stderr)
+        saved = saved or {}
+        differ = ", ".join(f"{k} {saved.get(k, 'unrecorded')} (this run {now.get(k, 'none')})"
+                           for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k))
+        print(f"note: the checkpoint was saved with other parallel sizes: {differ}; its RNG states are not "
+              "loaded", file=sys.stderr)
     return False
 
 
@@ -415,12 +478,12 @@ def _load_rank_weights(model, weights: dict, path: str) -> None:
     model.load_state_dict(weights)
 
 
-def _load_legacy(directory: str, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng) -> int:
+def _load_legacy(directory: str, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng) -> Resumed:
     path = _legacy_file(directory)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: {directory} was saved with another tensor / pipeline / expert "
                               "parallel layout (convert it with `npu-dsv3 convert reshard`)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_torch(path, map_location="cpu")
     for i, chunk in enumerate(model_chunks):
         _load_rank_weights(_unwrap(chunk), payload["model" if len(model_chunks) == 1 else f"model{i}"], path)
     if load_optim and payload.get("optimizer") is not None:
@@ -433,4 +496,4 @@ def _load_legacy(directory: str, model_chunks, optimizer, scheduler, finetune, l
         scheduler.load_state_dict(payload["opt_param_scheduler"])
     if load_rng and payload.get("rng_state") is not None:
         _set_rng_state(payload["rng_state"])
-    return 0 if finetune else int(payload.get("iteration", 0))
+    return _resumed(payload, finetune)

@@ -16,7 +16,8 @@ from npu_dsv3.training.flops import train_flops
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss (or grad norm) became NaN or infinite: the run stops, its last checkpoint stays as it was."""
+    """The loss (or grad norm) became NaN or infinite: the run stops, its message naming the checkpoint the
+    tracker points at."""
 
 
 @dataclass
@@ -58,14 +59,20 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def check_finite(metrics: IterationMetrics) -> None:
-    """Stop on a NaN / inf loss or grad norm, saying where."""
+def non_finite(metrics: IterationMetrics) -> Optional[str]:
+    """Which of the losses and the grad norm is NaN / inf, and at which iteration; None when all are finite."""
     for name in ("lm_loss", "mtp_loss", "load_balancing_loss", "grad_norm"):
         value = getattr(metrics, name)
         if value is not None and not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"{name.replace('_', ' ')} is {value} at iteration {metrics.iteration}: stopping; the last saved "
-                "checkpoint is untouched (lower --lr, check the data, or resume from that checkpoint)")
+            return f"{name.replace('_', ' ')} is {value} at iteration {metrics.iteration}"
+    return None
+
+
+def check_finite(metrics: IterationMetrics, checkpoint: str = "nothing was saved") -> None:
+    """Stop on a NaN / inf loss or grad norm, saying where and (``checkpoint``) what to resume from."""
+    problem = non_finite(metrics)
+    if problem is not None:
+        raise NonFiniteLossError(f"{problem}: stopping; {checkpoint}; lower --lr or check the data")
 
 
 def _sci(value: Optional[float]) -> str:

@@ -1,0 +1,25 @@
+"""argparse value types and error lines shared by every entry point (``npu-dsv3`` and its subcommands,
+pretrain / finetune), so one bad value reads the same everywhere: ``argument --flag: must be >= 1, got 0``."""
+
+import argparse
+from typing import Optional
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (sizes, counts, intervals)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def os_error_line(e: OSError, output: Optional[str]) -> str:
+    """An OSError (permissions, a file in the way, a full disk) as one line naming the path: its own, else
+    ``output``, what the command writes."""
+    if e.filename is not None:
+        return f"{e.strerror or e}: {e.filename}"
+    text = str(e)
+    return text if output is None or output in text else f"{text} (writing {output})"
