@@ -638,7 +638,7 @@ def real_rank_file_bytes(flags: dict) -> dict:
     layout: the converter's own mapping run on meta tensors (no memory, no data)."""
     import torch
 
-    from npu_dsv3.checkpoint.mcore_legacy import _model_config
+    from npu_dsv3.checkpoint.sources import model_config
     from npu_dsv3.checkpoint.rank_state import ParallelLayout, chunk_state_dict
 
     # The released DeepSeek-V3 config.json, as the tests keep it.
@@ -647,7 +647,7 @@ def real_rank_file_bytes(flags: dict) -> dict:
     with open(path) as f:
         hf = json.load(f)
     specs = {n: (s, t) for n, s, t in tensor_specs(hf)}
-    config = _model_config(hf, flags.get("moe_grouped_gemm", True))
+    config = model_config(hf, flags.get("moe_grouped_gemm", True))
     par = ParallelLayout.from_flags(config, **flags)
 
     def get(name):
@@ -762,10 +762,10 @@ PROFILE_KEYS = [
     ("torch.cat", "~", "<built-in method torch.cat>"),
     ("contiguous (transposing copies)", "~", "<method 'contiguous' of 'torch._C.TensorBase' objects>"),
     ("os.fsync", "~", "<built-in method posix.fsync>"),
-    ("HF tensor read (pread)", "mcore_legacy.py", "get"),
+    ("HF tensor read (pread)", "sources.py", "get"),
     ("rank-file tensor read (pread)", "mcore_legacy.py", "_read_tensor"),
     ("torch_dist tensor read (one DCP load each)", "mcore_dist.py", "get"),
-    ("MTP copy check (torch.equal)", "mcore_legacy.py", "_check_mtp_copies"),
+    ("MTP copy check (torch.equal)", "sources.py", "check_mtp_copies"),
     ("conversion total (convert_*)", "mcore_legacy.py", "convert_hf_to_legacy"),
     ("conversion total (convert_*)", "mcore_legacy.py", "convert_legacy_to_hf"),
     ("conversion total (convert_*)", "mcore_dist.py", "convert_to_dist"),

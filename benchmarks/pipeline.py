@@ -13,7 +13,7 @@ calibrated cost. Sleeping ranks do not compete for CPU cores, so P ranks on a
 unit (``--unit-ms``, default 40 ms), an input gradient 1 and a weight gradient 1
 (a full backward is 2); with two chunks per rank each chunk costs half.
 
-The weight gradient goes through ``npu_dsv3.schedules.weight_grad``: a schedule
+The weight gradient goes through ``npu_dsv3.ops.weight_grad``: a schedule
 that opens ``weight_grad.deferring()`` (DualPipeV's zero-bubble ``B`` steps)
 gets it later in its ``W`` step; megatron's schedules never do, so it runs inline.
 
@@ -56,7 +56,8 @@ from pathlib import Path
 import torch
 
 # Importing npu_dsv3 (any part) applies the CPU patches megatron needs; megatron is imported after it.
-from npu_dsv3.schedules import Costs, formula_bubble, plan, simulate, weight_grad
+from npu_dsv3.ops import weight_grad
+from npu_dsv3.schedules import Costs, formula_bubble, plan, simulate
 
 SCHEDULES = ("1f1b", "interleaved", "dualpipev")
 # DualPipeV once more with --moe-fb-overlap: each FB pair's forward and backward at the same time.

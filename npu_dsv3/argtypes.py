@@ -1,7 +1,9 @@
 """argparse value types and error lines shared by every entry point (``npu-dsv3`` and its subcommands,
-pretrain / finetune), so one bad value reads the same everywhere: ``argument --flag: must be >= 1, got 0``."""
+pretrain / finetune), so one bad value reads the same everywhere: ``argument --flag: must be >= 1, got 0``;
+and the writable-directory check the entry points and the library's writers share."""
 
 import argparse
+import os
 from typing import Optional
 
 
@@ -23,3 +25,15 @@ def os_error_line(e: OSError, output: Optional[str]) -> str:
         return f"{e.strerror or e}: {e.filename}"
     text = str(e)
     return text if output is None or output in text else f"{text} (writing {output})"
+
+
+def output_dir_problem(directory: str) -> Optional[str]:
+    """Why files cannot be written under ``directory`` (made if missing), or None when they can."""
+    path = os.path.abspath(directory)
+    while not os.path.exists(path):  # the first existing ancestor is where it would be made
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{path} is a file, not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None

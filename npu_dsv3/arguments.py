@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from npu_dsv3.argtypes import positive_int
+from npu_dsv3.argtypes import output_dir_problem, positive_int
 from npu_dsv3.arguments_model import (FLAGS_ONLY_HIDDEN_DROPOUT, MODEL_FLAGS, add_model_args, flag_name,
                                       hf_config_from_args)
 from npu_dsv3.features import FEATURES, add_feature_args, feature_overrides
@@ -538,18 +538,6 @@ def _check_data(args) -> None:
     _check_output_dir("--data-cache-path", args.data_cache_path)
 
 
-def output_dir_problem(directory: str) -> Optional[str]:
-    """Why files cannot be written under ``directory`` (made if missing), or None when they can."""
-    path = os.path.abspath(directory)
-    while not os.path.exists(path):  # the first existing ancestor is where it would be made
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        return f"{path} is a file, not a directory"
-    if not os.access(path, os.W_OK | os.X_OK):
-        return f"{path} is not writable"
-    return None
-
-
 def _check_output_dir(flag: str, value: Optional[str], directory: Optional[str] = None) -> None:
     """``value`` (a directory, or a file in ``directory``) can be written, or one line naming ``flag``."""
     # Before the model is built: a run must not spend its compute and then fail at its first write.
@@ -906,7 +894,7 @@ def _check_model_against_flags(args, config) -> None:
 
 
 def _padded_vocab(args, vocab_size: int) -> int:
-    from npu_dsv3.model.builder import padded_vocab_size
+    from npu_dsv3.config import padded_vocab_size
 
     tp = args.tensor_model_parallel_size
     padded = args.padded_vocab_size

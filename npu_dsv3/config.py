@@ -25,6 +25,8 @@ __all__ = [
     "hf_to_mcore_config_dpskv3",
     "mcore_to_hf_config",
     "load_hf_config",
+    "moe_layer_pattern_of",
+    "padded_vocab_size",
 ]
 
 
@@ -126,6 +128,16 @@ _YARN_KEYS = {"type", "rope_type", "rope_theta", "factor", "original_max_positio
               "truncate", "partial_rotary_factor"}
 
 
+VOCAB_DIVISIBLE_BY = 128
+"""megatron's --make-vocab-size-divisible-by default."""
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
+    """Megatron pads the embedding so every TP shard has the same, aligned number of rows."""
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
 def load_hf_config(path) -> dict:
     """Read ``config.json`` from an HF model directory or from the file itself."""
     path = os.fspath(path)
@@ -186,6 +198,19 @@ def moe_layer_pattern(num_layers: int, first_k_dense_replace: int, moe_layer_fre
     if moe_layer_freq < 1:
         raise ValueError(f"moe_layer_freq must be >= 1, got {moe_layer_freq}")
     return [int(i >= first_k_dense_replace and i % moe_layer_freq == 0) for i in range(num_layers)]
+
+
+def moe_layer_pattern_of(config) -> list:
+    """1 for an MoE layer, 0 for a dense one, for every real (HF) layer of a megatron ``config``; noop layers
+    have none."""
+    freq = config.moe_layer_freq
+    if not config.num_moe_experts:
+        return [0] * config.num_layers
+    if isinstance(freq, int):  # megatron's int form: MoE iff i % freq == 0
+        return moe_layer_pattern(config.num_layers, 0, freq)
+    if len(freq) != config.num_layers:
+        raise ValueError(f"moe_layer_freq lists {len(freq)} layers, the model has {config.num_layers}")
+    return list(freq)
 
 
 def _dense_replace_and_freq(pattern, num_layers: int):

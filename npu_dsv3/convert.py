@@ -187,9 +187,10 @@ def add_hf2mcore(subparsers) -> argparse.ArgumentParser:
 
 def run_hf2mcore(args: argparse.Namespace) -> int:
     from npu_dsv3.checkpoint.mcore_legacy import convert_hf_to_legacy
+    from npu_dsv3.checkpoint.sources import HFInput
 
     if args.save_format == "torch_dist":
-        return _report_dist(args, ("hf", args.load_dir), _layout_flags(args, "target"), "convert hf2mcore")
+        return _report_dist(args, HFInput(args.load_dir), _layout_flags(args, "target"), "convert hf2mcore")
     summary = convert_hf_to_legacy(args.load_dir, args.save_dir, _layout_flags(args, "target"),
                                    workers=args.workers, resume=args.resume, progress=args.progress)
     print(f"wrote {args.save_dir}: {summary['written']} of {summary['rank_files']} rank files "
@@ -212,7 +213,7 @@ def add_mcore2hf(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _report_dist(args: argparse.Namespace, source: tuple, flags: dict, command: str) -> int:
+def _report_dist(args: argparse.Namespace, source, flags: dict, command: str) -> int:
     from npu_dsv3.checkpoint.mcore_dist import convert_to_dist
 
     summary = convert_to_dist(source, args.save_dir, flags, command, workers=args.workers, resume=args.resume,
@@ -266,15 +267,14 @@ def add_reshard(subparsers) -> argparse.ArgumentParser:
 
 
 def run_reshard(args: argparse.Namespace) -> int:
-    from npu_dsv3.checkpoint.mcore_legacy import reshard_legacy
+    from npu_dsv3.checkpoint.mcore_dist import DistInput, convert_to_legacy
+    from npu_dsv3.checkpoint.mcore_legacy import LegacyInput, reshard_legacy
 
     source_flags, target_flags = _source_flags(args, True), _layout_flags(args, "target", True)
-    source = ("dist", args.load_dir) if source_flags is None else ("mcore", args.load_dir, source_flags)
+    source = DistInput(args.load_dir) if source_flags is None else LegacyInput(args.load_dir, source_flags)
     if args.save_format == "torch_dist":
         return _report_dist(args, source, target_flags, "convert reshard")
     if source_flags is None:
-        from npu_dsv3.checkpoint.mcore_dist import convert_to_legacy
-
         summary = convert_to_legacy(args.load_dir, args.save_dir, target_flags, workers=args.workers,
                                     resume=args.resume, progress=args.progress)
     else:

@@ -3,7 +3,7 @@
 ``x`` is ``[T, K]`` with rows sorted by expert, ``weight`` is ``[E, K, N]`` and
 ``tokens_per_expert`` is ``[E]`` counts (zeros allowed). Row block ``e`` of the
 output is ``x_e @ weight[e]``; backward gives dx and dW (dW deferred to the W step
-inside a DualPipeV zero-bubble B step, see ``npu_dsv3.schedules.weight_grad``).
+inside a DualPipeV zero-bubble B step, see ``npu_dsv3.ops.weight_grad``).
 
 - NPU: ``torch_npu.npu_grouped_matmul`` on single tensors (split_item 3) with the
   cumulative ``group_list`` tensor (group_list_type 0): group_type 0 splits M for
@@ -17,7 +17,7 @@ inside a DualPipeV zero-bubble B step, see ``npu_dsv3.schedules.weight_grad``).
 import torch
 
 from npu_dsv3.ops._npu import on_npu, torch_npu
-from npu_dsv3.schedules import weight_grad
+from npu_dsv3.ops import weight_grad
 
 
 def group_list(tokens_per_expert: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from npu_dsv3.checkpoint.mcore_dist import TRACKER_FILE
+from npu_dsv3.checkpoint.sources import TRACKER_FILE
 from npu_dsv3.training.checkpointing import iteration_dir
 
 CRASH_EXIT = 86

@@ -30,7 +30,7 @@ def run_rank(pp: int) -> None:
     from megatron.core import parallel_state
 
     import npu_dsv3  # noqa: F401  (patches: megatron on CPU)
-    from npu_dsv3.schedules import weight_grad
+    from npu_dsv3.ops import weight_grad
     from npu_dsv3.schedules.dualpipev import forward_backward_dualpipev
 
     dist.init_process_group("gloo")

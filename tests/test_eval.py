@@ -42,7 +42,7 @@ def _pretrain(flags, out):
 
 def test_eval_loss_is_a_forward_over_the_validation_batches(setup, tmp_path, world1):
     from npu_dsv3.model import load_hf
-    from npu_dsv3.pretrain import _pretrain_datasets
+    from npu_dsv3.training.data import pretrain_datasets
     from npu_dsv3.training.checkpointing import load_checkpoint
 
     model_flags, data = setup
@@ -60,7 +60,7 @@ def test_eval_loss_is_a_forward_over_the_validation_batches(setup, tmp_path, wor
 
     # The weights after iteration 2 (saved then), on the validation split's global batches 2 and 3
     # (evaluation 1 reads batches 0 and 1): one plain forward per sample.
-    _, valid = _pretrain_datasets(parse_args(flags, 1, "pretrain"))
+    _, valid = pretrain_datasets(parse_args(flags, 1, "pretrain"))
     model = load_hf(setup[0][1])
     load_checkpoint(str(tmp_path / "ckpt"), [model], finetune=True)
     total = count = 0.0
@@ -90,7 +90,7 @@ def test_evaluation_does_not_change_training(setup, tmp_path):
 
 
 def test_mock_validation_batches_are_another_seed_stream(setup, world1):
-    from npu_dsv3.pretrain import mock_microbatches
+    from npu_dsv3.training.data import mock_microbatches
 
     args = parse_args([*setup[0], "--mock-data", "--train-iters", "4"], 1)
     train = [b["tokens"] for i in range(4) for b in mock_microbatches(args, i)]

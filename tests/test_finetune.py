@@ -156,7 +156,7 @@ def test_layout_matches_the_single_process_run(setup, single, tmp_path, layout):
 
 def _source(setup, *extra, name="packed"):
     """The data source a run with these flags would read (its checks included), or the flags' error."""
-    from npu_dsv3.finetune import instruction_source
+    from npu_dsv3.training.data import instruction_source
 
     _, flags, _ = _variant(setup, name)
     return instruction_source(parse_args([*flags, *extra], 1, "finetune"))

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from npu_dsv3.config import hf_to_mcore_config_dpskv3
 from npu_dsv3.model import forward_logits, load_hf
-from npu_dsv3.model.builder import padded_vocab_size
+from npu_dsv3.config import padded_vocab_size
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 from npu_dsv3.training.flops import forward_flops_per_token, train_flops
 

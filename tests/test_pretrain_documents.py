@@ -44,10 +44,10 @@ def _transformers_loss(hf_dir, flags, apart: bool) -> tuple:
     (``apart``) or each sequence whole; and how many documents the batch held."""
     from transformers import AutoModelForCausalLM
 
-    from npu_dsv3.pretrain import _pretrain_datasets
+    from npu_dsv3.training.data import pretrain_datasets
 
     args = parse_args(flags, world_size=1, mode="pretrain")
-    train, _ = _pretrain_datasets(args)
+    train, _ = pretrain_datasets(args)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     total, count, documents = 0.0, 0, 0
     with torch.no_grad():

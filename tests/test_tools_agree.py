@@ -88,13 +88,13 @@ def test_training_takes_the_recorded_layout(hf_dir, legacy_dir):
 def test_a_training_save_records_its_flags(hf_dir, tmp_path):
     """A legacy training save (--ckpt-format torch) keeps its flags in every rank file; a run resuming
     from it takes the layout from there."""
-    from npu_dsv3.pretrain import _saved_args
+    from npu_dsv3.training.loop import saved_args
 
     flags = ["--pipeline-model-parallel-size", "2", "--num-layer-list", "1,3", "--moe-grouped-gemm"]
     saved = parse_args(["--hf-config", hf_dir, *TRAIN, *flags, "--load", str(tmp_path / "earlier")], world_size=2)
     rank_dir = tmp_path / "iter_0000002" / "mp_rank_00_001"
     rank_dir.mkdir(parents=True)
-    torch.save({"iteration": 2, "args": _saved_args(saved)}, rank_dir / "model_optim_rng.pt")
+    torch.save({"iteration": 2, "args": saved_args(saved)}, rank_dir / "model_optim_rng.pt")
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("2")
     assert recorded_layout(str(tmp_path)) == {k: getattr(saved, k) for k in LAYOUT_DEFAULTS}
     resumed = parse_args(["--hf-config", hf_dir, *TRAIN, "--load", str(tmp_path)], world_size=2)

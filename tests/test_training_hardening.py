@@ -36,7 +36,7 @@ def _flags(hf_dir, *flags, batch=4):
 
 def _train(hf_dir, log, *flags, batch=4):
     """An in-process ``python -m npu_dsv3.pretrain`` run (a world of one); the records of its --log-jsonl."""
-    from npu_dsv3.pretrain import train
+    from npu_dsv3.training.loop import train
 
     ensure_single_process_group()
     parallel_state.destroy_model_parallel()  # the run sets up its own
@@ -157,23 +157,23 @@ def test_a_run_resumed_with_another_global_batch_size_continues_from_the_consume
 
 
 def test_consumed_samples_of_checkpoints_that_do_not_store_them():
-    from npu_dsv3.pretrain import _consumed_samples
+    from npu_dsv3.training.loop import consumed_samples
 
     now = argparse.Namespace(global_batch_size=8)
-    assert _consumed_samples(now, Resumed(3, {"global_batch_size": 16, "consumed_train_samples": 40})) == 40
-    assert _consumed_samples(now, Resumed(3, {"global_batch_size": 16})) == 48  # from its iteration and batch size
-    assert _consumed_samples(now, Resumed(3, {})) == 24  # a checkpoint without flags: this run's batch size
-    assert _consumed_samples(now, Resumed(0, {"consumed_train_samples": 40})) == 0  # --finetune: from the start
+    assert consumed_samples(now, Resumed(3, {"global_batch_size": 16, "consumed_train_samples": 40})) == 40
+    assert consumed_samples(now, Resumed(3, {"global_batch_size": 16})) == 48  # from its iteration and batch size
+    assert consumed_samples(now, Resumed(3, {})) == 24  # a checkpoint without flags: this run's batch size
+    assert consumed_samples(now, Resumed(0, {"consumed_train_samples": 40})) == 0  # --finetune: from the start
 
 
 def test_the_training_batches_start_at_the_consumed_sample(hf_dir, tmp_path, capsys, world1):
-    from npu_dsv3.pretrain import _pretrain_datasets, pretrain_source
+    from npu_dsv3.training.data import pretrain_datasets, pretrain_source
 
     prefix = _write_data(tmp_path, capsys, "corpus", 300)
     args = parse_args(_flags(hf_dir, "--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--lr", "1e-3",
                              "--train-iters", 4, "--split", "100,0,0", batch=8), 1)
     source = pretrain_source(args, train_samples=64)
-    train, _ = _pretrain_datasets(args, 64)
+    train, _ = pretrain_datasets(args, 64)
     read = numpy.concatenate([b["tokens"].numpy() for b in source.train(12)])
     assert numpy.array_equal(read, numpy.stack([train[i]["tokens"] for i in range(12, 20)]))
 

@@ -7,7 +7,7 @@ import torch
 
 from npu_dsv3.config import hf_to_mcore_config_dpskv3, load_hf_config
 from npu_dsv3.model.builder import build_model, forward_logits
-from npu_dsv3.schedules import weight_grad
+from npu_dsv3.ops import weight_grad
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
 

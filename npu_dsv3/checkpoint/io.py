@@ -251,7 +251,7 @@ class Manifest:
 def check_output_path(directory: str) -> None:
     """``directory`` can be the output of a job: a directory, or absent under a writable directory. Jobs call
     it before reading their input, so a wrong output path fails in one line before the work starts."""
-    from npu_dsv3.arguments import output_dir_problem
+    from npu_dsv3.argtypes import output_dir_problem
 
     problem = output_dir_problem(directory)
     if problem:

@@ -21,7 +21,7 @@ from npu_dsv3.layout import LAYOUT_DEFAULTS
 
 def checkpoint_dir(load_dir: str) -> str:
     """The directory ``load_dir``'s tracker names; one line when there is none or it is missing."""
-    from npu_dsv3.checkpoint.mcore_dist import TRACKER_FILE, tracked_dir
+    from npu_dsv3.checkpoint.sources import TRACKER_FILE, tracked_dir
 
     if not os.path.isdir(load_dir):
         raise FileNotFoundError(f"checkpoint directory {load_dir} does not exist")
@@ -43,7 +43,8 @@ def recorded_layout(load_dir: str) -> Optional[Dict[str, object]]:
     """The layout flags (``LAYOUT_DEFAULTS``' keys) the legacy checkpoint in ``load_dir`` records; None for a
     torch_dist checkpoint, one that records none (written by another tool) or no checkpoint at all (the
     reader that follows says what is missing, see ``checkpoint_dir``)."""
-    from npu_dsv3.checkpoint.mcore_dist import RELEASE, release_dir, tracked_dir
+    from npu_dsv3.checkpoint.mcore_dist import release_dir
+    from npu_dsv3.checkpoint.sources import RELEASE, tracked_dir
 
     try:
         directory = tracked_dir(load_dir)

@@ -34,11 +34,11 @@ import torch
 from npu_dsv3.checkpoint import io, writers
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.safe_load import load_torch
+from npu_dsv3.checkpoint.sources import (RELEASE, HFInput, WithHFDtypes, check_mtp_copies, conversion_configs,
+                                         conversion_input, finish_output_dir, model_config, tracked_dir)
 from npu_dsv3.layout import LayoutError, PipelineLayout
 
 FORMAT = "torch_dist"
-RELEASE = "release"
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 FILE_BYTES = 1 << 30  # one .distcp file: what the writer holds at most before the file is closed
 RESULTS_DIR = ".npu_dsv3_dcp"  # per-file write results, so --resume can skip finished files
 
@@ -66,11 +66,9 @@ class Piece:
 
 
 def _single_rank_config(hf_config: dict, dtype: torch.dtype):
-    from npu_dsv3.checkpoint.mcore_legacy import _model_config
-
     # Per-expert MLPs: megatron stores GroupedMLP's experts the same way, and each is small.
-    return _model_config(hf_config, False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-                         use_cpu_initialization=True, perform_initialization=False)
+    return model_config(hf_config, False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+                        use_cpu_initialization=True, perform_initialization=False)
 
 
 def _trace_sources(config) -> Dict[str, Tuple[List[str], bool]]:
@@ -127,7 +125,7 @@ def plan_pieces(hf_config: dict, dtype: torch.dtype, padded_vocab: Optional[int]
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     from npu_dsv3.checkpoint.rank_state import _hf_layer
-    from npu_dsv3.model.builder import padded_vocab_size
+    from npu_dsv3.config import padded_vocab_size
 
     config = _single_rank_config(hf_config, dtype)
     model = _meta_model(config, padded_vocab or padded_vocab_size(config.vocab_size))
@@ -400,7 +398,7 @@ def write_dist(get: Callable[[str], torch.Tensor], meta_get: Callable[[str], tor
     """
     from megatron.core import dist_checkpointing
 
-    from npu_dsv3.model.builder import padded_vocab_size
+    from npu_dsv3.config import padded_vocab_size
 
     vocab = hf_config["vocab_size"]
     dtype = meta_get("model.norm.weight").dtype
@@ -440,17 +438,6 @@ def write_dist(get: Callable[[str], torch.Tensor], meta_get: Callable[[str], tor
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def tracked_dir(root: str) -> Optional[str]:
-    """The checkpoint directory ``root``'s tracker names (``release`` or ``iter_XXXXXXX``), or None
-    without a tracker."""
-    tracker = os.path.join(root, TRACKER_FILE)
-    if not os.path.isfile(tracker):
-        return None
-    with open(tracker) as f:
-        tag = f.read().strip()
-    return os.path.join(root, tag if tag == RELEASE else f"iter_{int(tag):07d}")
 
 
 def release_dir(load_dir: str) -> Optional[str]:
@@ -573,6 +560,20 @@ class DistSource:
 # --------------------------------------------------------------------------- conversion jobs
 
 
+class DistInput:
+    """A conversion's input that is a torch_dist checkpoint (see ``sources.HFInput``); it carries its own
+    layout."""
+
+    layout = None
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def getters(self, hf_config: dict):
+        source = DistSource(release_dir(self.directory), hf_config)
+        return source.get, source.shape
+
+
 class _Shapes:
     def __init__(self, get):
         self.get = get
@@ -594,38 +595,27 @@ def _check_target(config, flags: dict) -> None:
                           "layers by position, so a noop layer in the middle would shift every layer after it")
 
 
-def convert_to_dist(source: tuple, save_dir: str, flags: dict, command: str, workers: int = 1,
+def convert_to_dist(source, save_dir: str, flags: dict, command: str, workers: int = 1,
                     resume: bool = False, progress: bool = True) -> dict:
     """A torch_dist checkpoint in ``save_dir`` (``release/`` + tracker, config.json, tokenizer files)
-    from ``source`` (see :func:`source_getter`), for runs with the layout ``flags`` give."""
+    from ``source`` (a conversion input: ``sources.HFInput``, ``mcore_legacy.LegacyInput``, ``DistInput``),
+    for runs with the layout ``flags`` give."""
     import time
 
-    from npu_dsv3.checkpoint.mcore_legacy import (HF_EXTRA_FILES, _check_mtp_copies, _model_config,
-                                                  conversion_configs, conversion_input, record_hf_dtypes)
-
     start = time.monotonic()
-    source_dir = source[1]
     source_hf, hf_config = conversion_configs(source, flags)
-    config = _model_config(hf_config, True)
+    config = model_config(hf_config, True)
     _check_target(config, flags)
     get, meta_get = conversion_input(source, source_hf, hf_config)
-    thread_safe = source[0] == "hf"  # the megatron sources cache the pieces they assemble
-    if source[0] == "hf":
-        _check_mtp_copies(config, get)
-    manifest = io.prepare_output_dir(save_dir, resume, {"command": command, "input": os.path.realpath(source_dir),
+    thread_safe = isinstance(source, HFInput)  # the megatron sources cache the pieces they assemble
+    if isinstance(source, HFInput):
+        check_mtp_copies(config, get)
+    manifest = io.prepare_output_dir(save_dir, resume, {"command": command,
+                                                        "input": os.path.realpath(source.directory),
                                                         "layout": flags, "format": FORMAT})
     summary = write_dist(get, meta_get, hf_config, save_dir, manifest, flags.get("tensor_model_parallel_size", 1),
                          workers, progress, thread_safe)
-    for extra in HF_EXTRA_FILES:  # kept for the way back to HF
-        if os.path.isfile(os.path.join(source_dir, extra)) and not manifest.done(extra):
-            io.atomic_copy(os.path.join(source_dir, extra), os.path.join(save_dir, extra))
-            manifest.record(extra)
-    io.atomic_write_json({k: v for k, v in hf_config.items() if k != "quantization_config"},
-                         os.path.join(save_dir, "config.json"))
-    record_hf_dtypes(meta_get, hf_config, save_dir)
-    with io.atomic_write(os.path.join(save_dir, TRACKER_FILE)) as tmp:  # last: the directory is complete
-        with open(tmp, "w") as f:
-            f.write(RELEASE)
+    finish_output_dir(source.directory, save_dir, manifest, hf_config, meta_get)
     return {**summary, "seconds": time.monotonic() - start}
 
 
@@ -635,7 +625,7 @@ def convert_dist_to_hf(load_dir: str, save_dir: str, mtp_num_layers: Optional[in
     (``mtp_num_layers=0``: without the MTP layer)."""
     import time
 
-    from npu_dsv3.checkpoint.mcore_legacy import _WithHFDtypes, write_hf_checkpoint
+    from npu_dsv3.checkpoint.mcore_legacy import write_hf_checkpoint
     from npu_dsv3.checkpoint.rank_state import effective_hf_config
     from npu_dsv3.config import load_hf_config
 
@@ -643,8 +633,8 @@ def convert_dist_to_hf(load_dir: str, save_dir: str, mtp_num_layers: Optional[in
     hf_config = effective_hf_config(load_hf_config(load_dir), {"mtp_num_layers": mtp_num_layers},
                                     select_layers=False)
     source = DistSource(release_dir(load_dir), hf_config)
-    shapes = _WithHFDtypes(_Shapes(source.shape), load_dir)
-    source = _WithHFDtypes(source, load_dir)
+    shapes = WithHFDtypes(_Shapes(source.shape), load_dir)
+    source = WithHFDtypes(source, load_dir)
     manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf", "format": FORMAT,
                                                         "input": os.path.realpath(load_dir),
                                                         "mtp_num_layers": mtp_num_layers})
@@ -655,6 +645,6 @@ def convert_dist_to_hf(load_dir: str, save_dir: str, mtp_num_layers: Optional[in
 def convert_to_legacy(load_dir: str, save_dir: str, flags: dict, workers: int = 1, resume: bool = False,
                       progress: bool = True) -> dict:
     """torch_dist checkpoint -> legacy per-rank files of the layout ``flags`` give."""
-    from npu_dsv3.checkpoint.mcore_legacy import _write_layout
+    from npu_dsv3.checkpoint.mcore_legacy import write_layout
 
-    return _write_layout(("dist", load_dir), save_dir, flags, "convert reshard", workers, resume, progress)
+    return write_layout(DistInput(load_dir), save_dir, flags, "convert reshard", workers, resume, progress)

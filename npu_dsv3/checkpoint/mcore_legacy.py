@@ -24,11 +24,12 @@ import torch
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.rank_state import (HFFromRanks, ParallelLayout, chunk_state_dict, chunk_state_pieces,
-                                            effective_hf_config, hf_tensor_shapes, source_getter)
+                                            effective_hf_config)
+from npu_dsv3.checkpoint.sources import (RELEASE, HFInput, WithHFDtypes, check_mtp_copies, conversion_configs,
+                                         conversion_input, copy_hf_extras, finish_output_dir, model_config,
+                                         tracked_dir)
 from npu_dsv3.layout import LAYOUT_DEFAULTS
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-RELEASE = "release"
 MODEL_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 
@@ -45,8 +46,6 @@ def rank_file(root: str, par: ParallelLayout, tp_rank: int, pp_rank: int, ep_ran
 def tracked_tag(root: str) -> str:
     """The checkpoint directory a reader of ``root`` opens: the one its tracker names (a training save's
     ``iter_XXXXXXX`` or a converter's ``release``), ``release`` without a tracker."""
-    from npu_dsv3.checkpoint.mcore_dist import tracked_dir
-
     return os.path.basename(tracked_dir(root) or RELEASE)
 
 
@@ -234,236 +233,22 @@ def read_hf_tensors(root: str, config, par: ParallelLayout) -> Iterator[Tuple[st
     return legacy_source(root, config, par).hf_tensors()
 
 
+class LegacyInput:
+    """A conversion's input that is a legacy checkpoint, written with the ``layout`` flags (see
+    ``sources.HFInput``)."""
+
+    def __init__(self, directory: str, layout: dict):
+        self.directory, self.layout = directory, layout
+
+    def getters(self, hf_config: dict):
+        config = model_config(hf_config, self.layout.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
+        par = ParallelLayout.from_flags(config, **self.layout)
+        return legacy_source(self.directory, config, par).get, legacy_meta_source(self.directory, config, par).get
+
+
 # --------------------------------------------------------------------------- conversion jobs
 
 MAX_SHARD_BYTES = 5 * 10**9
-HF_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                  "generation_config.json")
-
-
-def _model_config(hf_config: dict, grouped_gemm: bool, **overrides):
-    from npu_dsv3.config import hf_to_mcore_config_dpskv3
-
-    # The FP8 release is read directly (dequantised on the fly); the model is the same.
-    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
-    return hf_to_mcore_config_dpskv3(hf_config, moe_grouped_gemm=grouped_gemm, **overrides)
-
-
-def _fp8_block(hf_config: dict) -> Tuple[int, int]:
-    return tuple((hf_config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
-
-
-def check_hf_source(hf_dir: str, hf_config: dict, mtp_layers: int = None) -> None:
-    """The check every reader of an HF checkpoint runs before writing anything: each tensor's shape
-    against ``hf_config`` (its config.json), the dtypes, missing and unexpected tensors, from the
-    shards' headers alone (``HFCheckpointReader.check``). ``mtp_layers``: the MTP layers that must be
-    there (default: all config.json declares; the others are checked if present)."""
-    from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
-
-    shapes, optional = hf_tensor_shapes(_model_config(hf_config, True), mtp_layers)
-    HFCheckpointReader(hf_dir).check(shapes, optional, _fp8_block(hf_config))
-
-
-def _bf16_getter(reader, hf_config: dict):
-    """``get(name)`` that dequantises DeepSeek's block-FP8 weights as they are read."""
-    from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX, dequantize_fp8_block
-
-    block = _fp8_block(hf_config)
-
-    def get(name: str) -> torch.Tensor:
-        tensor = reader.get(name)
-        if tensor.dtype == torch.float8_e4m3fn:
-            return dequantize_fp8_block(tensor, reader.get(name + SCALE_SUFFIX), block)
-        return tensor
-
-    return get
-
-
-def _check_mtp_copies(config, get) -> None:
-    """The MTP layer's embedding and head are stored again in HF checkpoints; megatron shares the
-    main ones. Refuse copies that differ rather than drop them silently."""
-    for depth in range(config.mtp_num_layers or 0):
-        prefix = f"model.layers.{config.num_layers + depth}."
-        for copy, main in (("embed_tokens.weight", "model.embed_tokens.weight"),
-                           ("shared_head.head.weight", "lm_head.weight")):
-            try:
-                duplicate = get(prefix + copy)
-            except CheckpointError:
-                continue  # not stored: nothing to lose
-            if config.tie_word_embeddings and main == "lm_head.weight":
-                main = "model.embed_tokens.weight"
-            if not torch.equal(duplicate, get(main)):
-                raise CheckpointError(f"{prefix}{copy} differs from {main}; megatron's MTP shares the main "
-                                      "tensor, so converting would lose it")
-
-
-class _HFPreadReader:
-    """HF tensors by name, read with ``pread`` into memory of their own.
-
-    safetensors' ``get_tensor`` copies out of a memory map, and every page a map
-    has touched stays in the process's resident set until the file is closed: a
-    rank file's conversion would show RSS growing with the HF bytes it read (page
-    cache the kernel can reclaim, but counted, and it competes with the writes).
-    Read this way, a tensor's memory is freed when the tensor is. The
-    ``HFCheckpointReader`` still owns the index and the one-line errors.
-    """
-
-    def __init__(self, hf_dir: str):
-        from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
-
-        self.reader = HFCheckpointReader(hf_dir)
-        self._files: Dict[str, Tuple[int, dict]] = {}
-
-    def _entry(self, name: str):
-        from npu_dsv3.checkpoint import io
-
-        if name not in self.reader:
-            self.reader.get(name)  # raises the reader's error naming the checkpoint
-        filename = self.reader.weight_map[name]
-        if filename not in self._files:
-            self.reader._open(filename)  # the reader's one-line error for a missing or unreadable shard
-            header, data_start = io.safetensors_header(os.path.join(self.reader.path, filename))
-            self._files[filename] = (data_start, header)
-        data_start, header = self._files[filename]
-        return os.path.join(self.reader.path, filename), data_start, header[name]
-
-    def meta(self, name: str) -> torch.Tensor:
-        """A meta tensor of ``name``'s shape and dtype: nothing is read but the shard's header."""
-        from npu_dsv3.checkpoint import writers
-
-        _, _, info = self._entry(name)
-        return torch.empty(info["shape"], dtype=writers.dtype_from_safetensors(info["dtype"]), device="meta")
-
-    def get(self, name: str) -> torch.Tensor:
-        from npu_dsv3.checkpoint import writers
-
-        path, data_start, info = self._entry(name)
-        begin, end = info["data_offsets"]
-        out = torch.empty(end - begin, dtype=torch.uint8)
-        with open(path, "rb", buffering=0) as f:
-            f.seek(data_start + begin)
-            view, done = memoryview(out.numpy()), 0
-            while done < len(view) and (n := f.readinto(view[done:])):
-                done += n
-        if done != end - begin:
-            raise CheckpointError(f"cannot read tensor {name} from {path}: the file is truncated")
-        return out.view(writers.dtype_from_safetensors(info["dtype"])).reshape(info["shape"])
-
-
-def _hf_meta_getter(reader: _HFPreadReader):
-    """``reader``'s tensors as meta tensors of the shape and dtype ``_bf16_getter`` returns
-    (FP8 weights come out BF16)."""
-
-    def get(name: str) -> torch.Tensor:
-        tensor = reader.meta(name)
-        return tensor.to(torch.bfloat16) if tensor.dtype == torch.float8_e4m3fn else tensor
-
-    return get
-
-
-def _source_meta_getter(source: tuple, hf_config: dict):
-    """``_source_getter``'s shapes and dtypes as meta tensors, without reading data."""
-    if source[0] == "hf":
-        return _hf_meta_getter(_HFPreadReader(source[1]))
-    if source[0] == "dist":  # a torch_dist checkpoint
-        from npu_dsv3.checkpoint.mcore_dist import DistSource, release_dir
-
-        return DistSource(release_dir(source[1]), hf_config).shape
-    _, load_dir, flags = source
-    config = _model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
-    return legacy_meta_source(load_dir, config, ParallelLayout.from_flags(config, **flags)).get
-
-
-def _source_getter(source: tuple, hf_config: dict):
-    """``get(HF name)`` for a conversion's input: ("hf", dir), ("mcore", dir, layout flags) or ("dist", dir)."""
-    if source[0] == "hf":
-        return _bf16_getter(_HFPreadReader(source[1]), hf_config)
-    if source[0] == "dist":  # a torch_dist checkpoint
-        from npu_dsv3.checkpoint.mcore_dist import DistSource, release_dir
-
-        return DistSource(release_dir(source[1]), hf_config).get
-    _, load_dir, flags = source
-    config = _model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
-    return legacy_source(load_dir, config, ParallelLayout.from_flags(config, **flags)).get
-
-
-def conversion_configs(source: tuple, flags: dict) -> Tuple[dict, dict]:
-    """(the source's config.json as its flags read it, config.json of the model a conversion writes
-    with ``flags``: the model-size flags applied, see ``rank_state.effective_hf_config``)."""
-    from npu_dsv3.config import load_hf_config
-
-    source_hf = load_hf_config(source[1])
-    if source[0] == "mcore":
-        source_hf = effective_hf_config(source_hf, source[2], select_layers=False)
-    hf_config = effective_hf_config(source_hf, flags)
-    if source[0] == "hf":
-        check_hf_source(source[1], source_hf, hf_config["num_nextn_predict_layers"])
-    return source_hf, hf_config
-
-
-def conversion_input(source: tuple, source_hf: dict, hf_config: dict):
-    """(get, meta_get) of a conversion's input by the HF names of the model written; ``meta_get``
-    gives shapes and dtypes as meta tensors without reading data. A megatron source gives each
-    tensor the dtype its HF checkpoint had, where the converter recorded it (``DTYPES_FILE``)."""
-    get, meta_get = _source_getter(source, source_hf), _source_meta_getter(source, source_hf)
-    if source[0] != "hf":
-        get, meta_get = with_hf_dtypes(get, source[1]), with_hf_dtypes(meta_get, source[1])
-    return source_getter(get, source_hf, hf_config), source_getter(meta_get, source_hf, hf_config)
-
-
-# The dtype of every HF tensor of the model a converter wrote, beside the megatron checkpoint: megatron
-# keeps some tensors in another dtype (the expert bias in fp32), and the way back restores the HF one.
-DTYPES_FILE = "hf_dtypes.json"
-
-
-def record_hf_dtypes(meta_get, hf_config: dict, save_dir: str) -> None:
-    """Writes ``save_dir``'s ``DTYPES_FILE`` from ``meta_get`` (the HF tensors written, as meta
-    tensors): the most common dtype, and each tensor whose dtype differs from it."""
-    from collections import Counter
-
-    from npu_dsv3.checkpoint import io
-
-    shapes, optional = hf_tensor_shapes(_model_config(hf_config, True))
-    dtypes = {name: str(meta_get(name).dtype).replace("torch.", "") for name in shapes if name not in optional}
-    default = Counter(dtypes.values()).most_common(1)[0][0]
-    io.atomic_write_json({"default": default, "tensors": {n: d for n, d in dtypes.items() if d != default}},
-                         os.path.join(save_dir, DTYPES_FILE), sort_keys=True)
-
-
-def with_hf_dtypes(get, root: str):
-    """``get(name)`` giving each tensor the dtype ``root``'s ``DTYPES_FILE`` records for it; ``get``
-    itself where the checkpoint the tracker names is not a converter's (``release``) or has no record."""
-    import json
-
-    from npu_dsv3.checkpoint.mcore_dist import RELEASE, tracked_dir
-
-    path = os.path.join(root, DTYPES_FILE)
-    if not os.path.isfile(path) or os.path.basename(tracked_dir(root) or "") != RELEASE:
-        return get
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-        default = getattr(torch, record["default"])
-        dtypes = {name: getattr(torch, dtype) for name, dtype in record["tensors"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path} is not a readable dtype record ({e}); delete it to keep megatron's "
-                              "dtypes") from e
-
-    def cast(name: str) -> torch.Tensor:
-        tensor = get(name)
-        return tensor.to(dtypes.get(name, default))
-
-    return cast
-
-
-class _WithHFDtypes:
-    """A ``names()`` / ``get(name)`` source (``HFFromRanks``, ``DistSource``) with ``with_hf_dtypes``' dtypes."""
-
-    def __init__(self, source, root: str):
-        self.source, self.get = source, with_hf_dtypes(source.get, root)
-
-    def names(self) -> List[str]:
-        return self.source.names()
 
 
 def _write_rank(job) -> dict:
@@ -471,7 +256,7 @@ def _write_rank(job) -> dict:
     from npu_dsv3.checkpoint import io, writers
 
     source, save_dir, source_hf, hf_config, flags, ranks = job
-    config = _model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
+    config = model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
     par = ParallelLayout.from_flags(config, **flags)
     path = rank_file(save_dir, par, *ranks)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -481,23 +266,23 @@ def _write_rank(job) -> dict:
         return writers.save_torch_streamed(skeleton, producers, tmp)
 
 
-def _write_layout(source: tuple, save_dir: str, flags: dict, command: str, workers: int, resume: bool,
-                  progress: bool) -> dict:
-    """Every rank file of the layout ``flags`` give, from ``source``; config.json, tokenizer
+def write_layout(source, save_dir: str, flags: dict, command: str, workers: int, resume: bool,
+                 progress: bool) -> dict:
+    """Every rank file of the layout ``flags`` give, from ``source`` (a conversion input: ``sources.HFInput``,
+    ``LegacyInput``, ``mcore_dist.DistInput``); config.json, tokenizer
     files and, last, the tracker (a directory that has it is complete)."""
     import time
 
     from npu_dsv3.checkpoint import io
 
     start = time.monotonic()
-    source_dir = source[1]
     source_hf, hf_config = conversion_configs(source, flags)
-    config = _model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
+    config = model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
     par = ParallelLayout.from_flags(config, **flags)
     get, meta_get = conversion_input(source, source_hf, hf_config)
-    if source[0] == "hf":
-        _check_mtp_copies(config, get)
-    job = {"command": command, "input": os.path.realpath(source_dir), "layout": flags}
+    if isinstance(source, HFInput):
+        check_mtp_copies(config, get)
+    job = {"command": command, "input": os.path.realpath(source.directory), "layout": flags}
     manifest = io.prepare_output_dir(save_dir, resume, job)
     rel = {ranks: os.path.relpath(rank_file(save_dir, par, *ranks), save_dir) for ranks in par.ranks()}
     todo = set(manifest.pending(list(rel.values()), workers))
@@ -510,16 +295,7 @@ def _write_layout(source: tuple, save_dir: str, flags: dict, command: str, worke
 
         io.parallel_map(_write_rank, jobs, workers, on_result=finished,
                         label=lambda job: rank_file(save_dir, par, *job[-1]))
-    for extra in HF_EXTRA_FILES:  # kept for the way back to HF
-        if os.path.isfile(os.path.join(source_dir, extra)) and not manifest.done(extra):
-            io.atomic_copy(os.path.join(source_dir, extra), os.path.join(save_dir, extra))
-            manifest.record(extra)
-    hf_out = {k: v for k, v in hf_config.items() if k != "quantization_config"}
-    io.atomic_write_json(hf_out, os.path.join(save_dir, "config.json"))
-    record_hf_dtypes(meta_get, hf_config, save_dir)
-    with io.atomic_write(os.path.join(save_dir, TRACKER_FILE)) as tmp:
-        with open(tmp, "w") as f:
-            f.write(RELEASE)
+    finish_output_dir(source.directory, save_dir, manifest, hf_config, meta_get)
     return {"rank_files": len(rel), "written": len(jobs), "seconds": time.monotonic() - start}
 
 
@@ -530,14 +306,14 @@ def convert_hf_to_legacy(hf_dir: str, save_dir: str, flags: dict, workers: int =
     Writes ``release/mp_rank_*/model_optim_rng.pt`` (one worker per rank file)
     and the HF ``config.json`` beside them (the model config for the way back).
     """
-    return _write_layout(("hf", hf_dir), save_dir, flags, "convert hf2mcore", workers, resume, progress)
+    return write_layout(HFInput(hf_dir), save_dir, flags, "convert hf2mcore", workers, resume, progress)
 
 
 def reshard_legacy(load_dir: str, save_dir: str, source_flags: dict, target_flags: dict, workers: int = 1,
                    resume: bool = False, progress: bool = True) -> dict:
     """Legacy checkpoint in layout A -> layout B directly: each target rank file takes the
     pieces it needs from the source rank files, never a whole HF model."""
-    return _write_layout(("mcore", load_dir, source_flags), save_dir, target_flags, "convert reshard", workers,
+    return write_layout(LegacyInput(load_dir, source_flags), save_dir, target_flags, "convert reshard", workers,
                          resume, progress)
 
 
@@ -594,10 +370,7 @@ def write_hf_checkpoint(source, hf_config: dict, extras_dir: str, save_dir: str,
                                                            (source.get(read_as[n]) for n in shard), tmp,
                                                            metadata={"format": "pt"}, on_tensor=bar.update)
             manifest.record(file, digest)
-    for extra in HF_EXTRA_FILES:
-        if os.path.isfile(os.path.join(extras_dir, extra)) and not manifest.done(extra):
-            io.atomic_copy(os.path.join(extras_dir, extra), os.path.join(save_dir, extra))
-            manifest.record(extra)
+    copy_hf_extras(extras_dir, save_dir, manifest)
     io.atomic_write_json(hf_config, os.path.join(save_dir, "config.json"))
     weight_map = {name: file for file, shard in shards.items() for name in shard}
     io.atomic_write_json({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
@@ -621,12 +394,12 @@ def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool
     start = time.monotonic()
     # Rank files fix the layers; only MTP may be left out (--mtp-num-layers 0).
     hf_config = effective_hf_config(load_hf_config(load_dir), flags, select_layers=False)
-    config = _model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
+    config = model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
     par = ParallelLayout.from_flags(config, **flags)
     manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf",
                                                         "input": os.path.realpath(load_dir), "layout": flags})
     with io.single_threaded_torch():
-        summary = write_hf_checkpoint(_WithHFDtypes(legacy_source(load_dir, config, par), load_dir), hf_config,
+        summary = write_hf_checkpoint(WithHFDtypes(legacy_source(load_dir, config, par), load_dir), hf_config,
                                       load_dir, save_dir, manifest, progress, max_shard_bytes,
-                                      shapes=_WithHFDtypes(legacy_meta_source(load_dir, config, par), load_dir))
+                                      shapes=WithHFDtypes(legacy_meta_source(load_dir, config, par), load_dir))
     return {**summary, "seconds": time.monotonic() - start}

@@ -14,9 +14,8 @@ import torch
 
 from npu_dsv3.checkpoint import sharding
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
+from npu_dsv3.config import moe_layer_pattern_of, padded_vocab_size
 from npu_dsv3.layout import LAYOUT_DEFAULTS, LayoutError, PipelineLayout, default_expert_tp
-from npu_dsv3.model.builder import padded_vocab_size
-from npu_dsv3.model.spec import moe_layer_pattern
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,7 @@ def _check_model_sizes(config, first_k_dense_replace, mtp_num_layers) -> None:
     mtp = config.mtp_num_layers or 0
     if mtp_num_layers is not None and mtp_num_layers != mtp:
         raise LayoutError(f"--mtp-num-layers {mtp_num_layers}, but the model config has {mtp} MTP layer(s)")
-    pattern = moe_layer_pattern(config)
+    pattern = moe_layer_pattern_of(config)
     dense = pattern.index(1) if 1 in pattern else len(pattern)
     if first_k_dense_replace is not None and min(first_k_dense_replace, config.num_layers) != dense:
         raise LayoutError(f"--first-k-dense-replace {first_k_dense_replace}, but the model config's first "
@@ -290,7 +289,7 @@ def chunk_state_dict(config, par: ParallelLayout, get: Callable[[str], torch.Ten
                      tp_rank: int, pp_rank: int, ep_rank: int, chunk: int) -> Dict[str, torch.Tensor]:
     """One model chunk of one rank, in megatron's local names, from HF tensors read by ``get``."""
     layout = par.pipeline
-    pattern = moe_layer_pattern(config)
+    pattern = moe_layer_pattern_of(config)
     out = {}
     if layout.has_embedding(pp_rank, chunk):
         out["embedding.word_embeddings.weight"] = _vocab_rows(config, par, get("model.embed_tokens.weight"), tp_rank)
@@ -356,7 +355,7 @@ def hf_tensor_shapes(config, mtp_layers: int = None) -> Tuple[Dict[str, Tuple[in
         for e in range(config.num_moe_experts):
             mlp(f"{prefix}mlp.experts.{e}.", config.moe_ffn_hidden_size)
 
-    for index, moe in enumerate(moe_layer_pattern(config)):
+    for index, moe in enumerate(moe_layer_pattern_of(config)):
         layer(f"model.layers.{index}.", bool(moe))
     mtp = config.mtp_num_layers or 0
     for depth in range(mtp):
@@ -437,7 +436,7 @@ class HFFromRanks:
 
     def _index(self):
         config, layout = self.config, self.par.pipeline
-        pattern = moe_layer_pattern(config)
+        pattern = moe_layer_pattern_of(config)
         for pp_rank, chunk in layout.stages():
             if (pp_rank, chunk) == layout.first_stage():
                 self._vocab(pp_rank, chunk, "embedding.word_embeddings.weight", "model.embed_tokens.weight")
@@ -506,7 +505,7 @@ def chunk_state_pieces(config, par: ParallelLayout, get: Callable[[str], torch.T
     is their storage order). A writer can then stream a rank file while holding about one HF
     tensor rather than the whole chunk. Tests check it against ``chunk_state_dict`` bit for bit."""
     layout = par.pipeline
-    pattern = moe_layer_pattern(config)
+    pattern = moe_layer_pattern_of(config)
     out: Dict[str, Callable[[], Iterator[torch.Tensor]]] = {}
 
     def whole(build, *args):

@@ -73,7 +73,7 @@ def _check_complete(prefix: str) -> None:
 def _check_cache_dir(prefixes: Sequence[str], path_to_cache: Optional[str]) -> None:
     """Where megatron writes the index caches must be writable: --data-cache-path, or else beside each
     prefix (megatron's default, ``PREFIX/cache``)."""
-    from npu_dsv3.arguments import output_dir_problem
+    from npu_dsv3.argtypes import output_dir_problem
 
     if path_to_cache:
         problem = output_dir_problem(path_to_cache)

@@ -175,7 +175,7 @@ def process_chunk(task: Task) -> dict:
 
 
 def _validate(args: argparse.Namespace, handler) -> None:
-    from npu_dsv3.arguments import output_dir_problem
+    from npu_dsv3.argtypes import output_dir_problem
 
     problem = output_dir_problem(os.path.dirname(os.path.abspath(args.output_prefix)))
     if problem:  # found now, not after the tokenizing

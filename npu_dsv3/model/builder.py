@@ -4,18 +4,11 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 
+from npu_dsv3.config import padded_vocab_size
 from npu_dsv3.layout import LayoutError
 from npu_dsv3.model.placement import check_expert_parallel, pipeline_layout, stage
 from npu_dsv3.model.spec import decoder_block_spec, mtp_block_spec
 from npu_dsv3.model.vocab import mask_vocab_padding
-
-VOCAB_DIVISIBLE_BY = 128
-
-
-def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
-    """Megatron pads the embedding so every TP shard has the same, aligned number of rows."""
-    multiple = divisible_by * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def _check_head_holds_last_layer(config, layout) -> None:

@@ -24,7 +24,7 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides):
     A checkpoint without MTP tensors (transformers does not save them) gives a
     model without the MTP block, with a warning. ``overrides`` are config fields.
     """
-    from npu_dsv3.checkpoint.mcore_legacy import check_hf_source
+    from npu_dsv3.checkpoint.sources import check_hf_source
 
     ensure_single_process_group()
     hf_config = load_hf_config(path)
@@ -115,7 +115,7 @@ def _load_dist(config, directory: str):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    from npu_dsv3.model.builder import padded_vocab_size
+    from npu_dsv3.config import padded_vocab_size
 
     stored = dist_checkpointing.load_tensors_metadata(directory)
     rows = stored["embedding.word_embeddings.weight"].global_shape[0]

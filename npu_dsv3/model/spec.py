@@ -26,7 +26,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from npu_dsv3.config import moe_layer_pattern as config_moe_layer_pattern
+from npu_dsv3.config import moe_layer_pattern_of
 from npu_dsv3.model.linear import DuplicatedLinear
 from npu_dsv3.model.activation import SwiGLU
 from npu_dsv3.model.attention import MLACoreAttention, SplitMLASelfAttention
@@ -111,21 +111,9 @@ def noop_layer_spec(followed_by_real: bool) -> ModuleSpec:
     return ModuleSpec(module=NoopTransformerLayer, params={"followed_by_real": followed_by_real})
 
 
-def moe_layer_pattern(config) -> list:
-    """1 for an MoE layer, 0 for a dense one, for every real (HF) layer; noop layers have none."""
-    freq = config.moe_layer_freq
-    if not config.num_moe_experts:
-        return [0] * config.num_layers
-    if isinstance(freq, int):  # megatron's int form: MoE iff i % freq == 0
-        return config_moe_layer_pattern(config.num_layers, 0, freq)
-    if len(freq) != config.num_layers:
-        raise ValueError(f"moe_layer_freq lists {len(freq)} layers, the model has {config.num_layers}")
-    return list(freq)
-
-
 def decoder_block_spec(config, vp_stage=None, pp_rank=None) -> TransformerBlockSubmodules:
     """Specs of the decoder layers this (pp rank, virtual stage) builds, plus the final norm."""
-    layout, pattern = pipeline_layout(config), moe_layer_pattern(config)
+    layout, pattern = pipeline_layout(config), moe_layer_pattern_of(config)
     real = [layout.real_layer(i) for i in layout.chunk_layers(*stage(config, vp_stage, pp_rank))]
     specs = []
     for position, hf_index in enumerate(real):

@@ -48,10 +48,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from npu_dsv3.checkpoint import io
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
-from npu_dsv3.checkpoint.mcore_dist import (FORMAT, TRACKER_FILE, in_process_save_strategy, release_dir,
-                                            tracked_dir)
+from npu_dsv3.checkpoint.mcore_dist import FORMAT, in_process_save_strategy, release_dir
 from npu_dsv3.checkpoint.rank_state import rank_dir_name
 from npu_dsv3.checkpoint.safe_load import load_torch
+from npu_dsv3.checkpoint.sources import TRACKER_FILE, tracked_dir
 
 CHECKPOINT_VERSION = 3.0
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # Megatron-LM's name, beside each rank's model_optim_rng.pt
@@ -344,7 +344,7 @@ def tracked_iteration(root: str) -> Optional[str]:
 
 
 def _describe_model(root: str, hf_config: dict, tokenizer_dir: Optional[str]) -> None:
-    from npu_dsv3.checkpoint.mcore_legacy import HF_EXTRA_FILES
+    from npu_dsv3.checkpoint.sources import HF_EXTRA_FILES
 
     io.atomic_write_json(hf_config, os.path.join(root, "config.json"))
     for name in HF_EXTRA_FILES if tokenizer_dir and os.path.isdir(tokenizer_dir) else ():

@@ -11,7 +11,7 @@ as usual for model FLOPs. Norms, activations, softmax and the embedding lookup
 are left out (a fraction of a percent).
 """
 
-from npu_dsv3.model.spec import moe_layer_pattern
+from npu_dsv3.config import moe_layer_pattern_of
 
 
 def _attention_macs(config, seq_length: int, causal: bool) -> float:
@@ -43,7 +43,7 @@ def forward_flops_per_token(config, seq_length: int, causal: bool = True, mtp: b
     ``vocab_size``: the head's rows as run (megatron's padded vocabulary; default the real one)."""
     vocab = vocab_size or config.vocab_size
     macs = config.hidden_size * vocab
-    for moe in moe_layer_pattern(config):
+    for moe in moe_layer_pattern_of(config):
         macs += _attention_macs(config, seq_length, causal) + _mlp_macs(config, bool(moe))
     if mtp:
         h = config.hidden_size

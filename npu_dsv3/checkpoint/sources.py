@@ -1,0 +1,273 @@
+"""What the checkpoint converters share, whatever format they write: their inputs and the last step.
+
+- the tracker: which checkpoint directory of a megatron ``--load`` / ``--save`` root a reader opens;
+- the megatron config a conversion builds from config.json (``model_config``);
+- an HF checkpoint as a conversion's input (``HFInput``: tensors read with ``pread``, FP8 dequantised),
+  the checks run before anything is written, and the HF names by which every input is read
+  (``conversion_input``);
+- the HF dtype record a megatron checkpoint keeps for the way back, and ``finish_output_dir``.
+"""
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from npu_dsv3.checkpoint.hf_reader import CheckpointError
+from npu_dsv3.checkpoint.rank_state import effective_hf_config, hf_tensor_shapes, source_getter
+
+RELEASE = "release"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
+def tracked_dir(root: str) -> Optional[str]:
+    """The checkpoint directory ``root``'s tracker names (``release`` or ``iter_XXXXXXX``), or None
+    without a tracker."""
+    tracker = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(tracker):
+        return None
+    with open(tracker) as f:
+        tag = f.read().strip()
+    return os.path.join(root, tag if tag == RELEASE else f"iter_{int(tag):07d}")
+
+
+HF_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                  "generation_config.json")
+
+
+def model_config(hf_config: dict, grouped_gemm: bool, **overrides):
+    from npu_dsv3.config import hf_to_mcore_config_dpskv3
+
+    # The FP8 release is read directly (dequantised on the fly); the model is the same.
+    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    return hf_to_mcore_config_dpskv3(hf_config, moe_grouped_gemm=grouped_gemm, **overrides)
+
+
+def _fp8_block(hf_config: dict) -> Tuple[int, int]:
+    return tuple((hf_config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+
+
+def check_hf_source(hf_dir: str, hf_config: dict, mtp_layers: int = None) -> None:
+    """The check every reader of an HF checkpoint runs before writing anything: each tensor's shape
+    against ``hf_config`` (its config.json), the dtypes, missing and unexpected tensors, from the
+    shards' headers alone (``HFCheckpointReader.check``). ``mtp_layers``: the MTP layers that must be
+    there (default: all config.json declares; the others are checked if present)."""
+    from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
+
+    shapes, optional = hf_tensor_shapes(model_config(hf_config, True), mtp_layers)
+    HFCheckpointReader(hf_dir).check(shapes, optional, _fp8_block(hf_config))
+
+
+def _bf16_getter(reader, hf_config: dict):
+    """``get(name)`` that dequantises DeepSeek's block-FP8 weights as they are read."""
+    from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX, dequantize_fp8_block
+
+    block = _fp8_block(hf_config)
+
+    def get(name: str) -> torch.Tensor:
+        tensor = reader.get(name)
+        if tensor.dtype == torch.float8_e4m3fn:
+            return dequantize_fp8_block(tensor, reader.get(name + SCALE_SUFFIX), block)
+        return tensor
+
+    return get
+
+
+def check_mtp_copies(config, get) -> None:
+    """The MTP layer's embedding and head are stored again in HF checkpoints; megatron shares the
+    main ones. Refuse copies that differ rather than drop them silently."""
+    for depth in range(config.mtp_num_layers or 0):
+        prefix = f"model.layers.{config.num_layers + depth}."
+        for copy, main in (("embed_tokens.weight", "model.embed_tokens.weight"),
+                           ("shared_head.head.weight", "lm_head.weight")):
+            try:
+                duplicate = get(prefix + copy)
+            except CheckpointError:
+                continue  # not stored: nothing to lose
+            if config.tie_word_embeddings and main == "lm_head.weight":
+                main = "model.embed_tokens.weight"
+            if not torch.equal(duplicate, get(main)):
+                raise CheckpointError(f"{prefix}{copy} differs from {main}; megatron's MTP shares the main "
+                                      "tensor, so converting would lose it")
+
+
+class _HFPreadReader:
+    """HF tensors by name, read with ``pread`` into memory of their own.
+
+    safetensors' ``get_tensor`` copies out of a memory map, and every page a map
+    has touched stays in the process's resident set until the file is closed: a
+    rank file's conversion would show RSS growing with the HF bytes it read (page
+    cache the kernel can reclaim, but counted, and it competes with the writes).
+    Read this way, a tensor's memory is freed when the tensor is. The
+    ``HFCheckpointReader`` still owns the index and the one-line errors.
+    """
+
+    def __init__(self, hf_dir: str):
+        from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
+
+        self.reader = HFCheckpointReader(hf_dir)
+        self._files: Dict[str, Tuple[int, dict]] = {}
+
+    def _entry(self, name: str):
+        from npu_dsv3.checkpoint import io
+
+        if name not in self.reader:
+            self.reader.get(name)  # raises the reader's error naming the checkpoint
+        filename = self.reader.weight_map[name]
+        if filename not in self._files:
+            self.reader._open(filename)  # the reader's one-line error for a missing or unreadable shard
+            header, data_start = io.safetensors_header(os.path.join(self.reader.path, filename))
+            self._files[filename] = (data_start, header)
+        data_start, header = self._files[filename]
+        return os.path.join(self.reader.path, filename), data_start, header[name]
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A meta tensor of ``name``'s shape and dtype: nothing is read but the shard's header."""
+        from npu_dsv3.checkpoint import writers
+
+        _, _, info = self._entry(name)
+        return torch.empty(info["shape"], dtype=writers.dtype_from_safetensors(info["dtype"]), device="meta")
+
+    def get(self, name: str) -> torch.Tensor:
+        from npu_dsv3.checkpoint import writers
+
+        path, data_start, info = self._entry(name)
+        begin, end = info["data_offsets"]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(data_start + begin)
+            view, done = memoryview(out.numpy()), 0
+            while done < len(view) and (n := f.readinto(view[done:])):
+                done += n
+        if done != end - begin:
+            raise CheckpointError(f"cannot read tensor {name} from {path}: the file is truncated")
+        return out.view(writers.dtype_from_safetensors(info["dtype"])).reshape(info["shape"])
+
+
+def _hf_meta_getter(reader: _HFPreadReader):
+    """``reader``'s tensors as meta tensors of the shape and dtype ``_bf16_getter`` returns
+    (FP8 weights come out BF16)."""
+
+    def get(name: str) -> torch.Tensor:
+        tensor = reader.meta(name)
+        return tensor.to(torch.bfloat16) if tensor.dtype == torch.float8_e4m3fn else tensor
+
+    return get
+
+
+class HFInput:
+    """A conversion's input that is an HF checkpoint (BF16, FP32 or DeepSeek's FP8 release, dequantised as
+    it is read). The other inputs, with the same ``directory``, ``layout`` and ``getters``, are
+    ``mcore_legacy.LegacyInput`` and ``mcore_dist.DistInput``; all are picklable (a conversion's workers
+    get them)."""
+
+    layout = None  # the layout flags a legacy checkpoint was written with; an HF one has none
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def getters(self, hf_config: dict):
+        """(get, meta_get): ``get(HF name)`` reads a tensor, ``meta_get`` its shape and dtype as a meta tensor."""
+        return _bf16_getter(_HFPreadReader(self.directory), hf_config), _hf_meta_getter(_HFPreadReader(self.directory))
+
+
+def conversion_configs(source, flags: dict) -> Tuple[dict, dict]:
+    """(the source's config.json as its flags read it, config.json of the model a conversion writes
+    with ``flags``: the model-size flags applied, see ``rank_state.effective_hf_config``)."""
+    from npu_dsv3.config import load_hf_config
+
+    source_hf = load_hf_config(source.directory)
+    if source.layout is not None:
+        source_hf = effective_hf_config(source_hf, source.layout, select_layers=False)
+    hf_config = effective_hf_config(source_hf, flags)
+    if isinstance(source, HFInput):
+        check_hf_source(source.directory, source_hf, hf_config["num_nextn_predict_layers"])
+    return source_hf, hf_config
+
+
+def conversion_input(source, source_hf: dict, hf_config: dict):
+    """(get, meta_get) of a conversion's input by the HF names of the model written; ``meta_get``
+    gives shapes and dtypes as meta tensors without reading data. A megatron source gives each
+    tensor the dtype its HF checkpoint had, where the converter recorded it (``DTYPES_FILE``)."""
+    get, meta_get = source.getters(source_hf)
+    if not isinstance(source, HFInput):
+        get, meta_get = with_hf_dtypes(get, source.directory), with_hf_dtypes(meta_get, source.directory)
+    return source_getter(get, source_hf, hf_config), source_getter(meta_get, source_hf, hf_config)
+
+
+# The dtype of every HF tensor of the model a converter wrote, beside the megatron checkpoint: megatron
+# keeps some tensors in another dtype (the expert bias in fp32), and the way back restores the HF one.
+DTYPES_FILE = "hf_dtypes.json"
+
+
+def record_hf_dtypes(meta_get, hf_config: dict, save_dir: str) -> None:
+    """Writes ``save_dir``'s ``DTYPES_FILE`` from ``meta_get`` (the HF tensors written, as meta
+    tensors): the most common dtype, and each tensor whose dtype differs from it."""
+    from collections import Counter
+
+    from npu_dsv3.checkpoint import io
+
+    shapes, optional = hf_tensor_shapes(model_config(hf_config, True))
+    dtypes = {name: str(meta_get(name).dtype).replace("torch.", "") for name in shapes if name not in optional}
+    default = Counter(dtypes.values()).most_common(1)[0][0]
+    io.atomic_write_json({"default": default, "tensors": {n: d for n, d in dtypes.items() if d != default}},
+                         os.path.join(save_dir, DTYPES_FILE), sort_keys=True)
+
+
+def with_hf_dtypes(get, root: str):
+    """``get(name)`` giving each tensor the dtype ``root``'s ``DTYPES_FILE`` records for it; ``get``
+    itself where the checkpoint the tracker names is not a converter's (``release``) or has no record."""
+    import json
+
+    path = os.path.join(root, DTYPES_FILE)
+    if not os.path.isfile(path) or os.path.basename(tracked_dir(root) or "") != RELEASE:
+        return get
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        default = getattr(torch, record["default"])
+        dtypes = {name: getattr(torch, dtype) for name, dtype in record["tensors"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a readable dtype record ({e}); delete it to keep megatron's "
+                              "dtypes") from e
+
+    def cast(name: str) -> torch.Tensor:
+        tensor = get(name)
+        return tensor.to(dtypes.get(name, default))
+
+    return cast
+
+
+class WithHFDtypes:
+    """A ``names()`` / ``get(name)`` source (``HFFromRanks``, ``DistSource``) with ``with_hf_dtypes``' dtypes."""
+
+    def __init__(self, source, root: str):
+        self.source, self.get = source, with_hf_dtypes(source.get, root)
+
+    def names(self) -> List[str]:
+        return self.source.names()
+
+
+def copy_hf_extras(source_dir: str, save_dir: str, manifest) -> None:
+    """The tokenizer and generation files of ``source_dir`` into ``save_dir``, those ``manifest`` has not
+    recorded yet (kept for the way back to HF)."""
+    from npu_dsv3.checkpoint import io
+
+    for extra in HF_EXTRA_FILES:
+        if os.path.isfile(os.path.join(source_dir, extra)) and not manifest.done(extra):
+            io.atomic_copy(os.path.join(source_dir, extra), os.path.join(save_dir, extra))
+            manifest.record(extra)
+
+
+def finish_output_dir(source_dir: str, save_dir: str, manifest, hf_config: dict, meta_get) -> None:
+    """The last step of writing a megatron checkpoint (either format): tokenizer files, config.json,
+    the HF dtype record and, last, the tracker naming ``release`` (a directory that has it is complete)."""
+    from npu_dsv3.checkpoint import io
+
+    copy_hf_extras(source_dir, save_dir, manifest)
+    io.atomic_write_json({k: v for k, v in hf_config.items() if k != "quantization_config"},
+                         os.path.join(save_dir, "config.json"))
+    record_hf_dtypes(meta_get, hf_config, save_dir)
+    with io.atomic_write(os.path.join(save_dir, TRACKER_FILE)) as tmp:
+        with open(tmp, "w") as f:
+            f.write(RELEASE)
