@@ -639,7 +639,8 @@ def real_rank_file_bytes(flags: dict) -> dict:
     import torch
 
     from npu_dsv3.checkpoint.sources import model_config
-    from npu_dsv3.checkpoint.rank_state import ParallelLayout, chunk_state_dict
+    from npu_dsv3.checkpoint.rank_state import chunk_state_dict
+    from npu_dsv3.layout import ParallelLayout
 
     # The released DeepSeek-V3 config.json, as the tests keep it.
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests", "fixtures",

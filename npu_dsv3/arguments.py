@@ -25,11 +25,11 @@ from npu_dsv3.argtypes import output_dir_problem, positive_int
 from npu_dsv3.arguments_model import (FLAGS_ONLY_HIDDEN_DROPOUT, MODEL_FLAGS, add_model_args, flag_name,
                                       hf_config_from_args)
 from npu_dsv3.features import FEATURES, add_feature_args, feature_overrides
+from npu_dsv3.layout import LayoutError, ParallelLayout, add_layout_flags, layout_from_args, training_flag
 
 if TYPE_CHECKING:  # megatron is heavy: imported where the configs are built
     from megatron.core.optimizer import OptimizerConfig
 
-    from npu_dsv3.checkpoint.rank_state import ParallelLayout
     from npu_dsv3.config import DeepSeekV3TransformerConfig
 
 __all__ = ["ArgsError", "TrainArgs", "ParallelSizes", "Configs", "FLAG_TABLE", "Unsupported",
@@ -201,35 +201,29 @@ def _add_parallel_args(parser) -> None:
     # checkpoint supplies the ones it records, the table the rest (_resolve_layout).
     g = parser.add_argument_group("parallelism and layout (default: what a legacy --load checkpoint records, "
                                   "else the value shown)")
-    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=None, help="tensor-parallel size (1)")
-    g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=None,
-                   help="pipeline-parallel size (1)")
-    g.add_argument("--expert-model-parallel-size", type=positive_int, default=None, help="expert-parallel size (1)")
-    g.add_argument("--expert-tensor-parallel-size", type=positive_int, default=None,
-                   help="tensor-parallel size of the routed experts, 1 or the tensor-parallel size (the "
-                        "tensor-parallel size, megatron's default; 1 with --moe-tp-extend-ep)")
+    add_layout_flags(g, {
+        "tensor_model_parallel_size": "tensor-parallel size (1)",
+        "pipeline_model_parallel_size": "pipeline-parallel size (1)",
+        "expert_model_parallel_size": "expert-parallel size (1)",
+        "expert_tensor_parallel_size": "tensor-parallel size of the routed experts, 1 or the tensor-parallel size "
+                                       "(the tensor-parallel size, megatron's default; 1 with --moe-tp-extend-ep)",
+        "num_layers_per_virtual_pipeline_stage": "layers per virtual pipeline stage: the interleaved schedule (none)",
+        "num_layer_list": "layers on each pipeline stage, noop layers included (an even split)",
+        "noop_layers": "global indices of identity layers that pad --num-layers (none)",
+        "schedules_method": "dualpipev: DeepSeek's bidirectional pipeline schedule (megatron's 1F1B)",
+        "moe_tp_extend_ep": "the tensor ranks of an expert rank hold different whole experts (experts over EP x TP)",
+        "mla_mm_split": "MLA up-projections as separate qk_nope/qk_rope and kv_nope/v linears",
+    }, list_type=_int_list)
     g.add_argument("--context-parallel-size", type=positive_int, default=1, help="context-parallel size (1 only)")
     g.add_argument("--context-parallel-algo", default="ulysses_cp_algo",
                    choices=["ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"],
                    help="MindSpeed's context-parallel algorithm; no effect at context-parallel size 1")
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=positive_int, default=None,
-                   help="layers per virtual pipeline stage: the interleaved schedule (none)")
-    g.add_argument("--num-layer-list", type=_int_list, default=None, metavar="N,N,...",
-                   help="layers on each pipeline stage, noop layers included (an even split)")
-    g.add_argument("--noop-layers", type=_int_list, default=None, metavar="I,I,...",
-                   help="global indices of identity layers that pad --num-layers (none)")
-    g.add_argument("--schedules-method", choices=["dualpipev"], default=None,
-                   help="dualpipev: DeepSeek's bidirectional pipeline schedule (megatron's 1F1B)")
     g.add_argument("--moe-fb-overlap", action="store_true",
                    help="run dualpipev's forward/backward pairs concurrently")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split activations over the tensor-parallel ranks along the sequence")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard the optimizer state over the data-parallel ranks (megatron's distributed optimizer)")
-    g.add_argument("--moe-tp-extend-ep", action="store_true", default=None,
-                   help="the tensor ranks of an expert rank hold different whole experts (experts over EP x TP)")
-    g.add_argument("--mla-mm-split", action="store_true", default=None,
-                   help="MLA up-projections as separate qk_nope/qk_rope and kv_nope/v linears")
 
 
 def _add_moe_training_args(parser) -> None:
@@ -437,20 +431,16 @@ def parse_args(argv: Sequence[str], world_size: int, mode: str = "pretrain") -> 
 def _resolve_layout(args) -> Optional[str]:
     """Fills the layout flags not given: from what a legacy --load checkpoint records, else the defaults.
     Returns the note saying which came from the checkpoint (also queued in ``args.notes``), or None."""
-    from npu_dsv3.layout import LAYOUT_DEFAULTS, LayoutError, layout_note, resolve_layout, training_flag
-
     recorded, source = None, f"--load {args.load}"
     if args.load:
         from npu_dsv3.checkpoint.layout_record import recorded_layout
 
         recorded = recorded_layout(args.load)
-    given = {name: getattr(args, name) for name in LAYOUT_DEFAULTS}
     try:
-        layout, taken = resolve_layout(given, recorded, training_flag, source)
+        layout, note = layout_from_args(args, recorded, source)
     except LayoutError as e:
         raise ArgsError(str(e)) from None
     vars(args).update(layout)
-    note = layout_note(source, taken)
     if note is not None:
         args.notes.append(note)
     return note
@@ -720,7 +710,7 @@ class ParallelSizes:
 class Configs(NamedTuple):
     model: "DeepSeekV3TransformerConfig"
     parallel: ParallelSizes
-    layout: "ParallelLayout"
+    layout: ParallelLayout
     optimizer: "OptimizerConfig"
 
 
@@ -848,9 +838,6 @@ def _load_balancing(args) -> Optional[str]:
 
 
 def _layout(args, config):
-    from npu_dsv3.checkpoint.rank_state import ParallelLayout
-    from npu_dsv3.layout import LayoutError
-
     try:
         return ParallelLayout.from_flags(
             config, tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -861,21 +848,9 @@ def _layout(args, config):
             num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
             schedules_method=args.schedules_method, num_layers=args.num_layers,
             moe_grouped_gemm=args.moe_grouped_gemm, moe_tp_extend_ep=args.moe_tp_extend_ep,
-            mla_mm_split=args.mla_mm_split)
+            mla_mm_split=args.mla_mm_split, flag=training_flag)
     except LayoutError as e:
-        raise ArgsError(training_flag_names(str(e))) from None
-
-
-# rank_state's checks speak the converter's flag names; the same sizes are these flags in training.
-_CONVERTER_TO_TRAINING = {"--target-tensor-parallel-size": "--tensor-model-parallel-size",
-                          "--target-expert-parallel-size": "--expert-model-parallel-size",
-                          "--target-pipeline-parallel-size": "--pipeline-model-parallel-size"}
-
-
-def training_flag_names(message: str) -> str:
-    for converter, training in _CONVERTER_TO_TRAINING.items():
-        message = message.replace(converter, training)
-    return message
+        raise ArgsError(str(e)) from None
 
 
 def _check_model_against_flags(args, config) -> None:

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from npu_dsv3.argtypes import positive_int
+from npu_dsv3.layout import LAYOUT_DEFAULTS, add_layout_flags, converter_flag, given_flags, layout_from_args
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,95 +60,64 @@ def run_fp8_to_bf16(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- hf2mcore / mcore2hf
 
 
-# dest -> the name the converters' prefixed flag has (MindSpeed-LLM's --target-tensor-parallel-size).
-_SIDED = {"tensor_model_parallel_size": "tensor_parallel_size",
-          "pipeline_model_parallel_size": "pipeline_parallel_size",
-          "expert_model_parallel_size": "expert_parallel_size"}
-_SHARED = ("expert_tensor_parallel_size", "num_layers_per_virtual_pipeline_stage", "num_layer_list", "noop_layers",
-           "schedules_method", "num_layers", "moe_grouped_gemm", "moe_tp_extend_ep", "mla_mm_split",
-           "first_k_dense_replace", "mtp_num_layers")
+# The converters' flags beside the layout ones: the model sizes, which default to config.json's.
+_MODEL_SIZES = ("num_layers", "first_k_dense_replace", "mtp_num_layers")
 
 
 def _add_layout_arguments(p: argparse.ArgumentParser, side: str, prefix_all: bool = False) -> None:
-    """The layout flags of MindSpeed-LLM's converter for ``side`` ("target" or "source"), with its defaults.
-
-    hf2mcore / mcore2hf have one megatron side, so only the parallel sizes carry
-    the prefix (``--target-tensor-parallel-size``, ``--num-layer-list``);
-    reshard has two and prefixes every flag (``--source-num-layer-list``). The
-    layout flags default to None ("not given"): a source side takes what the
-    checkpoint records, then ``npu_dsv3.layout.LAYOUT_DEFAULTS``.
+    """The layout flags of MindSpeed-LLM's converter for ``side`` ("target" or "source"), named by
+    ``npu_dsv3.layout.converter_flag``. The layout flags default to None ("not given"): a source side takes
+    what the checkpoint records, then ``npu_dsv3.layout.LAYOUT_DEFAULTS``.
     """
     group = p.add_argument_group(f"{side} layout")
-    pre = f"--{side}-" if prefix_all else "--"
+    flag = converter_flag(side, prefix_all)
     recorded = " (default: what the checkpoint records, else %s)" if side == "source" else " (default %s)"
-    for name, what in zip(_SIDED.values(), ("tensor", "pipeline", "expert")):
-        group.add_argument(f"--{side}-{name.replace('_', '-')}", type=positive_int, default=None, metavar="N",
-                           help=f"{what}-parallel size" + recorded % 1)
-    group.add_argument(f"{pre}expert-tensor-parallel-size", type=positive_int, default=None, metavar="N",
-                       help="tensor-parallel size of the routed experts: 1 (DeepSeek-V3 recipes) or the "
-                            "tensor-parallel size" + recorded % "the tensor-parallel size, 1 with --moe-tp-extend-ep")
-    group.add_argument(f"{pre}num-layers-per-virtual-pipeline-stage", type=positive_int, default=None, metavar="N",
-                       help="layers per virtual pipeline stage (interleaved schedule)" + recorded % "none")
-    group.add_argument(f"{pre}num-layer-list", default=None, metavar="N,N,...",
-                       help="layers per pipeline stage" + recorded % "an even split")
-    group.add_argument(f"{pre}noop-layers", default=None, metavar="I,I,...",
-                       help="global indices of identity layers that pad --num-layers" + recorded % "none")
-    group.add_argument(f"{pre}schedules-method", choices=["dualpipev"], default=None,
-                       help="dualpipev: each pipeline rank holds stages r and 2P-1-r" + recorded % "none")
-    group.add_argument(f"{pre}num-layers", type=positive_int, default=None,
+    add_layout_flags(group, {
+        "tensor_model_parallel_size": "tensor-parallel size" + recorded % 1,
+        "pipeline_model_parallel_size": "pipeline-parallel size" + recorded % 1,
+        "expert_model_parallel_size": "expert-parallel size" + recorded % 1,
+        "expert_tensor_parallel_size": "tensor-parallel size of the routed experts: 1 (DeepSeek-V3 recipes) or the "
+                                       "tensor-parallel size"
+                                       + recorded % "the tensor-parallel size, 1 with --moe-tp-extend-ep",
+        "num_layers_per_virtual_pipeline_stage": "layers per virtual pipeline stage (interleaved schedule)"
+                                                 + recorded % "none",
+        "num_layer_list": "layers per pipeline stage" + recorded % "an even split",
+        "noop_layers": "global indices of identity layers that pad --num-layers" + recorded % "none",
+        "schedules_method": "dualpipev: each pipeline rank holds stages r and 2P-1-r" + recorded % "none",
+        "moe_grouped_gemm": "experts as GroupedMLP weight1/weight2 (else one MLP per expert)" + recorded % "off",
+        "moe_tp_extend_ep": "the TP ranks of an EP rank hold different whole experts (experts split over EP x TP; "
+                            "--expert-tensor-parallel-size 1)" + recorded % "off",
+        "mla_mm_split": "MLA's up-projections as linear_qk_nope/linear_qk_rope and linear_kv_nope/linear_v"
+                        + recorded % "off",
+    }, flag, size_metavar="N")
+    group.add_argument(flag("num_layers"), type=positive_int, default=None,
                        help="decoder layers including the noop layers (default: config.json's + noop layers)")
-    group.add_argument(f"{pre}moe-grouped-gemm", action="store_true", default=None,
-                       help="experts as GroupedMLP weight1/weight2 (else one MLP per expert)" + recorded % "off")
-    group.add_argument(f"{pre}moe-tp-extend-ep", action="store_true", default=None,
-                       help="the TP ranks of an EP rank hold different whole experts (experts split over EP x TP; "
-                            "--expert-tensor-parallel-size 1)" + recorded % "off")
-    group.add_argument(f"{pre}mla-mm-split", action="store_true", default=None,
-                       help="MLA's up-projections as linear_qk_nope/linear_qk_rope and linear_kv_nope/linear_v"
-                            + recorded % "off")
     # Model sizes default to config.json; smaller values convert part of the model.
-    group.add_argument(f"{pre}first-k-dense-replace", type=int, default=None, metavar="K",
+    group.add_argument(flag("first_k_dense_replace"), type=int, default=None, metavar="K",
                        help="dense layers before the MoE layers; below the checkpoint's, its first K dense "
                             "layers then its MoE layers (default: config.json's)")
-    group.add_argument(f"{pre}mtp-num-layers", type=int, default=None, metavar="N",
+    group.add_argument(flag("mtp_num_layers"), type=int, default=None, metavar="N",
                        help="MTP layers to convert, 0 for none (default: config.json's)")
-
-
-def _flag_name(side: str, prefix_all: bool):
-    """dest -> this side's flag, for messages."""
-
-    def name(dest: str) -> str:
-        if dest in _SIDED:
-            return f"--{side}-{_SIDED[dest].replace('_', '-')}"
-        return f"--{side}-" + dest.replace("_", "-") if prefix_all else "--" + dest.replace("_", "-")
-
-    return name
 
 
 def _given_flags(args: argparse.Namespace, side: str, prefix_all: bool = False) -> dict:
     """The layout and model-size flags of ``side`` as given (None: not on the command line), by
     ``ParallelLayout.from_flags`` keyword."""
-    flags = {dest: getattr(args, f"{side}_{name}") for dest, name in _SIDED.items()}
-    for name in _SHARED:
-        flags[name] = getattr(args, f"{side}_{name}" if prefix_all else name)
-    return flags
+    return given_flags(args, converter_flag(side, prefix_all), (*LAYOUT_DEFAULTS, *_MODEL_SIZES))
 
 
 def _layout_flags(args: argparse.Namespace, side: str, prefix_all: bool = False, load_dir: str = None) -> dict:
     """The ``ParallelLayout.from_flags`` keywords for ``side``: the flags given, then what the legacy
     checkpoint ``load_dir`` records (one note when it supplies any), then the defaults."""
-    from npu_dsv3.layout import layout_note, resolve_layout
-
-    given = _given_flags(args, side, prefix_all)
     recorded = None
     if load_dir is not None:
         from npu_dsv3.checkpoint.layout_record import recorded_layout
 
         recorded = recorded_layout(load_dir)
-    layout, taken = resolve_layout(given, recorded, _flag_name(side, prefix_all), f"--load-dir {load_dir}")
-    note = layout_note(f"--load-dir {load_dir}", taken)
+    layout, note = layout_from_args(args, recorded, f"--load-dir {load_dir}", converter_flag(side, prefix_all))
     if note:
         print(f"note: {note}", file=sys.stderr)
-    return {**given, **layout}
+    return {**_given_flags(args, side, prefix_all), **layout}
 
 
 def _add_save_format(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ import time
 
 from npu_dsv3.argtypes import positive_int
 from npu_dsv3.cli import main as cli
+from npu_dsv3.layout import add_layout_flags
 
 # The loss must end below this fraction of where it started (mean of the first and last 5 iterations).
 LOSS_FALL = 0.8
@@ -32,12 +33,11 @@ def add_parser(subparsers):
                                            "parity with transformers")
     p.add_argument("--workdir", default="runs/demo", help="where everything is written (default %(default)s)")
     p.add_argument("--train-iters", type=positive_int, default=40, help="training iterations (default %(default)s)")
-    p.add_argument("--tensor-model-parallel-size", type=positive_int, default=2,
-                   help="tensor-parallel size of the run (default %(default)s)")
-    p.add_argument("--pipeline-model-parallel-size", type=positive_int, default=2,
-                   help="pipeline-parallel size of the run (default %(default)s)")
-    p.add_argument("--expert-model-parallel-size", type=positive_int, default=2,
-                   help="expert-parallel size of the run (default %(default)s)")
+    add_layout_flags(p, {"tensor_model_parallel_size": "tensor-parallel size of the run (default %(default)s)",
+                         "pipeline_model_parallel_size": "pipeline-parallel size of the run (default %(default)s)",
+                         "expert_model_parallel_size": "expert-parallel size of the run (default %(default)s)"})
+    # The demo runs a fixed small layout, not the "not given" of training's flags.
+    p.set_defaults(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, expert_model_parallel_size=2)
     p.add_argument("--seq-length", type=positive_int, default=64, help="tokens per sequence (default %(default)s)")
     p.add_argument("--global-batch-size", type=positive_int, default=8,
                    help="sequences per iteration (default %(default)s)")

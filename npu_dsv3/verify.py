@@ -13,6 +13,7 @@ import sys
 import torch
 
 from npu_dsv3.argtypes import positive_int
+from npu_dsv3.layout import add_layout_flags, layout_from_args
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_TOLERANCE = 1e-4
@@ -73,40 +74,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                  "the layout flags, training's names, default to what the checkpoint records")
     mcore.add_argument("--mcore-dir", default=None, metavar="DIR",
                        help="a checkpoint written by convert hf2mcore or by training")
-    for flag, what in zip(LAYOUT_FLAGS, ("tensor", "pipeline", "expert", "expert-tensor")):
-        mcore.add_argument(f"--{flag.replace('_', '-')}", type=positive_int, default=None,
-                           help=f"{what}-parallel size of a legacy --mcore-dir")
-    mcore.add_argument("--num-layers-per-virtual-pipeline-stage", type=positive_int, default=None,
-                       help="layers per virtual pipeline stage of a legacy --mcore-dir")
-    mcore.add_argument("--num-layer-list", default=None, metavar="N,N,...",
-                       help="layers per pipeline stage of a legacy --mcore-dir")
-    mcore.add_argument("--noop-layers", default=None, metavar="I,I,...",
-                       help="identity layers of a legacy --mcore-dir")
-    mcore.add_argument("--schedules-method", choices=["dualpipev"], default=None,
-                       help="a legacy --mcore-dir written for dualpipev")
-    mcore.add_argument("--moe-grouped-gemm", action="store_true", default=None,
-                       help="a legacy --mcore-dir with GroupedMLP experts")
-    mcore.add_argument("--moe-tp-extend-ep", action="store_true", default=None,
-                       help="a legacy --mcore-dir whose tensor ranks hold different whole experts")
-    mcore.add_argument("--mla-mm-split", action="store_true", default=None,
-                       help="a legacy --mcore-dir with split MLA up-projections")
+    add_layout_flags(mcore, {
+        "tensor_model_parallel_size": "tensor-parallel size of a legacy --mcore-dir",
+        "pipeline_model_parallel_size": "pipeline-parallel size of a legacy --mcore-dir",
+        "expert_model_parallel_size": "expert-parallel size of a legacy --mcore-dir",
+        "expert_tensor_parallel_size": "expert-tensor-parallel size of a legacy --mcore-dir",
+        "num_layers_per_virtual_pipeline_stage": "layers per virtual pipeline stage of a legacy --mcore-dir",
+        "num_layer_list": "layers per pipeline stage of a legacy --mcore-dir",
+        "noop_layers": "identity layers of a legacy --mcore-dir",
+        "schedules_method": "a legacy --mcore-dir written for dualpipev",
+        "moe_grouped_gemm": "a legacy --mcore-dir with GroupedMLP experts",
+        "moe_tp_extend_ep": "a legacy --mcore-dir whose tensor ranks hold different whole experts",
+        "mla_mm_split": "a legacy --mcore-dir with split MLA up-projections",
+    })
     return p
-
-
-LAYOUT_FLAGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
-                "expert_tensor_parallel_size")
 
 
 def _layout(args) -> dict:
     """The layout of a legacy --mcore-dir: the flags given, then what it records, then the defaults."""
     from npu_dsv3.checkpoint.layout_record import checkpoint_dir, recorded_layout
-    from npu_dsv3.layout import LAYOUT_DEFAULTS, layout_note, resolve_layout, training_flag
 
     checkpoint_dir(args.mcore_dir)
-    source = f"--mcore-dir {args.mcore_dir}"
-    given = {name: getattr(args, name) for name in LAYOUT_DEFAULTS}
-    layout, taken = resolve_layout(given, recorded_layout(args.mcore_dir), training_flag, source)
-    note = layout_note(source, taken)
+    layout, note = layout_from_args(args, recorded_layout(args.mcore_dir), f"--mcore-dir {args.mcore_dir}")
     if note:
         print(f"note: {note}", file=sys.stderr)
     return layout
@@ -120,14 +109,8 @@ def run(args) -> int:
         backend.require_backend(args.device)
         env = {**os.environ, backend.ENV_VAR: args.device}
         return subprocess.run([sys.executable, "-m", "npu_dsv3", *args._argv], env=env).returncode
-    from npu_dsv3.arguments import training_flag_names
-    from npu_dsv3.layout import LayoutError
-
     layout = _layout(args) if args.mcore_dir else None
-    try:
-        result = verify_hf_dir(args.hf_dir, DTYPES[args.dtype], args.batch_size, args.seq_length, args.seed,
-                               args.tolerance, args.mcore_dir, layout)
-    except LayoutError as e:  # the layout checks speak the converter's flag names; verify has training's
-        raise LayoutError(training_flag_names(str(e))) from None
+    result = verify_hf_dir(args.hf_dir, DTYPES[args.dtype], args.batch_size, args.seq_length, args.seed,
+                           args.tolerance, args.mcore_dir, layout)
     print(json.dumps(result), flush=True)
     return 0 if result["passed"] else 1

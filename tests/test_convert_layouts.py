@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.mcore_legacy import rank_file, rank_payload, read_hf_tensors
-from npu_dsv3.checkpoint.rank_state import ParallelLayout, effective_hf_config, source_getter
+from npu_dsv3.checkpoint.rank_state import effective_hf_config, source_getter
 from npu_dsv3.config import hf_to_mcore_config_dpskv3, load_hf_config
-from npu_dsv3.layout import LayoutError
+from npu_dsv3.layout import LayoutError, ParallelLayout
 from npu_dsv3.model import forward_logits, load_mcore
 from npu_dsv3.tiny_model import cast_like_release, make_hf_model, save_hf
 from npu_dsv3.verify import compare_logits

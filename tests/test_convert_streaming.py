@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from npu_dsv3.checkpoint import io, writers
 from npu_dsv3.checkpoint.mcore_legacy import convert_hf_to_legacy, convert_legacy_to_hf, rank_payload, rank_plan
-from npu_dsv3.checkpoint.rank_state import ParallelLayout
+from npu_dsv3.layout import ParallelLayout
 from npu_dsv3.config import hf_to_mcore_config_dpskv3, load_hf_config
 from npu_dsv3.tiny_model import cast_like_release, make_hf_model, save_hf
 

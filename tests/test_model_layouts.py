@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-from npu_dsv3.checkpoint.rank_state import ParallelLayout, chunk_state_dict
+from npu_dsv3.checkpoint.rank_state import chunk_state_dict
 from npu_dsv3.cli import main
 from npu_dsv3.config import hf_to_mcore_config_dpskv3, load_hf_config
-from npu_dsv3.layout import LayoutError, PipelineLayout
+from npu_dsv3.layout import LayoutError, ParallelLayout, PipelineLayout
 from npu_dsv3.model import forward_logits, load_hf
 from npu_dsv3.model.placement import layer_offset, pipeline_layout
 from npu_dsv3.tiny_model import make_hf_model, save_hf

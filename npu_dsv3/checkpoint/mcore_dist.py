@@ -36,7 +36,7 @@ from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.sources import (RELEASE, HFInput, WithHFDtypes, check_mtp_copies, conversion_configs,
                                          conversion_input, finish_output_dir, model_config, tracked_dir)
-from npu_dsv3.layout import LayoutError, PipelineLayout
+from npu_dsv3.layout import LayoutError, ParallelLayout, PipelineLayout
 
 FORMAT = "torch_dist"
 FILE_BYTES = 1 << 30  # one .distcp file: what the writer holds at most before the file is closed
@@ -78,7 +78,7 @@ def _trace_sources(config) -> Dict[str, Tuple[List[str], bool]]:
     (the second column tells a transpose apart), with a one-row vocabulary; the
     rows of each result say which HF tensors the parameter stacks, in order.
     """
-    from npu_dsv3.checkpoint.rank_state import ParallelLayout, chunk_state_dict
+    from npu_dsv3.checkpoint.rank_state import chunk_state_dict
 
     ids: Dict[str, int] = {}
     names: List[str] = []
@@ -582,8 +582,6 @@ class _Shapes:
 def _check_target(config, flags: dict) -> None:
     """The layout flags must describe a layout training accepts; torch_dist then fits every such layout
     with the same tensor-parallel size (the vocabulary padding)."""
-    from npu_dsv3.checkpoint.rank_state import ParallelLayout
-
     for flag in ("moe_tp_extend_ep", "mla_mm_split"):
         if flags.get(flag):
             raise LayoutError(f"--{flag.replace('_', '-')} is written only with --save-format torch: the model "

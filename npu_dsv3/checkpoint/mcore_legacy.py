@@ -23,12 +23,11 @@ import torch
 
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.safe_load import load_torch
-from npu_dsv3.checkpoint.rank_state import (HFFromRanks, ParallelLayout, chunk_state_dict, chunk_state_pieces,
-                                            effective_hf_config)
+from npu_dsv3.checkpoint.rank_state import HFFromRanks, chunk_state_dict, chunk_state_pieces, effective_hf_config
 from npu_dsv3.checkpoint.sources import (RELEASE, HFInput, WithHFDtypes, check_mtp_copies, conversion_configs,
                                          conversion_input, copy_hf_extras, finish_output_dir, model_config,
                                          tracked_dir)
-from npu_dsv3.layout import LAYOUT_DEFAULTS
+from npu_dsv3.layout import LAYOUT_DEFAULTS, ParallelLayout
 
 MODEL_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0

@@ -7,7 +7,6 @@ The cuts come from ``sharding`` and the placement of layers from
 agree on every name and shape.
 """
 
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
@@ -15,163 +14,7 @@ import torch
 from npu_dsv3.checkpoint import sharding
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.config import moe_layer_pattern_of, padded_vocab_size
-from npu_dsv3.layout import LAYOUT_DEFAULTS, LayoutError, PipelineLayout, default_expert_tp
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """Where every tensor of a checkpoint lives: TP / EP / expert-TP sizes and the pipeline layout."""
-
-    pipeline: PipelineLayout
-    tp: int = 1
-    ep: int = 1
-    etp: int = 1
-    grouped_gemm: bool = LAYOUT_DEFAULTS["moe_grouped_gemm"]
-    tp_extend_ep: bool = False
-    """``--moe-tp-extend-ep``: the TP ranks of an EP rank hold different whole experts."""
-    mla_mm_split: bool = False
-    """``--mla-mm-split``: MLA's up-projections stored as one linear per part (``sharding.HeadSplit``)."""
-
-    def __post_init__(self):
-        if self.etp not in (1, self.tp):
-            raise LayoutError(
-                f"--expert-tensor-parallel-size {self.etp} must be 1 or equal --target-tensor-parallel-size {self.tp}"
-            )
-        if self.tp_extend_ep and self.etp != 1:
-            raise LayoutError(f"--moe-tp-extend-ep keeps every expert whole: --expert-tensor-parallel-size must be "
-                              f"1, not {self.etp}")
-
-    @classmethod
-    def from_flags(cls, config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                   expert_model_parallel_size=1, expert_tensor_parallel_size=None,
-                   num_layers_per_virtual_pipeline_stage=None, num_layer_list=None, noop_layers=None,
-                   schedules_method=None, num_layers=None, moe_grouped_gemm=LAYOUT_DEFAULTS["moe_grouped_gemm"],
-                   moe_tp_extend_ep=False, mla_mm_split=False, first_k_dense_replace=None,
-                   mtp_num_layers=None) -> "ParallelLayout":
-        """The layout the converter / training flags of the same names describe.
-
-        ``config`` is the model's: the model-size flags (``num_layers``,
-        ``first_k_dense_replace``, ``mtp_num_layers``) must agree with it; build it
-        from ``effective_hf_config`` to apply them. The defaults are ``npu_dsv3.layout.LAYOUT_DEFAULTS``.
-        """
-        if expert_tensor_parallel_size is None:
-            expert_tensor_parallel_size = default_expert_tp(tensor_model_parallel_size, moe_tp_extend_ep)
-        noop = frozenset(int(i) for i in _int_list(noop_layers))
-        par = cls(
-            PipelineLayout(
-                num_layers=num_layers or config.num_layers + len(noop),
-                pp=pipeline_model_parallel_size,
-                vpp_layers=num_layers_per_virtual_pipeline_stage,
-                num_layer_list=tuple(_int_list(num_layer_list)) or None,
-                noop_layers=noop,
-                dualpipev=schedules_method == "dualpipev",
-                mtp_num_layers=config.mtp_num_layers or 0,
-            ),
-            tp=tensor_model_parallel_size, ep=expert_model_parallel_size, etp=expert_tensor_parallel_size,
-            grouped_gemm=moe_grouped_gemm, tp_extend_ep=moe_tp_extend_ep, mla_mm_split=mla_mm_split,
-        )
-        check_layout(config, par)
-        _check_model_sizes(config, first_k_dense_replace, mtp_num_layers)
-        return par
-
-    def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
-        return rank_dir_name(tp_rank, pp_rank, ep_rank, self.pipeline.pp, self.ep)
-
-    def ranks(self) -> Iterator[Tuple[int, int, int]]:
-        for pp_rank in range(self.pipeline.pp):
-            for ep_rank in range(self.ep):
-                for tp_rank in range(self.tp):
-                    yield tp_rank, pp_rank, ep_rank
-
-    def chunk_key(self, chunk: int) -> str:
-        return "model" if self.pipeline.num_chunks == 1 else f"model{chunk}"
-
-    # Expert placement. Plain EP: EP rank e holds experts [e * n, (e + 1) * n), n = E / EP, sliced
-    # over the expert-TP ranks. --moe-tp-extend-ep: tensor rank t of EP rank e holds the whole
-    # experts [(e * TP + t) * n, (e * TP + t + 1) * n), n = E / (EP * TP); the local expert
-    # offset of MindSpeed's BaseMoELayer (Ascend/MindSpeed,
-    # mindspeed/core/transformer/moe/moe_feature/overlap/moe_layer.py) and the chunk index
-    # ep_rank * tp + tp_rank of MindSpeed-LLM's converter (Ascend/MindSpeed-LLM,
-    # mindspeed_llm/tasks/checkpoint/convert_hf2mg.py). Attention, dense MLPs and shared
-    # experts stay TP-split as usual.
-
-    def experts_per_rank(self, num_experts: int) -> int:
-        return num_experts // (self.ep * self.tp if self.tp_extend_ep else self.ep)
-
-    def local_experts(self, num_experts: int, tp_rank: int, ep_rank: int) -> range:
-        """Global ids of the routed experts in rank (tp_rank, ep_rank)'s file, in local order."""
-        n = self.experts_per_rank(num_experts)
-        group = ep_rank * self.tp + tp_rank if self.tp_extend_ep else ep_rank
-        return range(group * n, (group + 1) * n)
-
-    def expert_home(self, num_experts: int, expert: int) -> Tuple[int, range, int]:
-        """(EP rank, tensor ranks whose files hold its expert-TP slices in order, local index) of an expert."""
-        group, local = divmod(expert, self.experts_per_rank(num_experts))
-        if self.tp_extend_ep:
-            ep_rank, tp_rank = divmod(group, self.tp)
-            return ep_rank, range(tp_rank, tp_rank + 1), local
-        return group, range(self.etp), local  # expert-TP rank r lives in the file of tensor rank r
-
-
-def rank_dir_name(tp_rank: int, pp_rank: int, ep_rank: int, pp: int, ep: int) -> str:
-    """megatron's legacy per-rank directory: ``mp_rank_TT``, then ``_PPP`` with PP > 1, ``_EEE`` with EP > 1."""
-    name = f"mp_rank_{tp_rank:02d}"
-    if pp > 1:
-        name += f"_{pp_rank:03d}"
-    if ep > 1:
-        name += f"_{ep_rank:03d}"
-    return name
-
-
-def _int_list(value) -> List[int]:
-    """``"15,15,16,15"``, a list, or None -> ints (the flags take comma-separated lists)."""
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        return [int(v) for v in value.split(",") if v.strip()]
-    return [int(v) for v in value]
-
-
-def check_layout(config, par: ParallelLayout) -> None:
-    """Everything that must divide, divides; the message names the flag."""
-    layout = par.pipeline
-    if layout.num_real_layers != config.num_layers:
-        raise LayoutError(
-            f"--num-layers {layout.num_layers} minus {len(layout.noop_layers)} --noop-layers is "
-            f"{layout.num_real_layers}, but the model has {config.num_layers} layers"
-        )
-    if config.num_moe_experts and config.num_moe_experts % par.ep:
-        raise LayoutError(
-            f"{config.num_moe_experts} experts do not divide over --target-expert-parallel-size {par.ep}"
-        )
-    if par.tp_extend_ep and config.num_moe_experts and config.num_moe_experts % (par.ep * par.tp):
-        raise LayoutError(
-            f"--moe-tp-extend-ep: {config.num_moe_experts} experts do not divide over --target-expert-parallel-size "
-            f"{par.ep} x --target-tensor-parallel-size {par.tp}"
-        )
-    checks = [("attention heads", config.num_attention_heads, par.tp),
-              ("kv_lora_rank + qk_rope_head_dim", config.kv_lora_rank + config.qk_pos_emb_head_dim, par.tp),
-              ("ffn_hidden_size", config.ffn_hidden_size, par.tp)]
-    if config.q_lora_rank is not None:
-        checks.append(("q_lora_rank", config.q_lora_rank, par.tp))
-    if config.num_moe_experts:
-        checks.append(("moe_ffn_hidden_size", config.moe_ffn_hidden_size, par.etp))
-    for what, size, parts in checks:
-        if size % parts:
-            raise LayoutError(f"{what} ({size}) does not split over {parts} tensor-parallel ranks; "
-                              "change --target-tensor-parallel-size / --expert-tensor-parallel-size")
-
-
-def _check_model_sizes(config, first_k_dense_replace, mtp_num_layers) -> None:
-    """The model-size flags, where given, describe ``config``."""
-    mtp = config.mtp_num_layers or 0
-    if mtp_num_layers is not None and mtp_num_layers != mtp:
-        raise LayoutError(f"--mtp-num-layers {mtp_num_layers}, but the model config has {mtp} MTP layer(s)")
-    pattern = moe_layer_pattern_of(config)
-    dense = pattern.index(1) if 1 in pattern else len(pattern)
-    if first_k_dense_replace is not None and min(first_k_dense_replace, config.num_layers) != dense:
-        raise LayoutError(f"--first-k-dense-replace {first_k_dense_replace}, but the model config's first "
-                          f"{dense} layers are dense")
+from npu_dsv3.layout import LayoutError, ParallelLayout, int_list
 
 
 def effective_hf_config(hf_config: dict, flags: dict, select_layers: bool = True) -> dict:
@@ -200,7 +43,7 @@ def effective_hf_config(hf_config: dict, flags: dict, select_layers: bool = True
     out = {**hf_config, "num_nextn_predict_layers": want_mtp}
     if not select_layers:
         return out
-    noop = len(_int_list(flags.get("noop_layers")))
+    noop = len(int_list(flags.get("noop_layers")))
     want_layers = flags["num_layers"] - noop if flags.get("num_layers") else layers
     if not 1 <= want_layers <= layers:
         raise LayoutError(f"--num-layers {flags['num_layers']} minus {noop} --noop-layers is {want_layers} layers; "

@@ -11,7 +11,7 @@ from npu_dsv3.distributed import ensure_single_process_group
 from npu_dsv3.model.builder import build_model
 # The module, not its names: rank_state imports npu_dsv3.model, which may still be importing this.
 from npu_dsv3.checkpoint import rank_state
-from npu_dsv3.layout import PipelineLayout
+from npu_dsv3.layout import ParallelLayout, PipelineLayout, training_flag
 
 
 def _mtp_present(reader: HFCheckpointReader, hf_config: dict) -> bool:
@@ -78,16 +78,16 @@ def load_mcore(path: str, dtype: torch.dtype = torch.float32, **layout):
                                        moe_grouped_gemm=layout.get("moe_grouped_gemm", True))
     if dist_dir is not None:
         return _load_dist(config, dist_dir).eval()
-    tensors = dict(read_hf_tensors(path, config, rank_state.ParallelLayout.from_flags(config, **layout)))
+    tensors = dict(read_hf_tensors(path, config, ParallelLayout.from_flags(config, **layout, flag=training_flag)))
     model = build_model(config)
     load_hf_weights(model, tensors.__getitem__, path)
     return model.eval()
 
 
-def single_rank_layout(config) -> "rank_state.ParallelLayout":
+def single_rank_layout(config) -> ParallelLayout:
     """TP = PP = EP = 1: the whole model in one chunk, with the config's MLA and expert storage."""
     pipeline = PipelineLayout(config.num_layers, mtp_num_layers=config.mtp_num_layers or 0)
-    return rank_state.ParallelLayout(pipeline, grouped_gemm=config.moe_grouped_gemm, mla_mm_split=config.mla_mm_split)
+    return ParallelLayout(pipeline, grouped_gemm=config.moe_grouped_gemm, mla_mm_split=config.mla_mm_split)
 
 
 def load_hf_weights(model, get: Callable[[str], torch.Tensor], source: str) -> None:

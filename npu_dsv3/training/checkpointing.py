@@ -49,9 +49,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from npu_dsv3.checkpoint import io
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.mcore_dist import FORMAT, in_process_save_strategy, release_dir
-from npu_dsv3.checkpoint.rank_state import rank_dir_name
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.sources import TRACKER_FILE, tracked_dir
+from npu_dsv3.layout import rank_dir_name
 
 CHECKPOINT_VERSION = 3.0
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # Megatron-LM's name, beside each rank's model_optim_rng.pt
