@@ -125,6 +125,18 @@ def test_mcore2hf_and_reshard_need_no_layout_flags(hf_dir, legacy_dir, tmp_path,
     assert "pass --source-num-layer-list 1,3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("save_format", ["torch", "torch_dist"])
+def test_reshard_names_its_target_flags_in_layout_errors(legacy_dir, tmp_path, capsys, save_format):
+    """reshard prefixes every flag of both sides (--target-expert-tensor-parallel-size), hf2mcore only the
+    parallel sizes: a layout error speaks the command's own names."""
+    assert main(["convert", "reshard", "--load-dir", legacy_dir, "--save-dir", str(tmp_path / "out"),
+                 "--save-format", save_format, "--target-tensor-parallel-size", "2",
+                 "--target-expert-tensor-parallel-size", "3"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after the note on the recorded source layout
+    assert error.startswith("npu-dsv3 convert: error: --target-expert-tensor-parallel-size 3 must be 1 or equal "
+                            "--target-tensor-parallel-size 2")
+
+
 def test_verify_takes_the_recorded_layout_and_speaks_its_own_flags(hf_dir, legacy_dir, capsys):
     assert main(["verify", "--hf-dir", hf_dir, "--mcore-dir", legacy_dir, "--tensor-model-parallel-size", "1"]) == 2
     err = capsys.readouterr().err

@@ -35,7 +35,8 @@ from npu_dsv3.checkpoint import io, writers
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.sources import (RELEASE, HFInput, WithHFDtypes, check_mtp_copies, conversion_configs,
-                                         conversion_input, finish_output_dir, model_config, tracked_dir)
+                                         conversion_input, finish_output_dir, model_config, target_flag,
+                                         tracked_dir)
 from npu_dsv3.layout import LayoutError, ParallelLayout, PipelineLayout
 
 FORMAT = "torch_dist"
@@ -579,14 +580,14 @@ class _Shapes:
         self.get = get
 
 
-def _check_target(config, flags: dict) -> None:
+def _check_target(config, flags: dict, command: str) -> None:
     """The layout flags must describe a layout training accepts; torch_dist then fits every such layout
     with the same tensor-parallel size (the vocabulary padding)."""
     for flag in ("moe_tp_extend_ep", "mla_mm_split"):
         if flags.get(flag):
             raise LayoutError(f"--{flag.replace('_', '-')} is written only with --save-format torch: the model "
                               "megatron builds (whose sharded state dict torch_dist stores) does not have it")
-    layout = ParallelLayout.from_flags(config, **flags).pipeline
+    layout = ParallelLayout.from_flags(config, **flags, flag=target_flag(command)).pipeline
     real = [i for i in range(layout.num_layers) if layout.real_layer(i) is not None]
     if real != list(range(config.num_layers)):
         raise LayoutError("--noop-layers must be the last layers with --save-format torch_dist: its keys number "
@@ -603,7 +604,7 @@ def convert_to_dist(source, save_dir: str, flags: dict, command: str, workers: i
     start = time.monotonic()
     source_hf, hf_config = conversion_configs(source, flags)
     config = model_config(hf_config, True)
-    _check_target(config, flags)
+    _check_target(config, flags, command)
     get, meta_get = conversion_input(source, source_hf, hf_config)
     thread_safe = isinstance(source, HFInput)  # the megatron sources cache the pieces they assemble
     if isinstance(source, HFInput):

@@ -26,8 +26,8 @@ from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.rank_state import HFFromRanks, chunk_state_dict, chunk_state_pieces, effective_hf_config
 from npu_dsv3.checkpoint.sources import (RELEASE, HFInput, WithHFDtypes, check_mtp_copies, conversion_configs,
                                          conversion_input, copy_hf_extras, finish_output_dir, model_config,
-                                         tracked_dir)
-from npu_dsv3.layout import LAYOUT_DEFAULTS, ParallelLayout
+                                         target_flag, tracked_dir)
+from npu_dsv3.layout import LAYOUT_DEFAULTS, ParallelLayout, converter_flag
 
 MODEL_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
@@ -241,7 +241,8 @@ class LegacyInput:
 
     def getters(self, hf_config: dict):
         config = model_config(hf_config, self.layout.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
-        par = ParallelLayout.from_flags(config, **self.layout)
+        # only reshard reads a legacy checkpoint by its flags; it prefixes them all (--source-num-layer-list)
+        par = ParallelLayout.from_flags(config, **self.layout, flag=converter_flag("source", prefix_all=True))
         return legacy_source(self.directory, config, par).get, legacy_meta_source(self.directory, config, par).get
 
 
@@ -277,7 +278,7 @@ def write_layout(source, save_dir: str, flags: dict, command: str, workers: int,
     start = time.monotonic()
     source_hf, hf_config = conversion_configs(source, flags)
     config = model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
-    par = ParallelLayout.from_flags(config, **flags)
+    par = ParallelLayout.from_flags(config, **flags, flag=target_flag(command))
     get, meta_get = conversion_input(source, source_hf, hf_config)
     if isinstance(source, HFInput):
         check_mtp_copies(config, get)
@@ -394,7 +395,7 @@ def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool
     # Rank files fix the layers; only MTP may be left out (--mtp-num-layers 0).
     hf_config = effective_hf_config(load_hf_config(load_dir), flags, select_layers=False)
     config = model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
-    par = ParallelLayout.from_flags(config, **flags)
+    par = ParallelLayout.from_flags(config, **flags, flag=converter_flag("source"))
     manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf",
                                                         "input": os.path.realpath(load_dir), "layout": flags})
     with io.single_threaded_torch():

@@ -15,6 +15,7 @@ import torch
 
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.rank_state import effective_hf_config, hf_tensor_shapes, source_getter
+from npu_dsv3.layout import converter_flag
 
 RELEASE = "release"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -33,6 +34,12 @@ def tracked_dir(root: str) -> Optional[str]:
 
 HF_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                   "generation_config.json")
+
+
+def target_flag(command: str):
+    """How ``command`` names its target layout flags in messages (MindSpeed-LLM's names): reshard has two
+    sides and prefixes every flag (``--target-num-layer-list``), hf2mcore only the parallel sizes."""
+    return converter_flag("target", prefix_all=command == "convert reshard")
 
 
 def model_config(hf_config: dict, grouped_gemm: bool, **overrides):
