@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 
 def main(argv=None, mode: str = "pretrain") -> int:
-    from npu_dsv3.arguments import parse_args
+    from npu_dsv3.arguments import build_configs, parse_args
     from npu_dsv3.argtypes import os_error_line
     from npu_dsv3.checkpoint.hf_reader import CheckpointError
     from npu_dsv3.training.loop import train
@@ -25,7 +25,7 @@ def main(argv=None, mode: str = "pretrain") -> int:
     args = None
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv, world_size=world, mode=mode)
-        train(args)
+        train(args, build_configs(args))
     except (ValueError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"npu_dsv3.{mode}: error: {e}", file=sys.stderr)
         return 2

@@ -218,6 +218,16 @@ def test_checkpoint_does_not_import_the_model():
     assert not _violations(graph, f"{PACKAGE}.checkpoint", f"{PACKAGE}.model")
 
 
+def test_domain_packages_do_not_import_the_flag_layer():
+    # Flags become configs in the entry points (arguments.build_configs); below them code takes configs.
+    graph = import_graph()
+    flags = {f"{PACKAGE}.{name}" for name in ("arguments", "arguments_model")}
+    domain = ("training", "model", "checkpoint", "data", "schedules", "config", "layout")
+    found = {m: sorted(edges & flags) for m, edges in graph.items()
+             if any(_within(m, f"{PACKAGE}.{d}") for d in domain)}
+    assert not {m: e for m, e in found.items() if e}
+
+
 def test_library_modules_do_not_import_entry_points():
     graph = import_graph()
     into_entry = {m: sorted(edges & ENTRY_POINTS) for m, edges in graph.items() if m not in ENTRY_POINTS}

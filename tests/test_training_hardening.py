@@ -12,7 +12,7 @@ import numpy
 import pytest
 from megatron.core import dist_checkpointing, parallel_state
 
-from npu_dsv3.arguments import ArgsError, parse_args
+from npu_dsv3.arguments import ArgsError, build_configs, parse_args
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.cli import main
 from npu_dsv3.distributed import ensure_single_process_group
@@ -41,7 +41,8 @@ def _train(hf_dir, log, *flags, batch=4):
     ensure_single_process_group()
     parallel_state.destroy_model_parallel()  # the run sets up its own
     try:
-        train(parse_args(_flags(hf_dir, "--log-jsonl", log, *flags, batch=batch), 1))
+        args = parse_args(_flags(hf_dir, "--log-jsonl", log, *flags, batch=batch), 1)
+        train(args, build_configs(args))
     finally:
         parallel_state.destroy_model_parallel()
         ensure_single_process_group()  # what the other tests of the session expect

@@ -83,19 +83,18 @@ def _is_logging_rank(losses_here: bool) -> bool:
             and parallel_state.get_data_parallel_rank() == 0)
 
 
-def train(args) -> dict:
-    """The run ``args`` describes (fine-tuning when ``args.mode`` is "finetune"); returns the last
+def train(args, configs) -> dict:
+    """The run ``args`` describes (fine-tuning when ``args.mode`` is "finetune") with the model, parallel and
+    optimizer ``configs`` the entry point built from them (``arguments.build_configs``); returns the last
     iteration's metrics (on every rank)."""
     from megatron.core.optimizer import get_megatron_optimizer
 
-    from npu_dsv3.arguments import build_configs
     from npu_dsv3.training import train_step, wrap_model
     from npu_dsv3.training.checkpointing import publish_checkpoint, resume_checkpoint, save_checkpoint
     from npu_dsv3.training.metrics import (IterationMetrics, JsonlLog, eval_fields, format_eval_line, format_line,
                                            non_finite, peak_memory_gb, throughput)
     from npu_dsv3.training.step import evaluate
 
-    configs = build_configs(args)
     config, parallel = configs.model, configs.parallel
     initialize(args, parallel, config)
     if dist.get_rank() == 0:
