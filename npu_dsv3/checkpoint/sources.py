@@ -21,14 +21,21 @@ RELEASE = "release"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
 
-def tracked_dir(root: str) -> Optional[str]:
-    """The checkpoint directory ``root``'s tracker names (``release`` or ``iter_XXXXXXX``), or None
-    without a tracker."""
+def tracker_tag(root: str) -> Optional[str]:
+    """What the tracker under ``root`` holds (an iteration, or ``release``); None without one."""
     tracker = os.path.join(root, TRACKER_FILE)
     if not os.path.isfile(tracker):
         return None
     with open(tracker) as f:
-        tag = f.read().strip()
+        return f.read().strip()
+
+
+def tracked_dir(root: str) -> Optional[str]:
+    """The checkpoint directory ``root``'s tracker names (``release`` or ``iter_XXXXXXX``), or None
+    without a tracker."""
+    tag = tracker_tag(root)
+    if tag is None:
+        return None
     return os.path.join(root, tag if tag == RELEASE else f"iter_{int(tag):07d}")
 
 

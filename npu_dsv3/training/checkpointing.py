@@ -334,15 +334,6 @@ def discard_checkpoint(root: str, iteration: int) -> None:
         shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
 
 
-def tracked_iteration(root: str) -> Optional[str]:
-    """What the tracker under ``root`` holds (an iteration, or ``release``); None without one."""
-    tracker = os.path.join(root, TRACKER_FILE)
-    if not os.path.isfile(tracker):
-        return None
-    with open(tracker) as f:
-        return f.read().strip()
-
-
 def _describe_model(root: str, hf_config: dict, tokenizer_dir: Optional[str]) -> None:
     from npu_dsv3.checkpoint.sources import HF_EXTRA_FILES
 

@@ -182,7 +182,8 @@ def _stop_non_finite(args, metrics, pending: Optional[int]) -> None:
     """Raises NonFiniteLossError on every rank. The checkpoint saved one step before (``pending``), whose
     weights gave this loss, is removed unpublished: the tracker names the last checkpoint whose next step
     was finite, and the message says which."""
-    from npu_dsv3.training.checkpointing import TRACKER_FILE, discard_checkpoint, tracked_iteration
+    from npu_dsv3.checkpoint.sources import tracker_tag
+    from npu_dsv3.training.checkpointing import TRACKER_FILE, discard_checkpoint
     from npu_dsv3.training.metrics import NonFiniteLossError, check_finite
 
     if not args.save:
@@ -190,7 +191,7 @@ def _stop_non_finite(args, metrics, pending: Optional[int]) -> None:
     else:
         if pending is not None:
             discard_checkpoint(args.save, pending)
-        tag = tracked_iteration(args.save)
+        tag = tracker_tag(args.save)
         tracker = os.path.join(args.save, TRACKER_FILE)
         where = (f"no checkpoint is published in {args.save}" if tag is None
                  else f"{tracker} names iteration {tag}: resume from it")
