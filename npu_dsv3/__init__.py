@@ -1,8 +1,8 @@
 """npu_dsv3: DeepSeek-V3 training with Megatron-Core on Ascend NPU (and CUDA, CPU).
 
 ``import npu_dsv3`` selects the device backend (see ``npu_dsv3.backend``) and
-defers the rest of ``setup()`` -- importing the feature modules that register
-patches and applying the registered patches for that backend (see
+defers the rest of ``setup()`` -- registering the patches of every feature module
+(``npu_dsv3.features``) and applying them for that backend (see
 ``npu_dsv3.patching``) -- until megatron.core or torch.distributed.checkpoint (the
 restricted checkpoint reader patches torch's DCP reader) is first imported: right
 after that package's module has executed, or, when an npu_dsv3 module's import
@@ -55,14 +55,6 @@ _here = Path(__file__).resolve().parent
 if not (_here / "ops").is_dir() and (_here.parent / "ops" / "__init__.py").is_file():
     sys.meta_path.append(_SourceOpsFinder(_here.parent / "ops"))
 
-# Feature modules that register patches when imported. Owners of new features:
-# append your module here (e.g. "npu_dsv3.model.patches"). Plain imports: a
-# broken feature module fails the deferred setup (the import of megatron.core that
-# triggers it, or setup()) loudly instead of half-applying.
-_FEATURE_MODULES: tuple[str, ...] = ("npu_dsv3.backend", "npu_dsv3.model.patches", "npu_dsv3.schedules.weight_grad",
-                                     "npu_dsv3.schedules.fb_overlap", "npu_dsv3.schedules.dualpipev",
-                                     "npu_dsv3.checkpoint.safe_load")
-
 # megatron-core warns at import that TransformerEngine / Apex are missing. That is
 # this package's design (Ascend and CPU have neither), so the warnings say nothing.
 warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex is not installed|Transformer Engine and Apex are not installed")
@@ -100,9 +92,12 @@ from npu_dsv3 import patching  # noqa: E402
 
 
 def _setup_now() -> str:
+    # A broken feature module fails the setup (the import of megatron.core that triggers it, or
+    # setup()) loudly instead of half-applying.
+    from npu_dsv3 import features
+
     name = backend.init_backend()
-    for module in _FEATURE_MODULES:
-        importlib.import_module(module)
+    features.register_patches()
     patching.apply_patches(name)
     return name
 

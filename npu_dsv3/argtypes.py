@@ -1,10 +1,24 @@
 """argparse value types and error lines shared by every entry point (``npu-dsv3`` and its subcommands,
 pretrain / finetune), so one bad value reads the same everywhere: ``argument --flag: must be >= 1, got 0``;
-and the writable-directory check the entry points and the library's writers share."""
+the writable-directory check the entry points and the library's writers share; and the start-up error
+(``ArgsError``) and refused-flag row (``Unsupported``) that ``npu_dsv3.arguments`` and the feature modules
+(``npu_dsv3.features``) share."""
 
 import argparse
 import os
+from dataclasses import dataclass
 from typing import Optional
+
+
+class ArgsError(ValueError):
+    """A flag or combination of flags that cannot run; the message names the flags."""
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A ``FLAG_TABLE`` row: the flag is refused, for this reason."""
+
+    reason: str
 
 
 def positive_int(text: str) -> int:

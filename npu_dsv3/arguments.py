@@ -5,7 +5,9 @@ The flags carry the Megatron / MindSpeed-LLM names the DeepSeek-V3 recipes use
 one place that decides, for every flag, where it lands (a model-config field, a
 pipeline-layout field, a trainer setting on the parsed namespace, an
 architecture fact npu_dsv3 always uses) or why it is refused; a refused flag
-is an error, never dropped.
+is an error, never dropped. A feature's flags, their checks and the config
+fields they set are in its module under ``npu_dsv3.features``; this module
+declares and checks the rest and calls the features' hooks.
 
 ``parse_args(argv, world_size, mode)`` parses and checks everything, the model
 included, so an impossible run fails before any process group exists, with one
@@ -21,10 +23,10 @@ from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from npu_dsv3.argtypes import output_dir_problem, positive_int
+from npu_dsv3 import features
+from npu_dsv3.argtypes import ArgsError, Unsupported, output_dir_problem, positive_int
 from npu_dsv3.arguments_model import (FLAGS_ONLY_HIDDEN_DROPOUT, MODEL_FLAGS, add_model_args, flag_name,
                                       hf_config_from_args)
-from npu_dsv3.features import FEATURES, add_feature_args, feature_overrides
 from npu_dsv3.layout import LayoutError, ParallelLayout, add_layout_flags, layout_from_args, training_flag
 
 if TYPE_CHECKING:  # megatron is heavy: imported where the configs are built
@@ -39,22 +41,14 @@ MODES = ("pretrain", "finetune")
 DEEPSEEK_SPEC = ("mindspeed_llm.tasks.models.spec.deepseek_spec", "layer_spec")
 
 
-class ArgsError(ValueError):
-    """A flag or combination of flags that cannot run; the message names the flags."""
-
-
-@dataclass(frozen=True)
-class Unsupported:
-    reason: str
-
-
 # --------------------------------------------------------------------------- the table
 
 _PERF_ONLY = "a MindSpeed performance switch that npu_dsv3 does not implement; drop it (results are the same without)"
 
 # flag -> where it lands ("config.<field>", "layout.<field>", "args.<name>", "fixed: ...") or why it is refused.
-# Every DeepSeek-V3 recipe flag of Ascend/MindSpeed-LLM examples/mcore/deepseek3 is here.
-FLAG_TABLE = {
+# Every DeepSeek-V3 recipe flag of Ascend/MindSpeed-LLM examples/mcore/deepseek3 is here or in the FLAGS of one
+# feature module (npu_dsv3.features); FLAG_TABLE is the two together.
+_OWN_FLAGS = {
     # model shape (npu_dsv3.arguments_model; --hf-config supplies them)
     "--hf-config": "args.hf_config: HF config.json the model-shape flags default to",
     **{flag: f"HF {m.hf_key} -> config" if m.hf_key else f"config.{m.dest}"
@@ -72,11 +66,8 @@ FLAG_TABLE = {
         "layout.pipeline.vpp_layers, config.virtual_pipeline_model_parallel_size",
     "--num-layer-list": "layout.pipeline.num_layer_list",
     "--noop-layers": "layout.pipeline.noop_layers",
-    "--schedules-method": "layout.pipeline.dualpipev",
     "--sequence-parallel": "config.sequence_parallel",
     "--use-distributed-optimizer": "optimizer.use_distributed_optimizer",
-    "--moe-tp-extend-ep": "layout.tp_extend_ep",
-    "--mla-mm-split": "layout.mla_mm_split",
     # MoE / MTP settings that are not shape
     "--moe-token-dispatcher-type": "config.moe_token_dispatcher_type (alltoall_seq = alltoall)",
     "--moe-router-load-balancing-type": "config.moe_router_load_balancing_type (noaux_tc = expert bias, no aux loss)",
@@ -86,21 +77,13 @@ FLAG_TABLE = {
     "--router-gating-in-fp32": "config.moe_router_dtype = fp32",
     "--moe-router-pre-softmax": "config.moe_router_pre_softmax",
     "--mtp-loss-scaling-factor": "config.mtp_loss_scaling_factor",
-    "--recompute-granularity": "config.recompute_granularity",
-    "--recompute-method": "config.recompute_method",
-    "--recompute-num-layers": "config.recompute_num_layers",
-    "--recompute-modules": "config.recompute_modules",
     "--attention-softmax-in-fp32": "config.attention_softmax_in_fp32",
-    # kernels (npu_dsv3.features)
-    **{f.flag: f"config.{f.field}" for f in FEATURES},
-    "--use-fused-moe-token-permute-and-unpermute": "config.use_fused_permute (MindSpeed's older --moe-permute-fusion)",
     # training
     "--micro-batch-size": "args.micro_batch_size", "--global-batch-size": "args.global_batch_size",
     "--seq-length": "args.seq_length", "--train-iters": "args.train_iters",
     "--lr": "optimizer.lr", "--min-lr": "optimizer.min_lr", "--lr-decay-style": "args.lr_decay_style",
     "--lr-decay-iters": "args.lr_decay_iters", "--lr-warmup-iters": "args.lr_warmup_iters",
     "--weight-decay": "optimizer.weight_decay", "--clip-grad": "optimizer.clip_grad",
-    "--moe-fb-overlap": "config.moe_fb_overlap (DualPipeV's forward/backward pairs run concurrently)",
     "--optimizer": "optimizer.optimizer", "--sgd-momentum": "optimizer.sgd_momentum",
     "--adam-beta1": "optimizer.adam_beta1", "--adam-beta2": "optimizer.adam_beta2", "--adam-eps": "optimizer.adam_eps",
     "--bf16": "config/optimizer bf16, params_dtype", "--fp16": "config/optimizer fp16, params_dtype",
@@ -149,18 +132,22 @@ FLAG_TABLE = {
         "apex's CUDA fused_weight_gradient_mlp_cuda); npu_dsv3.ops has none"),
     "--shape-order": Unsupported("npu_dsv3.ops.mla_attention chooses the attention layout (BSND, or TND for "
                                  "packed sequences) itself"),
-    "--recompute-activation-function": Unsupported(
-        "MindSpeed's activation-only recompute has no megatron-core equivalent that combines with full recompute; "
-        "use --recompute-granularity selective --recompute-modules moe_act"),
-    "--recompute-mtp-layer": Unsupported("megatron-core recomputes the MTP layer itself under --recompute-granularity "
-                                         "full --recompute-method uniform --recompute-num-layers 1"),
-    "--recompute-mtp-norm": Unsupported("MindSpeed's MTP norm recompute is not implemented"),
     "--lora-r": Unsupported("LoRA fine-tuning is not implemented in npu_dsv3; fine-tune all weights"),
     "--lora-alpha": Unsupported("LoRA fine-tuning is not implemented in npu_dsv3; fine-tune all weights"),
     "--lora-fusion": Unsupported("LoRA fine-tuning is not implemented in npu_dsv3; fine-tune all weights"),
     "--lora-target-modules": Unsupported("LoRA fine-tuning is not implemented in npu_dsv3; fine-tune all weights"),
     "--qlora": Unsupported("QLoRA fine-tuning is not implemented in npu_dsv3; fine-tune all weights"),
 }
+
+
+def _merged(own: dict, feature_rows: dict) -> dict:
+    both = sorted(set(own) & set(feature_rows))
+    if both:
+        raise ValueError(f"{', '.join(both)}: declared both in npu_dsv3.arguments and by a feature module")
+    return {**own, **feature_rows}
+
+
+FLAG_TABLE = _merged(_OWN_FLAGS, features.flag_table())
 
 _FIXED_SWITCHES = ("--use-mcore-models", "--multi-head-latent-attention", "--multi-latent-attention",
                    "--qk-layernorm", "--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings",
@@ -202,6 +189,7 @@ def _add_parallel_args(parser) -> None:
     g = parser.add_argument_group("parallelism and layout (default: what a legacy --load checkpoint records, "
                                   "else the value shown)")
     add_layout_flags(g, {
+        **features.layout_help(),
         "tensor_model_parallel_size": "tensor-parallel size (1)",
         "pipeline_model_parallel_size": "pipeline-parallel size (1)",
         "expert_model_parallel_size": "expert-parallel size (1)",
@@ -210,16 +198,11 @@ def _add_parallel_args(parser) -> None:
         "num_layers_per_virtual_pipeline_stage": "layers per virtual pipeline stage: the interleaved schedule (none)",
         "num_layer_list": "layers on each pipeline stage, noop layers included (an even split)",
         "noop_layers": "global indices of identity layers that pad --num-layers (none)",
-        "schedules_method": "dualpipev: DeepSeek's bidirectional pipeline schedule (megatron's 1F1B)",
-        "moe_tp_extend_ep": "the tensor ranks of an expert rank hold different whole experts (experts over EP x TP)",
-        "mla_mm_split": "MLA up-projections as separate qk_nope/qk_rope and kv_nope/v linears",
     }, list_type=_int_list)
     g.add_argument("--context-parallel-size", type=positive_int, default=1, help="context-parallel size (1 only)")
     g.add_argument("--context-parallel-algo", default="ulysses_cp_algo",
                    choices=["ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"],
                    help="MindSpeed's context-parallel algorithm; no effect at context-parallel size 1")
-    g.add_argument("--moe-fb-overlap", action="store_true",
-                   help="run dualpipev's forward/backward pairs concurrently")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split activations over the tensor-parallel ranks along the sequence")
     g.add_argument("--use-distributed-optimizer", action="store_true",
@@ -227,7 +210,7 @@ def _add_parallel_args(parser) -> None:
 
 
 def _add_moe_training_args(parser) -> None:
-    g = parser.add_argument_group("MoE, MTP and recompute")
+    g = parser.add_argument_group("MoE and MTP")
     g.add_argument("--moe-token-dispatcher-type", default=None,
                    choices=["alltoall", "alltoall_seq", "allgather", "flex"],
                    help="default alltoall; alltoall_seq (MindSpeed) is megatron-core's alltoall")
@@ -245,24 +228,8 @@ def _add_moe_training_args(parser) -> None:
                    help="softmax over all experts before the top-k (softmax scoring)")
     g.add_argument("--mtp-loss-scaling-factor", type=float, default=None,
                    help="weight of the multi-token-prediction loss (megatron's 0.1)")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
-                   help="recompute activations in the backward: whole layers or --recompute-modules (none)")
-    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
-                   help="full recompute: groups of --recompute-num-layers layers, or that many layers per stage")
-    g.add_argument("--recompute-num-layers", type=positive_int, default=None,
-                   help="layers per recompute group (uniform) or recomputed per pipeline stage (block)")
-    g.add_argument("--recompute-modules", nargs="+", default=None,
-                   choices=["core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"],
-                   help="the parts --recompute-granularity selective recomputes (megatron's core_attn)")
     g.add_argument("--attention-softmax-in-fp32", action="store_true",
                    help="attention softmax in fp32 under --bf16 / --fp16")
-
-
-def _add_kernel_args(parser) -> None:
-    add_feature_args(parser)
-    parser.set_defaults(moe_grouped_gemm=None)  # a layout flag too: None until _resolve_layout
-    parser.add_argument("--use-fused-moe-token-permute-and-unpermute", dest="use_fused_permute", action="store_true",
-                        help="MindSpeed's older name of --moe-permute-fusion")
 
 
 def _add_training_args(parser) -> None:
@@ -392,7 +359,7 @@ def build_parser(mode: str = "pretrain") -> argparse.ArgumentParser:
     add_model_args(parser)
     _add_parallel_args(parser)
     _add_moe_training_args(parser)
-    _add_kernel_args(parser)
+    features.add_flags(parser)
     _add_training_args(parser)
     _add_checkpoint_args(parser)
     _add_data_args(parser)
@@ -416,7 +383,7 @@ def parse_args(argv: Sequence[str], world_size: int, mode: str = "pretrain") -> 
         check(args)
     taken_note = _resolve_layout(args)
     try:
-        for check in (_check_parallel, _check_batches, _check_schedules, _check_recompute, _check_moe, _check_lr,
+        for check in (_check_parallel, _check_batches, _check_schedules, features.check_flags, _check_moe, _check_lr,
                       _check_optimizer):
             check(args)
         args.hf = _model_hf_config(args)
@@ -563,7 +530,6 @@ def _check_parallel(args) -> None:
         raise ArgsError(f"world size {args.world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                         f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}")
     args.data_parallel_size = args.world_size // (tp * pp * cp)
-    _check_expert_tp(args)
     expert_ranks = ep * (tp if args.moe_tp_extend_ep else args.expert_tensor_parallel_size)
     if args.world_size % (expert_ranks * pp):
         what = ("--expert-model-parallel-size x --tensor-model-parallel-size (--moe-tp-extend-ep)"
@@ -571,12 +537,6 @@ def _check_parallel(args) -> None:
         raise ArgsError(f"world size {args.world_size} is not divisible by {what} ({expert_ranks}) x "
                         f"--pipeline-model-parallel-size {pp}")
     _check_sequence_parallel(args)
-
-
-def _check_expert_tp(args) -> None:
-    if args.moe_tp_extend_ep and args.expert_tensor_parallel_size != 1:
-        raise ArgsError(f"--moe-tp-extend-ep keeps every expert whole: --expert-tensor-parallel-size must be 1, "
-                        f"not {args.expert_tensor_parallel_size}")
 
 
 def _check_sequence_parallel(args) -> None:
@@ -610,31 +570,6 @@ def _check_schedules(args) -> None:
             raise ArgsError(f"the interleaved schedule (--num-layers-per-virtual-pipeline-stage) needs the "
                             f"{m} micro-batches per step (--global-batch-size / (--micro-batch-size x data-parallel "
                             f"size)) to be a multiple of --pipeline-model-parallel-size {pp}")
-    if args.moe_fb_overlap and args.schedules_method != "dualpipev":
-        raise ArgsError("--moe-fb-overlap overlaps the forward/backward pairs of --schedules-method dualpipev; "
-                        "add it or drop --moe-fb-overlap")
-    if args.schedules_method == "dualpipev" and m < 2 * pp:
-        raise ArgsError(f"--schedules-method dualpipev needs at least 2 x --pipeline-model-parallel-size ({2 * pp}) "
-                        f"micro-batches per step, got {m}; raise --global-batch-size or lower --micro-batch-size")
-
-
-def _check_recompute(args) -> None:
-    granularity, method, layers = args.recompute_granularity, args.recompute_method, args.recompute_num_layers
-    if granularity is None:
-        given = [flag for flag, value in (("--recompute-method", method), ("--recompute-num-layers", layers),
-                                          ("--recompute-modules", args.recompute_modules)) if value is not None]
-        if given:
-            raise ArgsError(f"{', '.join(given)} need --recompute-granularity")
-    elif granularity == "full":
-        if method is None or layers is None:
-            raise ArgsError("--recompute-granularity full needs --recompute-method (uniform or block) and "
-                            "--recompute-num-layers")
-        if args.recompute_modules is not None:
-            raise ArgsError("--recompute-modules selects what --recompute-granularity selective recomputes; "
-                            "full recomputes whole layers")
-    elif method is not None or layers is not None:
-        raise ArgsError("--recompute-granularity selective takes --recompute-modules, not --recompute-method / "
-                        "--recompute-num-layers")
 
 
 def _check_moe(args) -> None:
@@ -766,13 +701,11 @@ def _config_overrides(args) -> dict:
     out = dict(
         params_dtype=dtype, pipeline_dtype=dtype, bf16=args.bf16, fp16=args.fp16,
         hidden_dropout=_hidden_dropout(args),
-        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
         attention_softmax_in_fp32=args.attention_softmax_in_fp32,
         moe_token_dispatcher_type="allgather" if args.moe_token_dispatcher_type == "allgather" else "alltoall",
-        **feature_overrides(args),
+        **features.config_fields(args),
     )
-    optional = dict(recompute_modules=args.recompute_modules, moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+    optional = dict(moe_aux_loss_coeff=args.moe_aux_loss_coeff,
                     moe_router_bias_update_rate=args.moe_router_bias_update_rate,
                     moe_router_dtype=args.moe_router_dtype or ("fp32" if args.router_gating_in_fp32 else None),
                     moe_router_pre_softmax=args.moe_router_pre_softmax,
@@ -786,8 +719,6 @@ def _config_overrides(args) -> dict:
 
 def _parallel_overrides(args) -> dict:
     """megatron's parallel sizes and our placement fields (read by ``npu_dsv3.model.placement``)."""
-    from npu_dsv3.model.placement import DUALPIPEV, tp_extended_expert_sizes
-
     out = dict(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -795,16 +726,11 @@ def _parallel_overrides(args) -> dict:
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
-        num_layer_list=args.num_layer_list, noop_layers=args.noop_layers, schedules_method=args.schedules_method,
-        moe_fb_overlap=args.moe_fb_overlap, mla_mm_split=args.mla_mm_split, moe_tp_extend_ep=args.moe_tp_extend_ep,
+        num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
     )
-    if args.moe_tp_extend_ep:
-        # megatron's expert group is then EP x TP ranks holding whole experts
-        out.update(tp_extended_expert_sizes(args.tensor_model_parallel_size, args.expert_model_parallel_size))
+    out.update(features.parallel_fields(args))  # after the sizes: --moe-tp-extend-ep changes the expert ones
     if args.num_layers_per_virtual_pipeline_stage is not None:
         out["virtual_pipeline_model_parallel_size"] = _vpp_chunks(args)
-    elif args.schedules_method == DUALPIPEV:
-        out["virtual_pipeline_model_parallel_size"] = 2  # rank r's stages r and 2PP-1-r
     return out
 
 
@@ -854,18 +780,11 @@ def _layout(args, config):
 
 
 def _check_model_against_flags(args, config) -> None:
-    if args.schedules_method == "dualpipev" and config.tie_word_embeddings:
-        raise ArgsError("--schedules-method dualpipev needs --untie-embeddings-and-output-weights (the head and "
-                        "the embedding live in different chunks of rank 0)")
     if config.num_moe_experts and args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
         # megatron-core's MoE layer raises this only at the first training forward, naming no flag.
         raise ArgsError(f"a MoE model with --tensor-model-parallel-size {args.tensor_model_parallel_size} needs "
                         "--sequence-parallel (megatron-core's MoE layer trains only on sequence-split tokens)")
-    if args.moe_fb_overlap and args.recompute_granularity and (config.hidden_dropout or config.attention_dropout):
-        raise ArgsError("--moe-fb-overlap with recompute needs --hidden-dropout 0 and --attention-dropout 0: a "
-                        "recomputing backward resets the random generator the overlapped forward's dropout draws from")
-    if not args.moe_grouped_gemm and "moe_act" in (args.recompute_modules or ()):
-        raise ArgsError("--recompute-modules moe_act needs --moe-grouped-gemm")
+    features.check_model(args, config)
 
 
 def _padded_vocab(args, vocab_size: int) -> int:

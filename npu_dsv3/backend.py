@@ -18,8 +18,8 @@ What each backend sets up (``init_backend``, run by ``import npu_dsv3``)
 * cuda: nothing; "nccl".
 * cpu: "gloo", and the CPU adapter below.
 
-The CPU adapter (feature "backend-cpu", cpu backend only)
----------------------------------------------------------
+The CPU adapter (cpu backend only; its patches: ``npu_dsv3.features.cpu_backend``)
+-----------------------------------------------------------------------------
 megatron-core 0.16.1 calls ``torch.cuda`` directly everywhere: it allocates
 with ``device=torch.cuda.current_device()``, overlaps communication with
 ``torch.cuda.Stream``/``Event``, seeds dropout through a CUDA RNG tracker, and
@@ -76,7 +76,6 @@ import warnings
 import torch
 from torch.overrides import TorchFunctionMode
 
-from npu_dsv3.patching import Patch, register
 
 __all__ = [
     "BACKENDS",
@@ -215,19 +214,19 @@ def set_local_device() -> None:
 _CPU = torch.device("cpu")
 
 
-def _current_device() -> torch.device:
+def cpu_current_device() -> torch.device:
     return _CPU
 
 
-def _noop(*args, **kwargs) -> None:
+def noop(*args, **kwargs) -> None:
     return None
 
 
-def _nvtx_noop(*args, **kwargs) -> int:
+def nvtx_noop(*args, **kwargs) -> int:
     return 0  # torch's range_push/range_pop return the nesting depth
 
 
-class _CpuEvent:
+class CpuEvent:
     """Stands in for torch.cuda.Event. CPU work is done when the call returns, so
     an event is complete as soon as it is recorded; timing is wall-clock."""
 
@@ -247,7 +246,7 @@ class _CpuEvent:
     def synchronize(self) -> None:
         pass
 
-    def elapsed_time(self, end_event: "_CpuEvent") -> float:
+    def elapsed_time(self, end_event: "CpuEvent") -> float:
         if not (self.enable_timing and end_event.enable_timing):
             raise RuntimeError("Events were not created with enable_timing=True")
         if self._time is None or end_event._time is None:
@@ -255,7 +254,7 @@ class _CpuEvent:
         return (end_event._time - self._time) * 1000.0  # milliseconds, like CUDA
 
 
-class _CpuStream:
+class CpuStream:
     """Stands in for torch.cuda.Stream. There is one serial CPU "stream": every
     instance compares equal, so megatron's `current_stream() != side_stream`
     checks see no side stream, and all waits are no-ops."""
@@ -272,8 +271,8 @@ class _CpuStream:
     def wait_event(self, event) -> None:
         pass
 
-    def record_event(self, event: _CpuEvent | None = None) -> _CpuEvent:
-        event = event or _CpuEvent()
+    def record_event(self, event: CpuEvent | None = None) -> CpuEvent:
+        event = event or CpuEvent()
         event.record(self)
         return event
 
@@ -284,7 +283,7 @@ class _CpuStream:
         pass
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, _CpuStream)
+        return isinstance(other, CpuStream)
 
     def __hash__(self) -> int:
         return 0
@@ -296,36 +295,36 @@ class _CpuStream:
         pass
 
 
-_THE_STREAM = _CpuStream()
+_THE_STREAM = CpuStream()
 
 
-def _current_stream(device=None) -> _CpuStream:
+def cpu_current_stream(device=None) -> CpuStream:
     return _THE_STREAM
 
 
-def _stream_context(stream=None):
+def cpu_stream_context(stream=None):
     return contextlib.nullcontext(stream)
 
 
-def _cuda_get_rng_state(device="cuda") -> torch.Tensor:
+def cuda_get_rng_state(device="cuda") -> torch.Tensor:
     return torch.get_rng_state()
 
 
-def _cuda_set_rng_state(new_state: torch.Tensor, device="cuda") -> None:
+def cuda_set_rng_state(new_state: torch.Tensor, device="cuda") -> None:
     torch.set_rng_state(new_state)
 
 
-def _cuda_manual_seed(seed: int) -> None:
+def cuda_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
-def _megatron_get_cuda_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+def megatron_get_cuda_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     if graph_safe:
         raise NotImplementedError("CUDA-graph-safe RNG states do not exist on the CPU backend")
     return torch.get_rng_state()  # already a fresh tensor, so `clone` needs no extra copy
 
 
-def _megatron_set_cuda_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+def megatron_set_cuda_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
     if graph_safe:
         raise NotImplementedError("CUDA-graph-safe RNG states do not exist on the CPU backend")
     torch.set_rng_state(new_state)
@@ -356,12 +355,12 @@ def _tensor_type(func, args, kwargs):
     return result
 
 
-def _record_stream(self, stream) -> None:
+def record_stream(self, stream) -> None:
     # Memory is not reused across streams on the CPU: nothing to record.
     return None
 
 
-def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+def host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
     # megatron's version copies only CUDA tensors, so on CPU the all-to-all split sizes stay
     # tensors, which all_to_all_single refuses; take the host copy (a list-like array) here too.
     if torch.is_tensor(tensor) and as_numpy:
@@ -369,7 +368,7 @@ def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
     return tensor
 
 
-def _gather_uneven_first_dim(original):
+def gather_uneven_first_dim(original):
     """Wraps megatron's ``_gather_along_first_dim``. Under TP x EP the alltoall dispatcher gathers
     each TP rank's received tokens with per-rank ``output_split_sizes``, as one ``all_gather`` into
     tensors of different sizes, which gloo refuses. Every rank pads its part to the largest size,
@@ -459,55 +458,6 @@ class _ModeSwitch:
 
 
 cuda_to_cpu = _ModeSwitch()
-
-
-def _register_cpu_adapter() -> None:
-    def cpu(target: str, replacement, why: str, name: str | None = None, wrap: bool = False) -> None:
-        register(
-            Patch(
-                name=name or "backend-cpu." + target.rsplit(".", 1)[-1],
-                feature="backend-cpu",
-                target=target,
-                replacement=replacement,
-                why=why,
-                backends=("cpu",),
-                wrap=wrap,
-            )
-        )
-
-    cpu("torch.cuda.current_device", _current_device,
-        "megatron allocates with device=torch.cuda.current_device(): make that the CPU")
-    cpu("torch.cuda.synchronize", _noop, "CPU ops are synchronous; megatron calls it around collectives/timers")
-    cpu("torch.cuda.empty_cache", _noop, "no CUDA caching allocator on CPU")
-    cpu("torch.cuda.Stream", _CpuStream, "megatron builds side streams for comm/compute overlap; one serial CPU stream")
-    cpu("torch.cuda.current_stream", _current_stream, "return the single CPU stream")
-    cpu("torch.cuda.default_stream", _current_stream, "return the single CPU stream")
-    cpu("torch.cuda.stream", _stream_context, "`with torch.cuda.stream(s)` is a no-op on the single CPU stream")
-    cpu("torch.cuda.Event", _CpuEvent, "events used for sync/timing: complete when recorded, wall-clock timing")
-    cpu("torch.cuda.get_rng_state", _cuda_get_rng_state,
-        "CUDA RNG tracker state = CPU generator state (CPU dropout draws from it)")
-    cpu("torch.cuda.set_rng_state", _cuda_set_rng_state, "CUDA RNG tracker state = CPU generator state")
-    cpu("torch.cuda.manual_seed", _cuda_manual_seed,
-        "model_parallel_cuda_manual_seed seeds 'the CUDA generator': seed the CPU one (else silently ignored)")
-    cpu("megatron.core.tensor_parallel.random._get_cuda_rng_state", _megatron_get_cuda_rng_state,
-        "megatron's RNG tracker reads the CUDA generator: read the CPU one")
-    cpu("megatron.core.tensor_parallel.random._set_cuda_rng_state", _megatron_set_cuda_rng_state,
-        "megatron's setter queues a lazy CUDA call that never runs on CPU: set the CPU generator now")
-    cpu("torch.Tensor.record_stream", _record_stream,
-        "MoE dispatcher records D2H copies on a side stream; no CPU kernel and nothing to record")
-    cpu("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu", _host_copy,
-        "the alltoall dispatcher's split sizes must be host arrays, as its device-to-host copy makes them on GPU")
-    cpu("megatron.core.tensor_parallel.mappings._gather_along_first_dim", _gather_uneven_first_dim,
-        "gloo's all_gather needs equal sizes; the TP x EP alltoall dispatcher gathers uneven token counts: "
-        "pad to the largest, gather, slice", name="backend-cpu.gather_along_first_dim_uneven", wrap=True)
-    cpu("torch.cuda.nvtx.range_push", _nvtx_noop, "NVTX profiling ranges: no-op without CUDA")
-    cpu("torch.cuda.nvtx.range_pop", _nvtx_noop, "NVTX profiling ranges: no-op without CUDA")
-    cpu("npu_dsv3.backend.cuda_to_cpu.mode", CudaToCpuMode(),
-        "device='cuda' literals, .cuda(), .to('cuda') -> CPU; CPU tensors report torch.cuda.* type() names",
-        name="backend-cpu.cuda-device-args")
-
-
-_register_cpu_adapter()
 
 
 class _CallableModule(types.ModuleType):

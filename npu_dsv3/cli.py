@@ -43,9 +43,10 @@ SUBCOMMANDS: list[tuple[str, str]] = [
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "patches",
-        help="show the backend, library versions and every registered patch",
+        help="show the backend, library versions and every registered patch, by feature",
         description="Show the device backend, library versions, and every patch npu_dsv3 "
-        "registered: its feature, target, status on this machine, and why it exists.",
+        "registered, grouped by the feature that registers it (npu_dsv3.features): its target, "
+        "status on this machine, and why it exists.",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
@@ -83,20 +84,44 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _by_feature(patches: list[dict]) -> list[dict]:
+    """The patches grouped under the feature modules that register them (``npu_dsv3.features``), in their
+    order; patches another module registered under a label of its own come last, one group per label."""
+    from npu_dsv3 import features
+
+    groups = [{"feature": m.NAME, "module": m.__name__, "always_on": getattr(m, "ALWAYS_ON", False),
+               "tests": getattr(m, "TESTS", ""), "patches": []} for m in features.modules()]
+    index = {g["feature"]: g for g in groups}
+    for p in patches:
+        if p["feature"] not in index:
+            index[p["feature"]] = {"feature": p["feature"], "module": None, "always_on": False, "tests": "",
+                                   "patches": []}
+            groups.append(index[p["feature"]])
+        index[p["feature"]]["patches"].append(p)
+    return groups
+
+
 def run(args: argparse.Namespace) -> int:
     import npu_dsv3
     from npu_dsv3.patching import patch_status
 
-    info = {"backend": npu_dsv3.backend(), "versions": versions(), "patches": patch_status()}
+    groups = _by_feature(patch_status())
+    info = {"backend": npu_dsv3.backend(), "versions": versions(),
+            "patches": [p for g in groups for p in g["patches"]],
+            "features": [{k: v for k, v in g.items() if k != "patches"} for g in groups]}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"backend: {info['backend']}")
     for name, ver in info["versions"].items():
         print(f"{name}: {ver}")
-    print()
-    rows = [[p["feature"], p["target"], p["status"], p["why"]] for p in info["patches"]]
-    print(_table(rows, ["feature", "target", "status", "why"]))
+    for group in groups:
+        where = f"{group['module']}, always on" if group["always_on"] else group["module"] or "not a feature module"
+        n = len(group['patches'])
+        print(f"\nfeature {group['feature']} ({where}; {n} patch{'' if n == 1 else 'es'})")
+        if group["patches"]:
+            rows = [[p["target"], p["status"], p["why"]] for p in group["patches"]]
+            print(_table(rows, ["target", "status", "why"]))
     return 0
 
 

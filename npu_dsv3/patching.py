@@ -2,21 +2,26 @@
 torch_npu at runtime goes through here, so it is listed, revertible and fails
 loudly when the installed library no longer has what it patches.
 
-A feature registers its patches at import time (nothing is changed then)::
+A feature module (``npu_dsv3.features``) declares its patches in ``patches()``; nothing is changed
+then::
 
-    from npu_dsv3.patching import patch
+    NAME = "kernels"
 
-    @patch("mla-fused-attention",
-           "megatron.core.transformer.multi_latent_attention.MLASelfAttention.forward",
-           why="use npu_fusion_attention for MLA", backends=("npu",))
-    def _mla_forward(self, hidden_states, *args, **kwargs):
-        ...
+    def patches():
+        from npu_dsv3.model import patches as model
+        from npu_dsv3.patching import Patch
+
+        return [Patch(name="mla.apply_rotary_pos_emb", feature=NAME,
+                      target="megatron.core.transformer.multi_latent_attention.apply_rotary_pos_emb",
+                      replacement=model.mla_rotary, wrap=True,
+                      why="--use-fused-rotary-pos-emb: MLA's RoPE through ops.apply_rotary")]
 
 and ``npu_dsv3.setup()`` (run when megatron.core or torch.distributed.checkpoint
-is first imported after ``import npu_dsv3``) calls ``apply_patches(backend)``, which sets every pending
-patch for that backend. Until then the setup is deferred (``defer_setup``):
-``apply_patches``, ``revert_patches``, ``unregister`` and ``patch_status``
-complete it first, so they always act on and report the set-up registry.
+is first imported after ``import npu_dsv3``) registers every feature's patches and calls
+``apply_patches(backend)``, which sets every pending patch for that backend. ``register``
+and the ``@patch`` decorator add one patch directly (tests use them). Until then the setup is
+deferred (``defer_setup``): ``apply_patches``, ``revert_patches``, ``unregister`` and
+``patch_status`` complete it first, so they always act on and report the set-up registry.
 ``revert_patches()`` puts the originals back (tests use it; ``unregister(name)``
 drops a patch); ``patch_status()`` and ``npu-dsv3 patches`` list what is
 applied on this machine and why.

@@ -222,6 +222,7 @@ def test_domain_packages_do_not_import_the_flag_layer():
     # Flags become configs in the entry points (arguments.build_configs); below them code takes configs.
     graph = import_graph()
     flags = {f"{PACKAGE}.{name}" for name in ("arguments", "arguments_model")}
+    flags |= {m for m in graph if _within(m, f"{PACKAGE}.features")}  # features sit above the code they patch
     domain = ("training", "model", "checkpoint", "data", "schedules", "config", "layout")
     found = {m: sorted(edges & flags) for m, edges in graph.items()
              if any(_within(m, f"{PACKAGE}.{d}") for d in domain)}

@@ -255,7 +255,7 @@ import torch
 import npu_dsv3.backend
 from megatron.core.tensor_parallel import random
 # The patches' effects, checked before anything asks the registry (which would complete the setup itself):
-assert random._set_cuda_rng_state is npu_dsv3.backend._megatron_set_cuda_rng_state, 'megatron target not patched'
+assert random._set_cuda_rng_state is npu_dsv3.backend.megatron_set_cuda_rng_state, 'megatron target not patched'
 assert torch.cuda.current_device() == torch.device('cpu'), 'torch target not patched'
 assert torch.empty(1, device='cuda').device.type == 'cpu', 'the CUDA->CPU device mode is not active'
 from npu_dsv3.patching import patch_status

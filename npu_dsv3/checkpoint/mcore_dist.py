@@ -125,7 +125,7 @@ def plan_pieces(hf_config: dict, dtype: torch.dtype, padded_vocab: Optional[int]
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    from npu_dsv3.checkpoint.rank_state import _hf_layer
+    from npu_dsv3.checkpoint.rank_state import hf_layer
     from npu_dsv3.config import padded_vocab_size
 
     config = _single_rank_config(hf_config, dtype)
@@ -157,7 +157,7 @@ def plan_pieces(hf_config: dict, dtype: torch.dtype, padded_vocab: Optional[int]
         elif isinstance(value, ShardedTensor):
             add(value, value.data if value.data._base is None else value.data._base)
     order = {p.hf_name: i for i, p in enumerate(pieces)}
-    pieces.sort(key=lambda p: (_hf_layer(p.hf_name), order[p.hf_name]))
+    pieces.sort(key=lambda p: (hf_layer(p.hf_name), order[p.hf_name]))
     return sharded, pieces, config
 
 

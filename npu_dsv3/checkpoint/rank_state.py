@@ -300,7 +300,7 @@ class HFFromRanks:
                     self._layer(pp_rank, chunk, mc + "transformer_layer.", hf, bool(config.num_moe_experts))
         # Layer order in the checkpoint: by HF layer index, whatever the pipeline placement.
         order = {name: i for i, name in enumerate(self._where)}
-        self._where = dict(sorted(self._where.items(), key=lambda item: (_hf_layer(item[0]), order[item[0]])))
+        self._where = dict(sorted(self._where.items(), key=lambda item: (hf_layer(item[0]), order[item[0]])))
 
     def _layer(self, pp_rank, chunk, mc, hf, moe):
         for spec in _layer_specs(self.config, self.par, moe):
@@ -333,7 +333,7 @@ class HFFromRanks:
         return build
 
 
-def _hf_layer(name: str) -> int:
+def hf_layer(name: str) -> int:
     """Sort key: -1 for the embedding, the layer index, then after all layers."""
     if name.startswith("model.layers."):
         return int(name.split(".")[2])

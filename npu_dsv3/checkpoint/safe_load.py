@@ -10,8 +10,9 @@ metadata classes) and restores attributes only on instances of those classes. An
 the read before it is built: :class:`UnsafeCheckpointError`, one line naming the file and the type.
 A truncated or damaged file is a :class:`CheckpointError` naming the file.
 
-torch's and megatron's readers come here through the patches registered below (feature
-"checkpoint-safety"); npu_dsv3's own readers call :func:`load_torch` / :func:`load_pickle`.
+torch's and megatron's readers come here through the replacements below, which
+``npu_dsv3.features.checkpoint_safety`` patches in; npu_dsv3's own readers call :func:`load_torch` /
+:func:`load_pickle`.
 """
 
 import _compat_pickle
@@ -25,9 +26,7 @@ import types
 from typing import Any, BinaryIO, Dict, Optional, Union
 
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
-from npu_dsv3.patching import Patch, register
 
-FEATURE = "checkpoint-safety"
 _ALLOWED_KINDS = ("tensors, containers, numbers, strings, argparse.Namespace, numpy arrays, torch dtypes, "
                   "megatron enums, DCP metadata")
 
@@ -234,7 +233,7 @@ def load_torch(source: Union[str, BinaryIO], name: str = "", map_location=None, 
 _READER: contextvars.ContextVar = contextvars.ContextVar("npu_dsv3_dcp_reader", default=None)
 
 
-def _read_metadata(self, *args, **kwargs):
+def read_metadata(self, *args, **kwargs):
     """``FileSystemReader.read_metadata`` with the allow-list: the original unpickles ``.metadata`` freely."""
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
@@ -258,7 +257,7 @@ def _record_name(read_item) -> str:
     return f"{reader.fs.concat_path(reader.path, info.relative_path)} (record {read_item.storage_index.fqn})"
 
 
-def _load_bytes(self, read_item, value: io.BytesIO) -> None:
+def load_bytes(self, read_item, value: io.BytesIO) -> None:
     """``DefaultLoadPlanner.load_bytes`` (megatron's planner inherits it) with the allow-list: the original
     is ``torch.load(weights_only=False)``."""
     from torch.distributed.checkpoint._traverse import set_element
@@ -289,7 +288,7 @@ def _check_files(reader, plan) -> None:
             raise CheckpointError(f"{path} is truncated: {size} bytes, its .metadata needs {end}")
 
 
-def _checked_read_data(original):
+def checked_read_data(original):
     def read_data(self, plan, planner):
         _check_files(self, plan)
         token = _READER.set(self)
@@ -306,7 +305,7 @@ def _checked_read_data(original):
     return read_data
 
 
-def _unwrapped_errors(original):
+def unwrapped_errors(original):
     """DCP gathers every rank's exceptions into one CheckpointException (a BaseException whose text is
     each rank's traceback); a CheckpointError of ours among them is re-raised as itself, one line."""
 
@@ -331,7 +330,7 @@ def dcp_failure(e, types) -> Optional[BaseException]:
     return found[0] if found else None
 
 
-def _load_common(self, checkpoint_dir):
+def load_common(self, checkpoint_dir):
     """``TorchCommonLoadStrategy.load_common`` (megatron's ``common.pt``) with the allow-list."""
     from megatron.core.dist_checkpointing.mapping import CheckpointingException
     from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
@@ -342,7 +341,7 @@ def _load_common(self, checkpoint_dir):
     return load_torch(path, map_location="cpu")
 
 
-def _load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
+def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
     """``TorchCommonLoadStrategy.load_sharded_objects`` (one ``.pt`` per object) with the allow-list."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import CheckpointingException
@@ -357,27 +356,3 @@ def _load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
         return load_torch(path)
 
     return dict_list_map_inplace(load, sharded_objects_state_dict)
-
-
-_DCP = "torch.distributed.checkpoint"
-_COMMON = "megatron.core.dist_checkpointing.strategies.common.TorchCommonLoadStrategy"
-
-register(Patch(name=f"{FEATURE}.metadata", feature=FEATURE, target=f"{_DCP}.filesystem.FileSystemReader.read_metadata",
-               replacement=_read_metadata,
-               why="DCP unpickles a checkpoint's .metadata with plain pickle: a crafted file runs code"))
-register(Patch(name=f"{FEATURE}.byte-records", feature=FEATURE,
-               target=f"{_DCP}.default_planner.DefaultLoadPlanner.load_bytes", replacement=_load_bytes,
-               why="DCP's load planner (megatron's inherits it) reads the byte records of .distcp files with "
-               "torch.load(weights_only=False): a crafted record runs code"))
-register(Patch(name=f"{FEATURE}.distcp-files", feature=FEATURE, target=f"{_DCP}.filesystem.FileSystemReader.read_data",
-               replacement=_checked_read_data, wrap=True,
-               why="a missing, truncated or damaged .distcp file fails naming neither the file nor the checkpoint"))
-register(Patch(name=f"{FEATURE}.one-line-errors", feature=FEATURE,
-               target=f"{_DCP}.state_dict_loader._load_state_dict", replacement=_unwrapped_errors, wrap=True,
-               why="DCP turns a reader's error into a multi-line exception holding every rank's traceback"))
-register(Patch(name=f"{FEATURE}.common-pt", feature=FEATURE, target=f"{_COMMON}.load_common",
-               replacement=_load_common,
-               why="megatron reads common.pt with torch.load without weights_only: a crafted file runs code"))
-register(Patch(name=f"{FEATURE}.sharded-objects", feature=FEATURE, target=f"{_COMMON}.load_sharded_objects",
-               replacement=_load_sharded_objects,
-               why="megatron reads sharded-object .pt files with torch.load without weights_only"))

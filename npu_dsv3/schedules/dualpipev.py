@@ -19,8 +19,8 @@ are set exactly as in megatron's schedules; at the end megatron's
 ``finalize_model_grads_func`` reduces the gradients. ``_DualPipeV`` is one run on one rank:
 its state on ``self`` and one method per operation kind.
 
-``import npu_dsv3`` wraps megatron's ``get_forward_backward_func``: the function it
-returns runs this schedule for a model whose config says
+``npu_dsv3.features.dualpipev`` patches megatron's ``get_forward_backward_func`` with
+``dispatching``: the function it returns runs this schedule for a model whose config says
 ``schedules_method == "dualpipev"`` and megatron's otherwise.
 """
 
@@ -34,7 +34,6 @@ from megatron.core.pipeline_parallel.schedules import backward_step, deallocate_
 from megatron.core.utils import get_model_config, get_model_type, unwrap_model
 
 from npu_dsv3.ops import weight_grad
-from npu_dsv3.patching import Patch, register
 from npu_dsv3.schedules import fb_overlap
 from npu_dsv3.schedules.plan import Op, plan
 
@@ -330,7 +329,7 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
     return schedule.run(executed)
 
 
-def _dispatching(original):
+def dispatching(original):
     """megatron's ``get_forward_backward_func``, whose function runs DualPipeV for a dualpipev model."""
 
     def get_forward_backward_func(*args, **kwargs):
@@ -351,15 +350,3 @@ def _dispatching(original):
 
     return get_forward_backward_func
 
-
-for _site in ("megatron.core.pipeline_parallel.schedules", "megatron.core.pipeline_parallel"):
-    register(
-        Patch(
-            name=f"dualpipev.schedule[{_site}]",
-            feature="dualpipev",
-            target=f"{_site}.get_forward_backward_func",
-            replacement=_dispatching,
-            wrap=True,
-            why="--schedules-method dualpipev: megatron has no DualPipeV schedule; the model's config selects it",
-        )
-    )

@@ -32,7 +32,6 @@ from typing import Callable, Iterator, List, Optional
 
 import torch
 
-from npu_dsv3.patching import Patch, register
 
 @dataclass(frozen=True)
 class Interval:
@@ -101,7 +100,7 @@ class _Recorded:
         return getattr(self.work, name)
 
 
-def _collective(original):
+def taking_turns(original):
     """A torch.distributed collective that, inside a pair, is issued in the lane's turn."""
     if getattr(original, "takes_turns", False):  # a module bound the already wrapped function
         return original
@@ -124,7 +123,7 @@ def _collective(original):
     return collective
 
 
-def _memory_buffer(original):
+def lane_memory_buffer(original):
     """megatron's global memory buffer (the sequence-parallel gathers land in it), one per lane:
     its contract is that a buffer is never used by two computations at once."""
 
@@ -198,30 +197,3 @@ def run_pair(forward: Callable[[], None], backward: Callable[[], None]) -> None:
     for e in (error, errors[0]):
         if e is not None:
             raise e
-
-
-_COLLECTIVES = ("all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce", "all_gather",
-                "_all_gather_base", "_reduce_scatter_base")
-# megatron modules that bound a collective to their own name at import.
-_BOUND = {
-    "megatron.core.tensor_parallel.layers": ("dist_all_gather_func", "dist_reduce_scatter_func"),
-    "megatron.core.tensor_parallel.mappings": ("dist_all_gather_func", "dist_reduce_scatter_func"),
-    "megatron.core.tensor_parallel.utils": ("dist_all_gather_func",),
-    "megatron.core.transformer.multi_token_prediction": ("dist_all_gather_func",),
-}
-
-for _name in _COLLECTIVES:
-    register(Patch(name=f"fb-overlap.{_name}", feature="fb-overlap", target=f"torch.distributed.{_name}",
-                   replacement=_collective, wrap=True,
-                   why="--moe-fb-overlap: collectives of a pair's two threads are issued in a rank-independent "
-                   "order (a no-op outside an overlapped pair)"))
-for _module, _names in _BOUND.items():
-    for _name in _names:
-        register(Patch(name=f"fb-overlap.{_module.rsplit('.', 1)[-1]}.{_name}", feature="fb-overlap",
-                       target=f"{_module}.{_name}", replacement=_collective, wrap=True,
-                       why="--moe-fb-overlap: the same turn-taking at megatron's own binding of the collective"))
-for _module in ("megatron.core.parallel_state", "megatron.core.tensor_parallel.layers",
-                "megatron.core.tensor_parallel.mappings"):
-    register(Patch(name=f"fb-overlap.{_module.rsplit('.', 1)[-1]}.get_global_memory_buffer", feature="fb-overlap",
-                   target=f"{_module}.get_global_memory_buffer", replacement=_memory_buffer, wrap=True,
-                   why="--moe-fb-overlap: the backward lane gathers into its own buffer, not the forward's"))

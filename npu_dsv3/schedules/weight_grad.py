@@ -1,14 +1,13 @@
-"""The linear-backward patch of the zero-bubble "W split": megatron's local linear hands its
+"""The linear backward of the zero-bubble "W split": megatron's local linear hands its
 weight-gradient GEMM to ``npu_dsv3.ops.weight_grad`` inside a DualPipeV ``B`` step (see there
-for the deferral itself)."""
+for the deferral itself). ``npu_dsv3.features.dualpipev`` patches it in."""
 
 import torch
 
 from npu_dsv3.ops import weight_grad
-from npu_dsv3.patching import Patch, register
 
 
-def _linear_backward(original):
+def linear_backward(original):
     """megatron's local linear backward (ColumnParallelLinear / RowParallelLinear without TE), with
     its weight-gradient GEMM deferred inside a B step.
 
@@ -44,15 +43,3 @@ def _linear_backward(original):
 
     return backward
 
-
-register(
-    Patch(
-        name="dualpipev.linear_weight_grad_split",
-        feature="dualpipev",
-        target="megatron.core.tensor_parallel.layers.LinearWithGradAccumulationAndAsyncCommunication.backward",
-        replacement=_linear_backward,
-        wrap=True,
-        why="DualPipeV's zero-bubble B steps compute the input gradient and leave the weight-gradient GEMM "
-        "to a later W step; megatron's local linear has no such split",
-    )
-)

@@ -1,15 +1,20 @@
-"""Kernel features: each is one Megatron/MindSpeed flag mapped to one config field.
+"""Kernel switches: each is one Megatron/MindSpeed flag mapped to one config field.
 
 The field is read where the kernel is chosen (the model's modules, and the
-patches in ``npu_dsv3.model.patches`` that receive the config), so two models
+wrappers in ``npu_dsv3.model.patches`` that receive the config), so two models
 in one process can use different choices and the parity tests run both ways.
 ``--moe-grouped-gemm`` is megatron-core's own field: grouped-GEMM experts
-(``ops.gmm``) versus megatron's per-expert ``SequentialMLP``.
+(``ops.gmm``) versus megatron's per-expert ``SequentialMLP``; it is also a layout
+flag (``npu_dsv3.layout``: the converters write grouped or per-expert weights).
+The kernels themselves are in ``ops/``.
 """
 
 import argparse
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List
+
+NAME = "kernels"
+TESTS = "tests/test_features.py, tests/test_ops.py, tests/test_ops_npu_paths.py, tests/test_npu_smoke.py"
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,14 @@ FEATURES = (
 )
 
 
+_OLD_PERMUTE_FLAG = "--use-fused-moe-token-permute-and-unpermute"
+
+FLAGS = {
+    **{f.flag: f"config.{f.field}" for f in FEATURES},
+    _OLD_PERMUTE_FLAG: "config.use_fused_permute (MindSpeed's older --moe-permute-fusion)",
+}
+
+
 def add_feature_args(parser: argparse.ArgumentParser) -> None:
     """The flags, off unless given, as in Megatron / MindSpeed recipes."""
     group = parser.add_argument_group("kernels")
@@ -50,3 +63,30 @@ def feature_overrides(args: argparse.Namespace) -> Dict[str, bool]:
 def all_features(enabled: bool) -> Dict[str, bool]:
     """Every kernel choice on (the config default) or off (the unfused baselines)."""
     return {feature.field: enabled for feature in FEATURES if feature.field != "mla_fa_without_pad"}
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    add_feature_args(parser)
+    parser.set_defaults(moe_grouped_gemm=None)  # a layout flag too: None ("not given") until the layout resolves
+    parser.add_argument(_OLD_PERMUTE_FLAG, dest="use_fused_permute", action="store_true",
+                        help="MindSpeed's older name of --moe-permute-fusion")
+
+
+config_fields = feature_overrides
+
+
+def patches() -> List:
+    from npu_dsv3.model import patches as model
+    from npu_dsv3.patching import Patch
+
+    rotary = Patch(name="mla.apply_rotary_pos_emb", feature=NAME,
+                   target="megatron.core.transformer.multi_latent_attention.apply_rotary_pos_emb",
+                   replacement=model.mla_rotary, wrap=True,
+                   why="--use-fused-rotary-pos-emb: MLA's RoPE through ops.apply_rotary (npu_rotary_mul on Ascend)")
+    return [rotary] + [
+        Patch(name=f"moe.dispatcher_{name}", feature=NAME, target=f"megatron.core.transformer.moe.token_dispatcher.{name}",
+              replacement=wrapper, wrap=True,
+              why=f"--moe-permute-fusion: the dispatcher's token {name} through ops.{name} (npu_moe_token_{name} on "
+              "Ascend) inside MoE layers that enable it")
+        for name, wrapper in (("permute", model.dispatcher_permute), ("unpermute", model.dispatcher_unpermute))
+    ]

@@ -1,0 +1,19 @@
+"""``--mla-mm-split``: MLA's q and kv up-projections as one column-parallel linear per part
+(linear_qk_nope, linear_qk_rope, linear_kv_nope, linear_v), MindSpeed's flag.
+
+Where the rest lives: the attention module ``npu_dsv3.model.attention.SplitMLASelfAttention`` (chosen by
+``npu_dsv3.model.spec``), the checkpoint split ``npu_dsv3.checkpoint.sharding.HeadSplit`` and the layout
+field ``ParallelLayout.mla_mm_split`` the converters use.
+"""
+
+import argparse
+
+NAME = "mla-mm-split"
+TESTS = "tests/test_model_layouts.py, tests/test_convert_layouts.py (mla-mm-split cases)"
+
+LAYOUT_HELP = {"mla_mm_split": "MLA up-projections as separate qk_nope/qk_rope and kv_nope/v linears"}
+FLAGS = {"--mla-mm-split": "layout.mla_mm_split, config.mla_mm_split"}
+
+
+def parallel_fields(args: argparse.Namespace) -> dict:
+    return {"mla_mm_split": args.mla_mm_split}
