@@ -143,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from npu_dsv3.backend import BackendUnavailableError
     from npu_dsv3.patching import PatchError
 
+    from npu_dsv3.console import to_console
+
+    to_console()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args._argv = argv  # a subcommand that re-runs itself elsewhere (verify --device) needs it

@@ -18,9 +18,11 @@ def main(argv=None, mode: str = "pretrain") -> int:
     from npu_dsv3.arguments import build_configs, parse_args
     from npu_dsv3.argtypes import os_error_line
     from npu_dsv3.checkpoint.hf_reader import CheckpointError
+    from npu_dsv3.console import to_console
     from npu_dsv3.training.loop import train
     from npu_dsv3.training.metrics import NonFiniteLossError
 
+    to_console()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = None
     try:

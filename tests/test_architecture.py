@@ -233,3 +233,20 @@ def test_library_modules_do_not_import_entry_points():
     graph = import_graph()
     into_entry = {m: sorted(edges & ENTRY_POINTS) for m, edges in graph.items() if m not in ENTRY_POINTS}
     assert not {m: e for m, e in into_entry.items() if e}
+
+
+def _print_calls(path: Path):
+    """(enclosing top-level function or None, line) of every print() call."""
+    tree = ast.parse(path.read_text(), str(path))
+    for top in tree.body:
+        for node in ast.walk(top):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                yield (top.name if isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef)) else None), node.lineno
+
+
+def test_library_code_does_not_print():
+    # Library code logs (npu_dsv3.console routes it on a command line) or returns; entry points print. A
+    # subcommand's `run` (its CLI part, e.g. data.preprocess.run) prints its result.
+    found = [f"{module}:{line}" for module, path in _module_files().items() if module not in ENTRY_POINTS
+             for function, line in _print_calls(path) if function != "run"]
+    assert found == []

@@ -294,3 +294,11 @@ def test_blended_gpt_datasets_sample_both_prefixes_by_weight(tmp_path, capsys, w
         assert int(s["dataset_id"]) == source
         sources.append(source)
     assert abs(sum(sources) / len(sources) - 0.75) < 0.02
+
+
+def test_the_python_job_has_the_flags_defaults():
+    from npu_dsv3.cli import build_parser
+    from npu_dsv3.data.preprocess import Job
+
+    args = build_parser().parse_args(["data", "preprocess", "--input", "in.jsonl", "--output-prefix", "out"])
+    assert Job.from_args(args) == Job(input="in.jsonl", output_prefix="out")

@@ -22,15 +22,16 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import gc
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy
 
@@ -41,6 +42,8 @@ from npu_dsv3.data.handlers import HANDLERS, IGNORE_INDEX, Malformed, make_handl
 from npu_dsv3.data.packing import best_fit_decreasing, pack_sequence
 from npu_dsv3.data.reader import Chunk, input_files, line_number, plan_chunks, read_chunk
 from npu_dsv3.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
+
+_log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 1000  # records per tokenizer call: large enough to amortise the call, small in memory
 MAX_EXAMPLES = 5  # malformed records shown by location
@@ -83,9 +86,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = preprocess(args)
+    summary = preprocess(Job.from_args(args))
     print(json.dumps(summary))
     return 0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One preprocessing run: the flags of ``npu-dsv3 data preprocess``, by their dest, with their defaults."""
+
+    input: str
+    output_prefix: str
+    tokenizer_type: str = "PretrainedFromHF"
+    tokenizer_name_or_path: Optional[str] = None
+    vocab_size: Optional[int] = None
+    handler_name: str = "GeneralPretrainHandler"
+    json_keys: Tuple[str, ...] = ("text",)
+    append_eod: bool = False
+    prompt_type: str = "deepseek3"
+    map_keys: Optional[str] = None
+    seq_length: Optional[int] = None
+    pack: bool = False
+    workers: int = 1
+    chunk_mb: float = 16.0
+    max_malformed_fraction: float = 0.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Job":
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "json_keys": tuple(values["json_keys"])})
 
 
 # --------------------------------------------------------------------------- worker
@@ -174,7 +203,7 @@ def process_chunk(task: Task) -> dict:
 # --------------------------------------------------------------------------- main process
 
 
-def _validate(args: argparse.Namespace, handler) -> None:
+def _validate(args: Job, handler) -> None:
     from npu_dsv3.argtypes import output_dir_problem
 
     problem = output_dir_problem(os.path.dirname(os.path.abspath(args.output_prefix)))
@@ -211,7 +240,7 @@ def _check_malformed(total: dict, limit: float) -> None:
     bad = sum(total["malformed"].values())
     if bad:
         shown = "; ".join(f"{line_number(where)}: {reason}" for where, reason in total["examples"])
-        print(f"npu-dsv3 data preprocess: {bad} malformed record(s) skipped: {shown}", file=sys.stderr)
+        _log.warning(f"npu-dsv3 data preprocess: {bad} malformed record(s) skipped: {shown}")
     if total["records"] and bad / total["records"] > limit:
         reasons = ", ".join(f"{n} {reason}" for reason, n in total["malformed"].most_common())
         raise ValueError(f"{bad} of {total['records']} records are malformed ({reasons}), more than "
@@ -272,13 +301,14 @@ def _pack(builders: dict, chunk_prefixes: List[str], seq_length: int, pad_id: in
     return len(packs)
 
 
-def preprocess(args: argparse.Namespace) -> dict:
-    """Runs the whole job; returns the summary (also what ``run`` prints)."""
+def preprocess(args: Job) -> dict:
+    """Runs the whole job; returns the summary (also what ``run`` prints). Notes on skipped records go to
+    this module's logger."""
     from megatron.core.datasets.indexed_dataset import DType
 
     start = time.perf_counter()
     options = Options((args.tokenizer_type, args.tokenizer_name_or_path, args.vocab_size), args.handler_name,
-                      tuple(args.json_keys), args.append_eod, args.prompt_type, args.map_keys, args.seq_length)
+                      args.json_keys, args.append_eod, args.prompt_type, args.map_keys, args.seq_length)
     handler = options.make_handler()
     _validate(args, handler)
     if args.workers > 1:
@@ -329,7 +359,7 @@ def _tokenize(tasks: List[Task], workers: int, start: float) -> List[dict]:
         bar.close()
 
 
-def _summary(args, total: dict, prefixes: Dict[str, str], packed: Optional[int], seconds: float) -> dict:
+def _summary(args: Job, total: dict, prefixes: Dict[str, str], packed: Optional[int], seconds: float) -> dict:
     summary = {
         "output_prefix": args.output_prefix,
         "datasets": sorted(prefixes.values()),
@@ -347,6 +377,6 @@ def _summary(args, total: dict, prefixes: Dict[str, str], packed: Optional[int],
     if packed is not None:
         summary["packed_sequences"] = packed
     if total["too_long"]:
-        print(f"npu-dsv3 data preprocess: {total['too_long']} sample(s) longer than --seq-length "
-              f"{args.seq_length} dropped", file=sys.stderr)
+        _log.warning(f"npu-dsv3 data preprocess: {total['too_long']} sample(s) longer than --seq-length "
+                     f"{args.seq_length} dropped")
     return summary

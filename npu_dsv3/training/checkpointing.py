@@ -34,10 +34,10 @@ RNG states are stored as plain numbers, strings and tensors.
 
 import contextlib
 import functools
+import logging
 import os
 import random
 import shutil
-import sys
 from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
@@ -52,6 +52,8 @@ from npu_dsv3.checkpoint.mcore_dist import FORMAT, in_process_save_strategy, rel
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.sources import TRACKER_FILE, tracked_dir
 from npu_dsv3.layout import rank_dir_name
+
+_log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 3.0
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"  # Megatron-LM's name, beside each rank's model_optim_rng.pt
@@ -443,8 +445,8 @@ def _same_layout(saved: Optional[dict]) -> bool:
         saved = saved or {}
         differ = ", ".join(f"{k} {saved.get(k, 'unrecorded')} (this run {now.get(k, 'none')})"
                            for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k))
-        print(f"note: the checkpoint was saved with other parallel sizes: {differ}; its RNG states are not "
-              "loaded", file=sys.stderr)
+        _log.warning(f"note: the checkpoint was saved with other parallel sizes: {differ}; its RNG states are not "
+                     "loaded")
     return False
 
 

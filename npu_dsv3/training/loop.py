@@ -11,8 +11,8 @@ validation batches every ``--eval-interval`` iterations and at the end. Pretrain
 differ only in the ``DataSource`` (``npu_dsv3.training.data``).
 """
 
+import logging
 import os
-import sys
 import time
 from typing import Iterator, List, Optional
 
@@ -20,7 +20,11 @@ import torch
 import torch.distributed as dist
 
 from npu_dsv3 import backend
+from npu_dsv3.console import PROGRESS
 from npu_dsv3.training.data import Batches, DataSource, data_source
+
+_log = logging.getLogger(__name__)
+_progress = logging.getLogger(PROGRESS)  # the per-iteration lines: stdout on a command line
 
 
 def initialize(args, parallel, config) -> None:
@@ -99,7 +103,7 @@ def train(args, configs) -> dict:
     initialize(args, parallel, config)
     if dist.get_rank() == 0:
         for note in args.notes:
-            print(f"note: {note}", file=sys.stderr)
+            _log.warning(f"note: {note}")
     source = data_source(args)  # before the model: bad data fails in seconds
     # Micro-batches padded to their longest sample differ in length: megatron's pipeline then
     # sends each activation's shape ahead of it.
@@ -153,9 +157,9 @@ def train(args, configs) -> dict:
             if log is not None:
                 log.write(metrics)
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
-                print(format_line(metrics), flush=True)
+                _progress.info(format_line(metrics))
             if eval_loss is not None:
-                print(format_eval_line(iteration, eval_loss), flush=True)
+                _progress.info(format_eval_line(iteration, eval_loss))
         last = {"lm_loss": metrics.lm_loss, "grad_norm": metrics.grad_norm, **metrics.extra}
         if args.save and (iteration % (args.save_interval or args.train_iters) == 0
                           or iteration == args.train_iters):
@@ -217,8 +221,8 @@ def _resized_source(args, source: DataSource, iteration: int, consumed: int) -> 
     """The data source of a run resumed after ``consumed`` samples with another batch size: the
     training split holds the samples the remaining iterations read."""
     if dist.get_rank() == 0:
-        print(f"note: the checkpoint consumed {consumed} samples in {iteration} iterations (another "
-              f"--global-batch-size): training reads on from sample {consumed}", file=sys.stderr)
+        _log.warning(f"note: the checkpoint consumed {consumed} samples in {iteration} iterations (another "
+                     f"--global-batch-size): training reads on from sample {consumed}")
     needed = consumed + (args.train_iters - iteration) * args.global_batch_size
     if needed <= args.train_iters * args.global_batch_size:
         return source
