@@ -81,7 +81,7 @@ __all__ = [
 ALL_BACKENDS: tuple[str, ...] = ("cpu", "cuda", "npu")
 
 # The megatron-core version every patch was written against and tested with.
-# Keep equal to the pin in setup.py (tests/test_patching.py checks it).
+# Keep equal to the pin in setup.py (tests/unit/test_patching.py checks it).
 SUPPORTED_MEGATRON_CORE = "0.16.1"
 
 _MISSING = object()

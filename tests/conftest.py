@@ -1,11 +1,16 @@
-"""Shared test setup: `npu`-marked tests run only where an Ascend NPU is usable;
-in-process tests share one single-process gloo world (megatron's parallel state
-is process-global, so tests must not each create and destroy their own)."""
+"""Shared test setup: tests under tests/multiprocess are marked `multiprocess` (they start training ranks
+or whole runs; `-m "not multiprocess"` or `tests/unit` is the fast in-process set); `npu`-marked tests run
+only where an Ascend NPU is usable; in-process tests share one single-process gloo world (megatron's
+parallel state is process-global, so tests must not each create and destroy their own). Helpers are in
+the `support` package beside this file."""
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
+
+from support import RELEASED_CONFIG
 
 
 def _npu_usable() -> bool:
@@ -19,7 +24,13 @@ def _npu_usable() -> bool:
     return bool(torch.npu.is_available())
 
 
+MULTIPROCESS = Path(__file__).resolve().parent / "multiprocess"
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MULTIPROCESS in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.multiprocess)
     npu_items = [item for item in items if item.get_closest_marker("npu") is not None]
     if not npu_items or _npu_usable():
         return
@@ -37,11 +48,11 @@ def world1():
 
 @pytest.fixture
 def fake_torch_npu(monkeypatch):
-    """Installs tests/npu_emulation.py (a plain-torch EMULATION of the documented torch_npu API,
+    """Installs tests/support/npu_emulation.py (a plain-torch EMULATION of the documented torch_npu API,
     not torch_npu) as ``sys.modules["torch_npu"]`` for one test; removed afterwards."""
     import sys
 
-    import npu_emulation
+    from support import npu_emulation
 
     monkeypatch.setitem(sys.modules, "torch_npu", npu_emulation)
     monkeypatch.setattr(npu_emulation, "REQUIRE_PADDED_HEAD_DIM", True)
@@ -54,7 +65,7 @@ def fake_torch_npu(monkeypatch):
 def released_config_dir(tmp_path_factory):
     """(directory, config dict): the released DeepSeek-V3 config.json as a BF16 checkpoint has it
     (no quantization_config)."""
-    with open("tests/fixtures/deepseek_v3_config.json") as f:
+    with open(RELEASED_CONFIG) as f:
         hf = json.load(f)
     hf.pop("quantization_config")
     path = tmp_path_factory.mktemp("hf")

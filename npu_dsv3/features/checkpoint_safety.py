@@ -5,7 +5,7 @@ unpickler of ``npu_dsv3.checkpoint.safe_load`` (always on, every backend; the RE
 from typing import List
 
 NAME = "checkpoint-safety"
-TESTS = "tests/test_checkpoint_safety.py"
+TESTS = "tests/unit/test_checkpoint_safety.py"
 ALWAYS_ON = True
 
 _DCP = "torch.distributed.checkpoint"

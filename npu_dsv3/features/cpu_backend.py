@@ -7,7 +7,7 @@ docstring; the replacements are there too.
 from typing import List
 
 NAME = "backend-cpu"
-TESTS = "tests/test_backend.py"
+TESTS = "tests/unit/test_backend.py"
 ALWAYS_ON = True
 # First: the CUDA->CPU device mode must be active before the other features' targets are resolved,
 # which imports megatron modules that may allocate "cuda" tensors at import.

@@ -14,8 +14,8 @@ from typing import List
 from npu_dsv3.argtypes import ArgsError
 
 NAME = "dualpipev"
-TESTS = ("tests/test_dualpipev_schedule.py, tests/test_dualpipev_training.py, tests/test_schedules.py, "
-         "tests/test_weight_grad.py, tests/test_benchmark_fb_overlap.py")
+TESTS = ("tests/multiprocess/test_dualpipev_schedule.py, tests/multiprocess/test_dualpipev_training.py, "
+         "tests/unit/test_schedules.py, tests/unit/test_weight_grad.py, tests/multiprocess/test_benchmark_fb_overlap.py")
 
 LAYOUT_HELP = {"schedules_method": "dualpipev: DeepSeek's bidirectional pipeline schedule (megatron's 1F1B)"}
 FLAGS = {

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 NAME = "kernels"
-TESTS = "tests/test_features.py, tests/test_ops.py, tests/test_ops_npu_paths.py, tests/test_npu_smoke.py"
+TESTS = ("tests/unit/test_features.py, tests/unit/test_ops.py, tests/unit/test_ops_npu_paths.py, "
+         "tests/unit/test_npu_smoke.py")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ field ``ParallelLayout.mla_mm_split`` the converters use.
 import argparse
 
 NAME = "mla-mm-split"
-TESTS = "tests/test_model_layouts.py, tests/test_convert_layouts.py (mla-mm-split cases)"
+TESTS = "tests/multiprocess/test_model_layouts.py, tests/unit/test_convert_layouts.py (mla-mm-split cases)"
 
 LAYOUT_HELP = {"mla_mm_split": "MLA up-projections as separate qk_nope/qk_rope and kv_nope/v linears"}
 FLAGS = {"--mla-mm-split": "layout.mla_mm_split, config.mla_mm_split"}

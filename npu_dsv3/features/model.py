@@ -10,7 +10,7 @@ one does. And megatron places layers uniformly; ours follow ``npu_dsv3.layout`` 
 from typing import List
 
 NAME = "model"
-TESTS = "tests/test_model_parity.py, tests/test_model_layouts.py, tests/test_patching.py"
+TESTS = "tests/unit/test_model_parity.py, tests/multiprocess/test_model_layouts.py, tests/unit/test_patching.py"
 ALWAYS_ON = True
 
 _MLA = "megatron.core.transformer.multi_latent_attention"

@@ -9,7 +9,8 @@ from typing import List
 from npu_dsv3.argtypes import ArgsError, Unsupported, positive_int
 
 NAME = "recompute"
-TESTS = "tests/test_pretrain_layouts.py (recompute runs), tests/test_dualpipev_training.py, tests/test_arguments.py"
+TESTS = ("tests/multiprocess/test_pretrain_layouts.py (recompute runs), tests/multiprocess/test_dualpipev_training.py, "
+         "tests/unit/test_arguments.py")
 
 FLAGS = {
     "--recompute-granularity": "config.recompute_granularity",

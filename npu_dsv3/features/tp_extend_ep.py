@@ -11,7 +11,8 @@ import argparse
 from npu_dsv3.argtypes import ArgsError
 
 NAME = "tp-extend-ep"
-TESTS = "tests/test_model_layouts.py, tests/test_convert_layouts.py, tests/test_pretrain_layouts.py (tp-extend-ep cases)"
+TESTS = ("tests/multiprocess/test_model_layouts.py, tests/unit/test_convert_layouts.py, "
+         "tests/multiprocess/test_pretrain_layouts.py (tp-extend-ep cases)")
 
 LAYOUT_HELP = {"moe_tp_extend_ep": "the tensor ranks of an expert rank hold different whole experts "
                                    "(experts over EP x TP)"}
