@@ -48,7 +48,7 @@ _PERF_ONLY = "a MindSpeed performance switch that npu_dsv3 does not implement; d
 # flag -> where it lands ("config.<field>", "layout.<field>", "args.<name>", "fixed: ...") or why it is refused.
 # Every DeepSeek-V3 recipe flag of Ascend/MindSpeed-LLM examples/mcore/deepseek3 is here or in the FLAGS of one
 # feature module (npu_dsv3.features); FLAG_TABLE is the two together.
-_OWN_FLAGS = {
+OWN_FLAGS = {
     # model shape (npu_dsv3.arguments_model; --hf-config supplies them)
     "--hf-config": "args.hf_config: HF config.json the model-shape flags default to",
     **{flag: f"HF {m.hf_key} -> config" if m.hf_key else f"config.{m.dest}"
@@ -147,7 +147,7 @@ def _merged(own: dict, feature_rows: dict) -> dict:
     return {**own, **feature_rows}
 
 
-FLAG_TABLE = _merged(_OWN_FLAGS, features.flag_table())
+FLAG_TABLE = _merged(OWN_FLAGS, features.flag_table())
 
 _FIXED_SWITCHES = ("--use-mcore-models", "--multi-head-latent-attention", "--multi-latent-attention",
                    "--qk-layernorm", "--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings",

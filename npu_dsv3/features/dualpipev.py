@@ -15,7 +15,8 @@ from npu_dsv3.argtypes import ArgsError
 
 NAME = "dualpipev"
 TESTS = ("tests/multiprocess/test_dualpipev_schedule.py, tests/multiprocess/test_dualpipev_training.py, "
-         "tests/unit/test_schedules.py, tests/unit/test_weight_grad.py, tests/multiprocess/test_benchmark_fb_overlap.py")
+         "tests/unit/test_schedules.py, tests/unit/test_weight_grad.py, "
+         "tests/multiprocess/test_benchmark_fb_overlap.py")
 
 LAYOUT_HELP = {"schedules_method": "dualpipev: DeepSeek's bidirectional pipeline schedule (megatron's 1F1B)"}
 FLAGS = {

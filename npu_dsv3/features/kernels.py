@@ -85,7 +85,8 @@ def patches() -> List:
                    replacement=model.mla_rotary, wrap=True,
                    why="--use-fused-rotary-pos-emb: MLA's RoPE through ops.apply_rotary (npu_rotary_mul on Ascend)")
     return [rotary] + [
-        Patch(name=f"moe.dispatcher_{name}", feature=NAME, target=f"megatron.core.transformer.moe.token_dispatcher.{name}",
+        Patch(name=f"moe.dispatcher_{name}", feature=NAME,
+              target=f"megatron.core.transformer.moe.token_dispatcher.{name}",
               replacement=wrapper, wrap=True,
               why=f"--moe-permute-fusion: the dispatcher's token {name} through ops.{name} (npu_moe_token_{name} on "
               "Ascend) inside MoE layers that enable it")

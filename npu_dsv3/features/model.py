@@ -29,14 +29,16 @@ def patches() -> List:
         Patch(name="mla.duplicated_linear", feature=NAME, target=f"{_MLA}.Linear", replacement=DuplicatedLinear,
               why="MLA accepts an unsplit down-projection only as its `Linear`, which is None without TE; ours holds "
               "the weight whole on every TP rank so the rotary key's gradient sums every rank's heads"),
-        Patch(name="moe.te_general_gemm", feature=NAME, target="megatron.core.transformer.moe.moe_utils.te_general_gemm",
+        Patch(name="moe.te_general_gemm", feature=NAME,
+              target="megatron.core.transformer.moe.moe_utils.te_general_gemm",
               replacement=None, create=True,
               why="the router's gating linear reads te_general_gemm, which is only defined when TE imports"),
         Patch(name="moe.grouped_gemm_ops", feature=NAME, target=f"{_GROUPED_GEMM}.ops",
               replacement=model.GROUPED_GEMM_OPS,
               why="grouped GEMM comes from npu_dsv3.ops.gmm (npu_grouped_matmul on Ascend), not the CUDA "
               "grouped_gemm package"),
-        Patch(name="moe.grouped_gemm_available", feature=NAME, target=f"{_GROUPED_GEMM}.assert_grouped_gemm_is_available",
+        Patch(name="moe.grouped_gemm_available", feature=NAME,
+              target=f"{_GROUPED_GEMM}.assert_grouped_gemm_is_available",
               replacement=model.grouped_gemm_available,
               why="GroupedMLP (and our GroupedExperts built on it) asserts the CUDA grouped_gemm package at init"),
     ] + [

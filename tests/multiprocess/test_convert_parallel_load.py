@@ -12,10 +12,10 @@ import torch
 from npu_dsv3.cli import main
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
-from support import TESTS, free_port, process_env
+from support import MP_LOAD_CONVERTED, free_port, process_env
 from support.checkpoint_files import hf_tensors
 
-SCRIPT = str(TESTS / "support" / "mp_load_converted.py")
+SCRIPT = str(MP_LOAD_CONVERTED)
 
 
 def test_tp2_ep2_ranks_load_legacy_and_torch_dist_checkpoints(tmp_path):

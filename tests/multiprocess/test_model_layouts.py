@@ -19,11 +19,10 @@ from npu_dsv3.model import forward_logits, load_hf
 from npu_dsv3.model.placement import layer_offset, pipeline_layout
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
-from support import free_port, process_env
+from support import MP_LOAD_CONVERTED, free_port, process_env
 
-HERE = os.path.dirname(__file__)
 STAGES_SCRIPT = os.path.abspath(__file__)
-LOAD_SCRIPT = os.path.join(HERE, "mp_load_converted.py")
+LOAD_SCRIPT = str(MP_LOAD_CONVERTED)
 
 # Pipeline layouts of a 4-real-layer model on 2 pipeline ranks: config overrides, and the
 # converter's flags for the same layout.

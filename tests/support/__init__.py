@@ -19,6 +19,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RELEASED_CONFIG = FIXTURES / "deepseek_v3_config.json"
 SHELL = REPO / "shell"
 BENCHMARKS = REPO / "benchmarks"
+MP_LOAD_CONVERTED = Path(__file__).resolve().parent / "mp_load_converted.py"
 
 
 def free_port() -> int:

@@ -1,5 +1,5 @@
-"""Run by tests/multiprocess/test_convert_parallel_load.py and tests/multiprocess/test_model_layouts.py in each of several
-processes (gloo): build this rank's TP / PP / EP shard of the model for the layout of the flags,
+"""Run by tests/multiprocess/test_convert_parallel_load.py and tests/multiprocess/test_model_layouts.py in
+each of several processes (gloo): build this rank's TP / PP / EP shard of the model for the layout of the flags,
 load a converted checkpoint the way training does (the legacy rank file with a strict
 ``load_state_dict``; torch_dist through megatron's loader) and print, as one JSON line, the
 relative max difference of this rank's vocabulary columns of the logits from transformers'

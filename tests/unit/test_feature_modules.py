@@ -1,6 +1,7 @@
 """The feature modules (npu_dsv3.features): each holds its flags, checks, config fields and patches; the
 patch hook and FLAG_TABLE are built from them; `npu-dsv3 patches` lists patches by feature."""
 
+import argparse
 import json
 import os
 import shlex
@@ -13,7 +14,7 @@ import pytest
 import npu_dsv3
 from npu_dsv3 import features
 from npu_dsv3.argtypes import Unsupported
-from npu_dsv3.arguments import _OWN_FLAGS, FLAG_TABLE, _Parser, build_parser
+from npu_dsv3.arguments import FLAG_TABLE, OWN_FLAGS, build_parser
 from npu_dsv3.layout import training_flag
 from npu_dsv3.patching import patch_status, unregister
 
@@ -70,7 +71,7 @@ def test_the_hook_finds_a_new_feature_module_by_its_file(tmp_path, monkeypatch):
 def test_a_feature_declares_exactly_its_flags(module):
     """What add_flags declares, plus the layout flags it gives help for, plus the flags it refuses, is its
     FLAGS; each declared flag has help."""
-    parser = _Parser()
+    parser = argparse.ArgumentParser()
     if hasattr(module, "add_flags"):
         module.add_flags(parser)
     declared = {o for a in parser._actions if a.help != "==SUPPRESS==" for o in a.option_strings} - {"-h", "--help"}
@@ -81,7 +82,7 @@ def test_a_feature_declares_exactly_its_flags(module):
 
 
 def test_flag_table_is_the_own_rows_and_the_features():
-    assert FLAG_TABLE == {**_OWN_FLAGS, **features.flag_table()}
+    assert FLAG_TABLE == {**OWN_FLAGS, **features.flag_table()}
     options = {o for a in build_parser()._actions for o in a.option_strings} - {"-h", "--help"}
     assert options == set(FLAG_TABLE)
 
@@ -89,7 +90,7 @@ def test_flag_table_is_the_own_rows_and_the_features():
 @pytest.mark.parametrize("text", [PRETRAIN_A3, PRETRAIN_A2, TUNE_FULL_A3, TUNE_LORA_A3_EXTRA],
                          ids=["pretrain_A3", "pretrain_A2", "tune_full_A3", "tune_lora_A3"])
 def test_every_recipe_flag_is_declared_exactly_once(text):
-    sources = [_OWN_FLAGS] + [getattr(m, "FLAGS", {}) for m in MODULES]
+    sources = [OWN_FLAGS] + [getattr(m, "FLAGS", {}) for m in MODULES]
     counts = {flag: sum(flag in rows for rows in sources) for flag in flags(text)}
     assert {flag: n for flag, n in counts.items() if n != 1} == {}
 
@@ -103,7 +104,7 @@ def test_shipped_recipe_flags_are_declared_exactly_once(recipe):
     assert proc.returncode == 0, proc.stderr
     argv = shlex.split(proc.stdout)
     entry = next(i for i, a in enumerate(argv) if a in ("npu_dsv3.pretrain", "npu_dsv3.finetune"))
-    sources = [_OWN_FLAGS] + [getattr(m, "FLAGS", {}) for m in MODULES]
+    sources = [OWN_FLAGS] + [getattr(m, "FLAGS", {}) for m in MODULES]
     counts = {flag: sum(flag in rows for rows in sources) for flag in flags(" ".join(argv[entry + 1:]))}
     assert len(counts) > 40 and {flag: n for flag, n in counts.items() if n != 1} == {}
 
