@@ -36,6 +36,8 @@ setup(
         "psutil",
         # parquet input of `npu-dsv3 data preprocess`
         "pyarrow",
+        # LoRA adapters are written in PEFT's format and checked against PeftModel (npu_dsv3.lora.export)
+        "peft>=0.21,<0.22",
     ],
     extras_require={
         "npu": ["torch_npu"],  # choose the release matching your torch and CANN

@@ -132,10 +132,6 @@ OWN_FLAGS = {
         "apex's CUDA fused_weight_gradient_mlp_cuda); npu_dsv3.ops has none"),
     "--shape-order": Unsupported("npu_dsv3.ops.mla_attention chooses the attention layout (BSND, or TND for "
                                  "packed sequences) itself"),
-    "--lora-r": Unsupported("LoRA fine-tuning is not implemented in npu_dsv3; fine-tune all weights"),
-    "--lora-alpha": Unsupported("LoRA fine-tuning is not implemented in npu_dsv3; fine-tune all weights"),
-    "--lora-fusion": Unsupported("LoRA fine-tuning is not implemented in npu_dsv3; fine-tune all weights"),
-    "--lora-target-modules": Unsupported("LoRA fine-tuning is not implemented in npu_dsv3; fine-tune all weights"),
     "--qlora": Unsupported("QLoRA fine-tuning is not implemented in npu_dsv3; fine-tune all weights"),
 }
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,25 @@ class DeepSeekV3TransformerConfig(MLATransformerConfig):
     moe_tp_extend_ep: bool = False
     """``--moe-tp-extend-ep``: each TP rank of an EP rank holds different whole experts;
     ``expert_model_parallel_size`` is then megatron's expert group, EP x TP, and expert TP is 1."""
+
+    # LoRA (npu_dsv3.features.lora sets them from the flags; npu_dsv3.lora builds the adapters).
+    lora_rank: int = 0
+    """``--lora-r``; 0: no LoRA. Otherwise the base weights are frozen and ``lora_targets`` adapted."""
+
+    lora_alpha: float = 32.0
+    """``--lora-alpha``: the update is scaled by alpha / r."""
+
+    lora_dropout: float = 0.0
+    """``--lora-dropout``: dropout on the adapters' input."""
+
+    lora_targets: Tuple[str, ...] = ()
+    """Canonical targets (``npu_dsv3.lora.targets.CANONICAL``)."""
+
+    lora_fusion: bool = False
+    """``--lora-fusion``: a row-parallel adapter's partial output joins the base's before its reduction."""
+
+    lora_seed: int = 1234
+    """Seed of the adapters' initialisation (``--seed``), per adapter and HF name: layout-independent."""
 
 
 FP8_CAST_COMMAND = (

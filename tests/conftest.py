@@ -39,6 +39,17 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_moe_loss_tracker():
+    """megatron's MoE aux-loss tracker is process-global and sized by the first model that logs into it:
+    a model with more layers in a later test would index past it. Each test starts with it empty."""
+    yield
+    import sys
+
+    if "megatron.core.transformer.moe.moe_utils" in sys.modules:
+        sys.modules["megatron.core.transformer.moe.moe_utils"].get_moe_layer_wise_logging_tracker().clear()
+
+
 @pytest.fixture(scope="session")
 def world1():
     from npu_dsv3.distributed import ensure_single_process_group

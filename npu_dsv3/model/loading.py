@@ -12,6 +12,7 @@ from npu_dsv3.model.builder import build_model
 # The module, not its names: rank_state imports npu_dsv3.model, which may still be importing this.
 from npu_dsv3.checkpoint import rank_state
 from npu_dsv3.layout import ParallelLayout, PipelineLayout, training_flag
+from npu_dsv3.lora.targets import is_lora_param
 
 
 def _mtp_present(reader: HFCheckpointReader, hf_config: dict) -> bool:
@@ -94,7 +95,7 @@ def load_hf_weights(model, get: Callable[[str], torch.Tensor], source: str) -> N
     """Copy every tensor the model owns from HF tensors read by ``get``; any mismatch is an error."""
     values = rank_state.chunk_state_dict(model.config, single_rank_layout(model.config), get, 0, 0, 0, 0)
     params = model.state_dict(keep_vars=True)
-    expected = {k for k in params if not k.endswith("_extra_state")}
+    expected = {k for k in params if not k.endswith("_extra_state") and not is_lora_param(k)}
     if values.keys() != expected:
         missing, extra = sorted(expected - values.keys()), sorted(values.keys() - expected)
         raise CheckpointError(f"{source} does not fit the model: no source for {missing[:5]}, "

@@ -52,6 +52,7 @@ from npu_dsv3.checkpoint.mcore_dist import FORMAT, in_process_save_strategy, rel
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.sources import TRACKER_FILE, tracked_dir
 from npu_dsv3.layout import rank_dir_name
+from npu_dsv3.lora.targets import is_lora_param
 
 _log = logging.getLogger(__name__)
 
@@ -95,13 +96,26 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _model_state(model_chunks) -> dict:
+# Which tensors of the model a save or load covers: everything, the LoRA adapters only
+# (--lora-ckpt-filter, --lora-load), or everything but them (a base checkpoint under a LoRA model).
+ALL, LORA, BASE = "all", "lora", "base"
+LORA_FILE = "lora_config.json"  # beside a LoRA run's checkpoints: r, alpha, dropout, targets, fusion
+
+
+def _part(weights: dict, part: str) -> dict:
+    if part == ALL:
+        return weights
+    return {k: v for k, v in weights.items() if is_lora_param(k) == (part == LORA)}
+
+
+def _model_state(model_chunks, part: str = ALL) -> dict:
     # A pipeline stage holding MTP but not the embedding ties its copy of the embedding to the first
     # stage's through this group (GPTModel.sharded_state_dict reads it).
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     if len(model_chunks) == 1:
-        return {"model": _unwrap(model_chunks[0]).sharded_state_dict(metadata=metadata)}
-    return {f"model{i}": _unwrap(c).sharded_state_dict(metadata=metadata) for i, c in enumerate(model_chunks)}
+        return {"model": _part(_unwrap(model_chunks[0]).sharded_state_dict(metadata=metadata), part)}
+    return {f"model{i}": _part(_unwrap(c).sharded_state_dict(metadata=metadata), part)
+            for i, c in enumerate(model_chunks)}
 
 
 def _model_sharded(state: dict) -> dict:
@@ -124,8 +138,8 @@ def _layout() -> Dict[str, int]:
 
 
 def _sharded_state(model_chunks, optimizer, scheduler, iteration: int, args: dict, rng: bool, optim: bool,
-                   loading: bool = False):
-    state = _model_state(model_chunks)
+                   loading: bool = False, part: str = ALL):
+    state = _model_state(model_chunks, part)
     if optim and optimizer is not None:
         # Loading: megatron first gives a fresh optimizer the state entries the checkpoint fills.
         state["optimizer"] = optimizer.sharded_state_dict(_model_sharded(state), is_loading=loading,
@@ -255,7 +269,7 @@ def _check_legacy_optimizer(optimizer, directory: str) -> None:
 
 
 def _save_legacy(staging: str, model_chunks, optimizer, scheduler, iteration: int, args: dict, rng: bool,
-                 optim: bool) -> None:
+                 optim: bool, part: str = ALL) -> None:
     path = _legacy_file(staging)
     optim = optim and optimizer is not None
     param_state = _param_state(optimizer) if optim and _is_distributed(optimizer) else None
@@ -266,7 +280,7 @@ def _save_legacy(staging: str, model_chunks, optimizer, scheduler, iteration: in
                "opt_param_scheduler": scheduler.state_dict() if scheduler else None,
                "optimizer": optimizer.state_dict() if optim else None}
     for i, chunk in enumerate(model_chunks):
-        payload["model" if len(model_chunks) == 1 else f"model{i}"] = _unwrap(chunk).state_dict()
+        payload["model" if len(model_chunks) == 1 else f"model{i}"] = _part(_unwrap(chunk).state_dict(), part)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(payload, path)
     if param_state is not None:
@@ -276,8 +290,11 @@ def _save_legacy(staging: str, model_chunks, optimizer, scheduler, iteration: in
 def save_checkpoint(root: str, iteration: int, model_chunks: List, optimizer, scheduler,
                     args: Optional[dict] = None, ckpt_format: str = FORMAT, workers: int = 2,
                     save_optim: bool = True, save_rng: bool = True, hf_config: Optional[dict] = None,
-                    tokenizer_dir: Optional[str] = None, publish: bool = True) -> str:
+                    tokenizer_dir: Optional[str] = None, publish: bool = True, lora_only: bool = False,
+                    lora: Optional[dict] = None) -> str:
     """Every rank calls this; returns the checkpoint directory once the tracker names it.
+    ``lora_only`` (``--lora-ckpt-filter``): the model's LoRA adapters only (the optimizer holds nothing else);
+    ``lora``: the adapters' description (rank, alpha, targets), written beside as ``LORA_FILE``.
     ``save_optim`` / ``save_rng`` False: ``--no-save-optim`` / ``--no-save-rng``. ``hf_config``
     (and the tokenizer files of ``tokenizer_dir``) go beside the checkpoints, where ``npu-dsv3
     convert mcore2hf`` and ``verify --mcore-dir`` read the model's description. ``publish`` False:
@@ -292,12 +309,12 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List, optimizer, sc
     try:
         if ckpt_format == FORMAT:
             state = _sharded_state(model_chunks, optimizer, scheduler, iteration, dict(args or {}), rng=save_rng,
-                                   optim=save_optim)
+                                   optim=save_optim, part=LORA if lora_only else ALL)
             dist_checkpointing.save(state, staging, sharded_strategy=in_process_save_strategy(workers),
                                     validate_access_integrity=True)
         elif ckpt_format == "torch":
             _save_legacy(staging, model_chunks, optimizer, scheduler, iteration, dict(args or {}), rng=save_rng,
-                         optim=save_optim)
+                         optim=save_optim, part=LORA if lora_only else ALL)
         else:
             raise ValueError(f"--ckpt-format {ckpt_format}: use torch_dist or torch")
         dist.barrier()
@@ -314,6 +331,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List, optimizer, sc
         os.replace(staging, final)
         if hf_config is not None:
             _describe_model(root, hf_config, tokenizer_dir)
+        if lora is not None:
+            io.atomic_write_json(lora, os.path.join(root, LORA_FILE), sort_keys=True)
     if publish:
         publish_checkpoint(root, iteration)
     else:
@@ -376,16 +395,37 @@ def load_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=Non
 
 
 def resume_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=None, finetune: bool = False,
-                      load_optim: bool = True, load_rng: bool = True) -> Resumed:
-    """``load_checkpoint``, also returning the flags the checkpoint was saved with."""
+                      load_optim: bool = True, load_rng: bool = True, lora_load: Optional[str] = None) -> Resumed:
+    """``load_checkpoint``, also returning the flags the checkpoint was saved with.
+
+    A LoRA model (``npu_dsv3.lora``): with ``lora_load`` the base weights come from ``root`` and the
+    adapters, with the iteration, optimizer, scheduler and RNG states, from ``lora_load`` (a checkpoint
+    saved with or without ``--lora-ckpt-filter``). Without it, a ``root`` that holds adapters resumes
+    them; one that holds none (a base model) gives the base weights and fresh adapters, from iteration 0.
+    """
+    lora_model = any(is_lora_param(name) for chunk in model_chunks for name, _ in _unwrap(chunk).named_parameters())
+    if lora_load is not None:
+        _load(root, "--load", model_chunks, None, None, True, False, False, BASE, True)
+        return _load(lora_load, "--lora-load", model_chunks, optimizer, scheduler, finetune, load_optim, load_rng,
+                     LORA, True)
+    return _load(root, "--load", model_chunks, optimizer, scheduler, finetune, load_optim, load_rng, ALL, lora_model)
+
+
+def _load(root: str, flag: str, model_chunks, optimizer, scheduler, finetune: bool, load_optim: bool,
+          load_rng: bool, part: str, lora_model: bool) -> Resumed:
+    """One checkpoint's ``part`` of the model (see ``_stored_part``)."""
     directory = latest_checkpoint(root)
     if directory is None:
-        raise CheckpointError(f"--load {root}: no {TRACKER_FILE} there")
+        raise CheckpointError(f"{flag} {root}: no {TRACKER_FILE} there")
     load_rng = load_rng and not finetune
     load_optim = load_optim and not finetune and optimizer is not None
     if release_dir(root) is None:
-        return _load_legacy(directory, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng)
+        return _load_legacy(directory, flag, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng,
+                            part, lora_model)
     stored = dist_checkpointing.load_common_state_dict(directory)
+    part = _stored_part(part, list(dist_checkpointing.load_tensors_metadata(directory)), directory, flag, lora_model)
+    if part == BASE:  # a base under a LoRA model: weights only, and the run starts over
+        finetune, load_optim, load_rng = True, False, False
     # What the checkpoint holds: a converted one has the weights only.
     load_optim = load_optim and stored.get("has_optimizer", False)
     load_rng = load_rng and stored.get("has_rng", False) and _same_layout(stored.get("layout"))
@@ -393,14 +433,15 @@ def resume_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=N
         _check_optimizer_kinds(stored.get("optimizers"), optimizer, directory)
         _zero_distributed_optimizer_state(optimizer)
     sharded = _sharded_state(model_chunks, optimizer, scheduler, 0, {}, rng=load_rng, optim=load_optim,
-                             loading=True)
+                             loading=True, part=part)
     for key in ("iteration", "checkpoint_version", "args", "opt_param_scheduler", "has_optimizer", "has_rng",
                 "layout", "optimizers"):
         sharded.pop(key, None)
     state = dist_checkpointing.load(sharded, directory)
     for i, chunk in enumerate(model_chunks):
         # A chunk without weights (noop layers only) has no entry in what the load returns.
-        _unwrap(chunk).load_state_dict(state.get("model" if len(model_chunks) == 1 else f"model{i}", {}))
+        _unwrap(chunk).load_state_dict(state.get("model" if len(model_chunks) == 1 else f"model{i}", {}),
+                                       strict=part == ALL)
     if load_optim:
         with _loading_torch_adam(optimizer):
             optimizer.load_state_dict(state["optimizer"])
@@ -409,6 +450,24 @@ def resume_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=N
     if load_rng:
         _set_rng_state(state["rng_state"])
     return _resumed(stored, finetune)
+
+
+def _stored_part(part: str, names, directory: str, flag: str, lora_model: bool) -> str:
+    """The part of the model to load from a checkpoint holding tensors ``names``. ALL under a LoRA model
+    becomes BASE when the checkpoint holds no adapters (a base model); adapters alone cannot stand for a
+    whole model, and a model without LoRA cannot take them."""
+    names = [n for n in names if not n.startswith(("optimizer", "rng_state"))]
+    has_lora = any(is_lora_param(n) for n in names)
+    has_base = any(not is_lora_param(n) and not n.endswith("_extra_state") for n in names)
+    if part == LORA and not has_lora:
+        raise CheckpointError(f"{flag} {directory} holds no LoRA adapters: it is not a LoRA checkpoint")
+    if part != LORA and not has_base:
+        raise CheckpointError(f"{flag} {directory} holds only LoRA adapters (--lora-ckpt-filter): give the base "
+                              "model with --load and this with --lora-load")
+    if has_lora and not lora_model:
+        raise CheckpointError(f"{flag} {directory} holds LoRA adapters: train it with the --lora-* flags it was "
+                              "saved with, or merge them first (npu-dsv3 convert mcore2hf --lora-load)")
+    return BASE if part == ALL and lora_model and not has_lora else part
 
 
 def _resumed(stored: dict, finetune: bool) -> Resumed:
@@ -450,9 +509,10 @@ def _same_layout(saved: Optional[dict]) -> bool:
     return False
 
 
-def _load_rank_weights(model, weights: dict, path: str) -> None:
-    """A rank file's weights, or one line naming the first tensor that does not fit this run's model."""
-    own = model.state_dict()
+def _load_rank_weights(model, weights: dict, path: str, part: str = ALL) -> None:
+    """A rank file's weights (``part`` of them), or one line naming the first tensor that does not fit this
+    run's model."""
+    own = _part(model.state_dict(), part)
     for name, tensor in own.items():
         if name.endswith("_extra_state"):
             continue
@@ -464,21 +524,26 @@ def _load_rank_weights(model, weights: dict, path: str) -> None:
                                   f"{tuple(tensor.shape)}: it was written for another layout (compare "
                                   "--tensor-model-parallel-size / --expert-tensor-parallel-size / --moe-tp-extend-ep "
                                   "/ --mla-mm-split with the conversion's)")
-    unused = sorted(k for k in weights if k not in own and not k.endswith("_extra_state"))
+    unused = sorted(k for k in _part(weights, part) if k not in own and not k.endswith("_extra_state"))
     if unused:
         raise CheckpointError(f"{path} holds {unused[0]} (and {len(unused) - 1} more) that this run's model lacks: "
                               "it holds another model or layout than these flags give")
-    model.load_state_dict(weights)
+    model.load_state_dict(_part(weights, part), strict=part == ALL)
 
 
-def _load_legacy(directory: str, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng) -> Resumed:
+def _load_legacy(directory: str, flag: str, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng,
+                 part: str, lora_model: bool) -> Resumed:
     path = _legacy_file(directory)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: {directory} was saved with another tensor / pipeline / expert "
                               "parallel layout (convert it with `npu-dsv3 convert reshard`)")
     payload = load_torch(path, map_location="cpu")
-    for i, chunk in enumerate(model_chunks):
-        _load_rank_weights(_unwrap(chunk), payload["model" if len(model_chunks) == 1 else f"model{i}"], path)
+    models = [payload.get("model" if len(model_chunks) == 1 else f"model{i}") or {} for i in range(len(model_chunks))]
+    part = _stored_part(part, [k for weights in models for k in weights], directory, flag, lora_model)
+    if part == BASE:  # a base under a LoRA model: weights only, and the run starts over
+        finetune, load_optim, load_rng = True, False, False
+    for chunk, weights in zip(model_chunks, models):
+        _load_rank_weights(_unwrap(chunk), weights, path, part)
     if load_optim and payload.get("optimizer") is not None:
         _check_legacy_optimizer(optimizer, os.path.dirname(path))
         with _loading_torch_adam(optimizer):

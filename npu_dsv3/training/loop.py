@@ -115,7 +115,8 @@ def train(args, configs) -> dict:
     iteration = consumed = 0
     if args.load:
         resumed = resume_checkpoint(args.load, chunks, optimizer, scheduler, finetune=args.finetune,
-                                    load_optim=args.load_optim, load_rng=args.load_rng)
+                                    load_optim=args.load_optim, load_rng=args.load_rng,
+                                    lora_load=args.lora_load)
         iteration, consumed = resumed.iteration, consumed_samples(args, resumed)
         if consumed != iteration * args.global_batch_size:
             source = _resized_source(args, source, iteration, consumed)
@@ -167,7 +168,8 @@ def train(args, configs) -> dict:
             save_checkpoint(args.save, iteration, chunks, optimizer, scheduler,
                             args={**saved_args(args), "consumed_train_samples": consumed},
                             ckpt_format=args.ckpt_format, save_optim=args.save_optim, save_rng=args.save_rng,
-                            hf_config=args.hf, tokenizer_dir=args.tokenizer_name_or_path, publish=final)
+                            hf_config=args.hf, tokenizer_dir=args.tokenizer_name_or_path, publish=final,
+                            lora_only=args.lora_ckpt_filter, lora=lora_description(config))
             pending = None if final else iteration
     if log is not None:
         log.close()
@@ -204,6 +206,14 @@ def _stop_non_finite(args, metrics, pending: Optional[int]) -> None:
     check_finite(metrics, where)  # the ranks that hold the value name it
     raise NonFiniteLossError(f"a loss is not finite at iteration {metrics.iteration} (on the last pipeline "
                              f"stage): stopping; {where}; lower --lr or check the data")
+
+
+def lora_description(config) -> Optional[dict]:
+    """What a LoRA run's checkpoints record of its adapters (None without LoRA)."""
+    if not config.lora_rank:
+        return None
+    return {"r": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "targets": list(config.lora_targets), "fusion": config.lora_fusion}
 
 
 def consumed_samples(args, resumed) -> int:

@@ -1,0 +1,126 @@
+"""LoRA adapters on the HF side: PEFT adapter directories and merged weights.
+
+``peft_tensors`` turns the adapters of a whole model (every tensor unsplit, megatron names keyed by HF
+layer) into PEFT's ``adapter_model.safetensors`` entries for transformers 5's ``DeepseekV3ForCausalLM``:
+attention projections and ``lm_head`` as ``target_modules``; every MLP weight -- dense, shared experts, and
+the fused routed experts ``mlp.experts.gate_up_proj`` / ``down_proj`` -- as ``target_parameters`` (PEFT
+rewrites a ``gate_proj``/``up_proj``/``down_proj`` module target into a routed-expert one and drops the
+dense and shared MLPs' adapters; as parameters all of them load). PEFT stacks one wrapper per targeted
+parameter of a module, the last listed outermost, so the routed experts' fc1 adapter sits under
+``mlp.experts.base_layer`` when fc2 is adapted too. The fc1 adapter (gate and up share A) becomes one
+adapter per HF projection with A repeated. MTP's adapters have no transformers module: they are left
+out of the adapter (``merged_deltas`` has them) and the config says so.
+
+``merged_deltas`` gives (alpha / r) B A per adapted HF tensor, in fp32, for merging into full weights.
+"""
+
+import os
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+
+from npu_dsv3.lora.targets import HF_MODULES, OUTPUT_LAYER
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+# Adapter = (canonical target, HF layer or None for the output layer) -> its unsplit tensors:
+#   linears: {"A": [r, in], "B": [out, r]} (fc1's B rows [gate; up]);
+#   routed experts: {"A": [E, r, in], "B": [E, out, r]} (fc1's out rows [gate; up]).
+Adapters = Dict[Tuple[str, int], Dict[str, torch.Tensor]]
+
+
+def _hf_linears(target: str, layer, tensors: Dict[str, torch.Tensor]) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """(HF module or parameter name, A, B) of one adapter; fc1 gives gate and up, A shared."""
+    a, b = tensors["A"], tensors["B"]
+    names = [OUTPUT_LAYER_HF if target == OUTPUT_LAYER else f"model.layers.{layer}.{m}" for m in HF_MODULES[target]]
+    if target.endswith("linear_fc1") and not target.startswith("experts"):
+        gate, up = b.chunk(2, dim=0)
+        yield names[0], a, gate
+        yield names[1], a, up
+        return
+    yield names[0], a, b
+
+
+OUTPUT_LAYER_HF = "lm_head"
+
+
+def merged_deltas(adapters: Adapters, alpha: float, r: int) -> Dict[str, torch.Tensor]:
+    """HF weight name -> (alpha / r) B A in fp32, the update a merge adds. Routed experts give the fused
+    transformers-5 names' per-expert parts under the release's names (``mlp.experts.{e}.gate_proj.weight``)."""
+    scale, out = alpha / r, {}
+    for (target, layer), tensors in adapters.items():
+        if target.startswith("experts"):
+            a, b = tensors["A"].float(), tensors["B"].float()
+            delta = torch.bmm(b, a) * scale  # [E, out, in]
+            for e in range(delta.shape[0]):
+                prefix = f"model.layers.{layer}.mlp.experts.{e}"
+                if target.endswith("linear_fc1"):
+                    gate, up = delta[e].chunk(2, dim=0)
+                    out[f"{prefix}.gate_proj.weight"], out[f"{prefix}.up_proj.weight"] = gate, up
+                else:
+                    out[f"{prefix}.down_proj.weight"] = delta[e]
+            continue
+        for name, a, b in _hf_linears(target, layer, tensors):
+            weight = name if name.endswith(".weight") else f"{name}.weight"
+            out[weight] = (b.float() @ a.float()) * scale
+    return out
+
+
+def peft_tensors(adapters: Adapters, num_hidden_layers: int) -> Dict[str, torch.Tensor]:
+    """PEFT's adapter_model.safetensors entries (MTP's adapters, layer ``num_hidden_layers``, left out)."""
+    out = {}
+    experts = {(layer, t) for t, layer in adapters if t.startswith("experts")}
+    for (target, layer), tensors in sorted(adapters.items(), key=lambda kv: (kv[0][1] is None, kv[0][1] or 0, kv[0][0])):
+        if layer is not None and layer >= num_hidden_layers:
+            continue
+        if target.startswith("experts"):
+            nested = target == "experts.linear_fc1" and (layer, "experts.linear_fc2") in experts
+            name = f"model.layers.{layer}.mlp.experts" + (".base_layer" if nested else "")
+            a, b = tensors["A"], tensors["B"]  # [E, r, in], [E, out, r]
+            experts_n, r = a.shape[0], a.shape[1]
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.reshape(experts_n * r, a.shape[2]).contiguous()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], r * experts_n).contiguous()
+            continue
+        for hf_name, a, b in _hf_linears(target, layer, tensors):
+            module = hf_name[: -len(".weight")] if hf_name.endswith(".weight") else hf_name
+            out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.clone()  # fc1's A serves gate and up
+            out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
+    return out
+
+
+def peft_config(targets: List[str], r: int, alpha: float, dropout: float, base_model: str,
+                left_out_mtp: bool) -> dict:
+    """adapter_config.json for ``targets`` (canonical names)."""
+    modules, parameters = [], []
+    for target in targets:
+        for hf in HF_MODULES[target]:
+            if hf.endswith(".weight") or target.startswith("experts"):
+                parameters.append(hf)  # matched as a suffix of the parameter's name
+            else:
+                modules.append(hf.rsplit(".", 1)[-1])  # matched as the module's last name
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": r, "lora_alpha": alpha,
+        # PEFT's wrapper of target_parameters refuses dropout; dropout only acts in training.
+        "lora_dropout": 0.0 if parameters else dropout,
+        "target_modules": modules or None, "target_parameters": parameters or None,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None,
+    }
+    if left_out_mtp:
+        config["npu_dsv3_note"] = ("the MTP layer's adapters are left out: transformers has no MTP module; "
+                                   "`npu-dsv3 convert mcore2hf --lora-load` merges them")
+    return config
+
+
+def write_peft_adapter(directory: str, tensors: Dict[str, torch.Tensor], config: dict) -> None:
+    """adapter_model.safetensors and adapter_config.json, each written atomically."""
+    from safetensors.torch import save_file
+
+    from npu_dsv3.checkpoint.io import atomic_write, atomic_write_json
+
+    os.makedirs(directory, exist_ok=True)
+    with atomic_write(os.path.join(directory, ADAPTER_WEIGHTS)) as path:
+        save_file(tensors, path, metadata={"format": "pt"})
+    atomic_write_json(config, os.path.join(directory, ADAPTER_CONFIG), sort_keys=True)

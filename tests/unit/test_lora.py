@@ -1,0 +1,178 @@
+"""LoRA in one process: the flags, the transform (base frozen, B = 0 changes nothing), and the oracles --
+transformers + PEFT loaded with our exported adapter, and the merged HF weights, give our logits."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from npu_dsv3.arguments import ArgsError, build_configs, parse_args
+from npu_dsv3.lora.export import merged_deltas, peft_config, peft_tensors, write_peft_adapter
+from npu_dsv3.lora.layers import init_a, local_adapters
+from npu_dsv3.lora.targets import ALIASES, CANONICAL, HF_MODULES, TargetError, resolve
+from npu_dsv3.model import forward_logits, load_hf
+from npu_dsv3.tiny_model import make_hf_model, save_hf
+
+SEED = 3
+TOLERANCE = 1e-5  # relative, fp32
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = save_hf(make_hf_model(seed=SEED), str(tmp_path_factory.mktemp("lora_hf")))
+    return path
+
+
+def _ids(n=2, seq=17, seed=0):
+    return torch.randint(0, 203, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _randomize(model, seed=5, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _adapters(model, vocab):
+    out = {k: {kk: vv.detach().clone() for kk, vv in v.items()} for k, v in local_adapters(model).items()}
+    if ("output_layer", None) in out:
+        out[("output_layer", None)]["B"] = out[("output_layer", None)]["B"][:vocab]  # vocabulary padding
+    return out
+
+
+def _rel(a, b, dtype=torch.float32):
+    if dtype == torch.float32:
+        return ((a - b).abs().max() / b.abs().max()).item()
+    # bf16: rounding may flip a token's routed experts, so the typical error is what is bounded
+    return ((a - b).abs().mean() / b.abs().mean()).item()
+
+
+# --------------------------------------------------------------------------- target names
+
+
+def test_names_resolve_to_canonical_targets():
+    assert resolve(["linear_fc1"]) == ("mlp.linear_fc1", "shared_experts.linear_fc1", "experts.linear_fc1")
+    assert resolve(["linear_qkv", "linear_qb", "linear_kvb"]) == (
+        "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
+    assert resolve(["shared_experts.linear_fc2", "output_layer"]) == ("shared_experts.linear_fc2", "output_layer")
+    assert set(HF_MODULES) == set(CANONICAL) and set(ALIASES) >= {"linear_qkv", "linear_qb", "linear_kvb"}
+    with pytest.raises(TargetError, match="--lora-target-modules linear_qkvv: not a linear"):
+        resolve(["linear_qkvv"])
+
+
+BASE = ["--micro-batch-size", "1", "--seq-length", "16", "--train-iters", "2", "--lr", "1e-4", "--mock-data"]
+
+
+def _parse(hf_dir, *extra, world=1):
+    return parse_args(["--hf-config", hf_dir, *BASE, *extra], world, "pretrain")
+
+
+def test_flags_set_the_config(tiny):
+    args = _parse(tiny, "--lora-target-modules", "linear_qkv", "experts.linear_fc2", "--lora-r", "8",
+                  "--lora-alpha", "16", "--moe-grouped-gemm", "--lora-fusion")
+    config = build_configs(args).model
+    assert (config.lora_rank, config.lora_alpha, config.lora_fusion) == (8, 16.0, True)
+    assert config.lora_targets == ("linear_q_down_proj", "linear_kv_down_proj", "experts.linear_fc2")
+    assert config.moe_router_bias_update_rate == 0.0  # the expert bias is part of the frozen base
+    defaults = build_configs(_parse(tiny, "--lora-target-modules", "linear_proj")).model
+    assert (defaults.lora_rank, defaults.lora_alpha, defaults.lora_dropout) == (16, 32.0, 0.0)
+    assert build_configs(_parse(tiny)).model.lora_rank == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--lora-r", "8"], "--lora-r needs --lora-target-modules"),
+    (["--lora-target-modules", "linear_fc9"], "linear_fc9: not a linear"),
+    (["--lora-target-modules", "experts.linear_fc1"], "add --moe-grouped-gemm"),
+    (["--lora-target-modules", "linear_proj", "--lora-load", "/x"], "--lora-load adds adapters on top"),
+    (["--lora-target-modules", "linear_proj", "--lora-dropout", "1.5"], "must lie in"),
+    (["--lora-target-modules", "linear_qb", "--mla-mm-split"], "--mla-mm-split"),
+    (["--lora-modules-to-save", "word_embeddings"], "--lora-modules-to-save is not supported"),
+    (["--lora-register-forward-hook"], "--lora-register-forward-hook is not supported"),
+])
+def test_bad_lora_flags_are_one_line(tiny, extra, message):
+    with pytest.raises(ArgsError, match=message):
+        _parse(tiny, *extra)
+
+
+def test_a_target_the_model_lacks_is_an_error(tmp_path):
+    dense = save_hf(make_hf_model(seed=1, first_k_dense_replace=3), str(tmp_path / "dense"))
+    with pytest.raises(ArgsError, match="experts.linear_fc1 name no linear of this model"):
+        build_configs(_parse(dense, "--lora-target-modules", "experts.linear_fc1", "--moe-grouped-gemm"))
+
+
+# --------------------------------------------------------------------------- the transform
+
+
+def test_only_the_adapters_train_and_zero_b_changes_nothing(tiny):
+    base = load_hf(tiny)
+    model = load_hf(tiny, lora_rank=4, lora_alpha=8, lora_targets=CANONICAL)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 1)[-1].startswith("lora_") for n in trainable)
+    assert {n for n, _ in base.named_parameters()} == {n for n, _ in model.named_parameters()} - trainable
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(forward_logits(model, ids), forward_logits(base, ids))
+    # gradients reach every adapter, and no frozen weight
+    model.train()
+    _randomize(model)
+    loss = model(ids, torch.arange(17).expand(2, 17), None, labels=torch.roll(ids, -1, 1)).mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == trainable and all(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_initialisation_is_peft_s_and_layout_independent(tiny):
+    model = load_hf(tiny, lora_rank=4, lora_alpha=8, lora_targets=("linear_proj", "experts.linear_fc1"))
+    layer = model.decoder.layers[1]
+    a = layer.self_attention.linear_proj.lora_A
+    fan_in = a.shape[1]
+    assert torch.equal(a, init_a(1234, "model.layers.1.linear_proj", 4, fan_in))
+    assert a.abs().max() <= 1 / fan_in ** 0.5 and torch.count_nonzero(layer.self_attention.linear_proj.lora_B) == 0
+    experts = layer.mlp.experts
+    assert torch.equal(experts.lora_fc1_A[5].t(), init_a(1234, "model.layers.1.mlp.experts.gate_up_proj.5", 4, 72))
+
+
+@pytest.mark.parametrize("targets", [CANONICAL, ("linear_q_up_proj", "experts.linear_fc2", "mlp.linear_fc1"),
+                                     ("experts.linear_fc1", "output_layer")], ids=["all", "mixed", "experts-fc1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_peft_and_the_merged_export_give_our_logits(tiny, tmp_path, targets, dtype):
+    r, alpha = 4, 8.0
+    model = load_hf(tiny, dtype=dtype, lora_rank=r, lora_alpha=alpha, lora_targets=targets)
+    _randomize(model)
+    ids = _ids()
+    with torch.no_grad():
+        ours = forward_logits(model, ids).float()
+    adapters = _adapters(model, 203)
+    write_peft_adapter(str(tmp_path), peft_tensors(adapters, 3), peft_config(list(targets), r, alpha, 0.0, tiny, False))
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["r"] == r and written["lora_alpha"] == alpha
+    tolerance = TOLERANCE if dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(make_hf_model(seed=SEED).to(dtype), str(tmp_path))
+        assert _rel(ours, peft(ids).logits.float(), dtype) < tolerance
+        if dtype != torch.float32:
+            return  # a merge into bf16 weights rounds W + BA: the fp32 case checks the merge
+        merged = make_hf_model(seed=SEED)
+        weights = merged.state_dict()
+        for name, delta in merged_deltas(adapters, alpha, r).items():
+            _add_delta(weights, name, delta)
+        merged.load_state_dict(weights)
+        assert _rel(ours, merged(ids).logits) < tolerance
+
+
+def _add_delta(weights, name, delta):
+    """A delta under the release's per-expert name added to transformers 5's fused expert tensors."""
+    parts = name.split(".")
+    if parts[3:5] != ["mlp", "experts"]:
+        weights[name] += delta
+        return
+    fused, expert, proj = f"model.layers.{parts[2]}.mlp.experts", int(parts[5]), parts[6]
+    if proj == "down_proj":
+        weights[f"{fused}.down_proj"][expert] += delta
+    else:
+        gate_up = weights[f"{fused}.gate_up_proj"][expert]
+        half = gate_up.shape[0] // 2
+        gate_up[slice(0, half) if proj == "gate_proj" else slice(half, None)] += delta
