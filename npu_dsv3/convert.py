@@ -10,6 +10,8 @@ To add a conversion, write ``add_<name>(subparsers)`` that adds its parser, call
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 
 from npu_dsv3.argtypes import positive_int
@@ -178,9 +180,25 @@ def add_mcore2hf(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--load-dir", required=True, metavar="DIR", help="megatron checkpoint directory (with config.json)")
     p.add_argument("--save-dir", required=True, metavar="DIR", help="HF directory to write")
     _add_layout_arguments(p, "source")
+    _add_lora_arguments(p)
     add_job_arguments(p)
     p.set_defaults(_convert=run_mcore2hf)
     return p
+
+
+def _add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA (MindSpeed-LLM's converter flags; npu_dsv3.lora)")
+    g.add_argument("--lora-load", default=None, metavar="DIR",
+                   help="a LoRA training checkpoint (either format, any layout) whose adapters are merged, W + "
+                        "alpha / r x B A in fp32, into --load-dir's weights (default: --load-dir's own adapters, "
+                        "when it holds any)")
+    g.add_argument("--save-lora-to-hf", action="store_true",
+                   help="write the adapters as a PEFT adapter directory (adapter_config.json, "
+                        "adapter_model.safetensors) for transformers' DeepseekV3ForCausalLM instead of merged weights")
+    g.add_argument("--lora-r", type=positive_int, default=None, help="must equal the adapters' recorded rank")
+    g.add_argument("--lora-alpha", type=float, default=None, help="must equal the adapters' recorded alpha")
+    g.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
+                   help="must name the adapters' recorded targets")
 
 
 def _report_dist(args: argparse.Namespace, source, flags: dict, command: str) -> int:
@@ -208,15 +226,62 @@ def run_mcore2hf(args: argparse.Namespace) -> int:
     from npu_dsv3.checkpoint.mcore_dist import convert_dist_to_hf
     from npu_dsv3.checkpoint.mcore_legacy import convert_legacy_to_hf
 
+    lora = _lora_adapters(args)
+    if args.save_lora_to_hf:
+        return _save_adapter(args, *lora)
     flags = _source_flags(args)
+    merge, job = None, {}
+    if lora is not None:
+        from npu_dsv3.lora.export import MergedSource
+
+        adapters, description, lora_dir = lora
+        merge = functools.partial(MergedSource, adapters=adapters, alpha=description["alpha"], r=description["r"])
+        job = {"lora_load": os.path.realpath(lora_dir)}
+        print(f"note: merging the LoRA adapters of {lora_dir} (r {description['r']}, alpha {description['alpha']})",
+              file=sys.stderr)
     if flags is None:
         summary = convert_dist_to_hf(args.load_dir, args.save_dir, args.mtp_num_layers, resume=args.resume,
-                                     progress=args.progress)
+                                     progress=args.progress, wrap=merge, job=job)
     else:
         summary = convert_legacy_to_hf(args.load_dir, args.save_dir, flags, resume=args.resume,
-                                       progress=args.progress)
+                                       progress=args.progress, wrap=merge, job=job)
     print(f"wrote {args.save_dir}: {summary['shards']} shards, {summary['bytes'] / 1e9:.2f} GB "
           f"in {summary['seconds']:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _lora_adapters(args: argparse.Namespace):
+    """(adapters, description, directory) of --lora-load, or of --load-dir when it holds adapters; None else."""
+    from npu_dsv3.lora.sources import LORA_FILE, adapters_of, check_description
+
+    lora_dir = args.lora_load or (args.load_dir if os.path.isfile(os.path.join(args.load_dir, LORA_FILE)) else None)
+    if lora_dir is None:
+        given = [f for f, v in (("--save-lora-to-hf", args.save_lora_to_hf), ("--lora-r", args.lora_r),
+                                ("--lora-alpha", args.lora_alpha), ("--lora-target-modules", args.lora_target_modules))
+                 if v]
+        if given:
+            raise ValueError(f"{', '.join(given)}: --load-dir {args.load_dir} holds no LoRA adapters ({LORA_FILE}); "
+                             "give the LoRA checkpoint with --lora-load")
+        return None
+    adapters, description = adapters_of(lora_dir)
+    check_description(description, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    return adapters, description, lora_dir
+
+
+def _save_adapter(args: argparse.Namespace, adapters, description: dict, lora_dir: str) -> int:
+    from npu_dsv3.checkpoint.io import check_output_path
+    from npu_dsv3.config import load_hf_config
+    from npu_dsv3.lora.export import peft_config, peft_tensors, write_peft_adapter
+
+    check_output_path(args.save_dir)
+    layers = load_hf_config(lora_dir)["num_hidden_layers"]
+    tensors = peft_tensors(adapters, layers)
+    mtp = any(layer is not None and layer >= layers for _, layer in adapters)
+    config = peft_config(list(description["targets"]), description["r"], description["alpha"],
+                         description["dropout"], os.path.realpath(args.load_dir), mtp)
+    write_peft_adapter(args.save_dir, tensors, config)
+    note = " (the MTP layer's adapters left out: transformers has no MTP module)" if mtp else ""
+    print(f"wrote {args.save_dir}: a PEFT adapter, {len(tensors)} tensors{note}", file=sys.stderr)
     return 0
 
 

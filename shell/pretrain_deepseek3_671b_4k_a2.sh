@@ -14,6 +14,8 @@
 # Also: NPUS_PER_NODE=8 MASTER_PORT=6000 GBS=3840 SEQ_LEN=4096 TRAIN_ITERS=2000 LR=1.0e-5
 # CKPT_LOAD_DIR (absent: random initialisation), EXTRA_ARGS (appended flags), DRY_RUN=1 prints the command.
 set -euo pipefail
+# shellcheck source=shell/ascend_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ascend_env.sh"
 
 : "${HF_DIR:?set HF_DIR to the HF DeepSeek-V3 directory (config.json and tokenizer)}"
 : "${DATA_PATH:?set DATA_PATH to the preprocessed data prefix (shell/data_convert_deepseek3_pretrain.sh)}"

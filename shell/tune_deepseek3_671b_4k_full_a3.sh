@@ -20,6 +20,8 @@
 # SPLIT=98,2,0 EVAL_ITERS=10 EVAL_INTERVAL=100, to evaluate), EXTRA_ARGS (appended flags),
 # DRY_RUN=1 prints the command.
 set -euo pipefail
+# shellcheck source=shell/ascend_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ascend_env.sh"
 
 : "${HF_DIR:?set HF_DIR to the HF DeepSeek-V3 directory (config.json and tokenizer)}"
 : "${DATA_PATH:?set DATA_PATH to the instruction data prefix (shell/data_convert_deepseek3_instruction.sh)}"

@@ -619,9 +619,10 @@ def convert_to_dist(source, save_dir: str, flags: dict, command: str, workers: i
 
 
 def convert_dist_to_hf(load_dir: str, save_dir: str, mtp_num_layers: Optional[int] = None, resume: bool = False,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, wrap=None, job: Optional[dict] = None) -> dict:
     """torch_dist checkpoint -> HF safetensors shards, index, config.json and tokenizer files
-    (``mtp_num_layers=0``: without the MTP layer)."""
+    (``mtp_num_layers=0``: without the MTP layer). ``wrap`` turns the source of HF tensors into the one
+    written (LoRA's merge, ``npu_dsv3.lora.export.MergedSource``); ``job`` adds to the manifest's job."""
     import time
 
     from npu_dsv3.checkpoint.mcore_legacy import write_hf_checkpoint
@@ -633,10 +634,10 @@ def convert_dist_to_hf(load_dir: str, save_dir: str, mtp_num_layers: Optional[in
                                     select_layers=False)
     source = DistSource(release_dir(load_dir), hf_config)
     shapes = WithHFDtypes(_Shapes(source.shape), load_dir)
-    source = WithHFDtypes(source, load_dir)
+    source = WithHFDtypes(wrap(source) if wrap else source, load_dir)
     manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf", "format": FORMAT,
                                                         "input": os.path.realpath(load_dir),
-                                                        "mtp_num_layers": mtp_num_layers})
+                                                        "mtp_num_layers": mtp_num_layers, **(job or {})})
     summary = write_hf_checkpoint(source, hf_config, load_dir, save_dir, manifest, progress, shapes=shapes)
     return {**summary, "seconds": time.monotonic() - start}
 

@@ -17,7 +17,7 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -379,8 +379,10 @@ def write_hf_checkpoint(source, hf_config: dict, extras_dir: str, save_dir: str,
 
 
 def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool = False, progress: bool = True,
-                         max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+                         max_shard_bytes: int = MAX_SHARD_BYTES, wrap=None, job: Optional[dict] = None) -> dict:
     """Legacy per-rank checkpoint -> HF safetensors shards (<= ``max_shard_bytes``) + index + config.json.
+    ``wrap`` turns the source of HF tensors into the one written (LoRA's merge); ``job`` adds to the
+    manifest's job.
 
     Tensors are rebuilt one at a time from the rank files' records and written
     straight into their planned shard (``write_hf_checkpoint``). Shard contents are
@@ -397,9 +399,11 @@ def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool
     config = model_config(hf_config, flags.get("moe_grouped_gemm", LAYOUT_DEFAULTS["moe_grouped_gemm"]))
     par = ParallelLayout.from_flags(config, **flags, flag=converter_flag("source"))
     manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf",
-                                                        "input": os.path.realpath(load_dir), "layout": flags})
+                                                        "input": os.path.realpath(load_dir), "layout": flags,
+                                                        **(job or {})})
+    source = legacy_source(load_dir, config, par)
     with io.single_threaded_torch():
-        summary = write_hf_checkpoint(WithHFDtypes(legacy_source(load_dir, config, par), load_dir), hf_config,
+        summary = write_hf_checkpoint(WithHFDtypes(wrap(source) if wrap else source, load_dir), hf_config,
                                       load_dir, save_dir, manifest, progress, max_shard_bytes,
                                       shapes=WithHFDtypes(legacy_meta_source(load_dir, config, par), load_dir))
     return {**summary, "seconds": time.monotonic() - start}

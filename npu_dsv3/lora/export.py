@@ -14,8 +14,9 @@ out of the adapter (``merged_deltas`` has them) and the config says so.
 ``merged_deltas`` gives (alpha / r) B A per adapted HF tensor, in fp32, for merging into full weights.
 """
 
+import functools
 import os
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
@@ -45,26 +46,60 @@ def _hf_linears(target: str, layer, tensors: Dict[str, torch.Tensor]) -> Iterato
 OUTPUT_LAYER_HF = "lm_head"
 
 
-def merged_deltas(adapters: Adapters, alpha: float, r: int) -> Dict[str, torch.Tensor]:
-    """HF weight name -> (alpha / r) B A in fp32, the update a merge adds. Routed experts give the fused
-    transformers-5 names' per-expert parts under the release's names (``mlp.experts.{e}.gate_proj.weight``)."""
+def delta_builders(adapters: Adapters, alpha: float, r: int) -> Dict[str, Callable[[], torch.Tensor]]:
+    """HF weight name (the release's names, routed experts per expert) -> a function giving (alpha / r) B A
+    in fp32, the update a merge adds; built one tensor at a time."""
     scale, out = alpha / r, {}
     for (target, layer), tensors in adapters.items():
         if target.startswith("experts"):
-            a, b = tensors["A"].float(), tensors["B"].float()
-            delta = torch.bmm(b, a) * scale  # [E, out, in]
-            for e in range(delta.shape[0]):
+            for e in range(tensors["A"].shape[0]):
                 prefix = f"model.layers.{layer}.mlp.experts.{e}"
                 if target.endswith("linear_fc1"):
-                    gate, up = delta[e].chunk(2, dim=0)
-                    out[f"{prefix}.gate_proj.weight"], out[f"{prefix}.up_proj.weight"] = gate, up
+                    for half, proj in enumerate(("gate_proj", "up_proj")):
+                        out[f"{prefix}.{proj}.weight"] = functools.partial(_expert_delta, tensors, e, scale, half)
                 else:
-                    out[f"{prefix}.down_proj.weight"] = delta[e]
+                    out[f"{prefix}.down_proj.weight"] = functools.partial(_expert_delta, tensors, e, scale, None)
             continue
         for name, a, b in _hf_linears(target, layer, tensors):
             weight = name if name.endswith(".weight") else f"{name}.weight"
-            out[weight] = (b.float() @ a.float()) * scale
+            out[weight] = functools.partial(_delta, a, b, scale)
     return out
+
+
+def _delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    return (b.float() @ a.float()) * scale
+
+
+def _expert_delta(tensors, e: int, scale: float, half) -> torch.Tensor:
+    b = tensors["B"][e]
+    if half is not None:
+        b = b.chunk(2, dim=0)[half]
+    return _delta(tensors["A"][e], b, scale)
+
+
+def merged_deltas(adapters: Adapters, alpha: float, r: int) -> Dict[str, torch.Tensor]:
+    """Every update of ``delta_builders`` at once (small models and tests)."""
+    return {name: build() for name, build in delta_builders(adapters, alpha, r).items()}
+
+
+class MergedSource:
+    """A ``names()`` / ``get(name)`` source of HF tensors (the converters') with the adapters' updates added:
+    W + (alpha / r) B A in fp32, then W's dtype."""
+
+    def __init__(self, source, adapters: Adapters, alpha: float, r: int):
+        self.source, self.builders = source, delta_builders(adapters, alpha, r)
+        missing = sorted(set(self.builders) - set(source.names()))
+        if missing:
+            raise ValueError(f"the adapters update {missing[0]} (and {len(missing) - 1} more), which the base "
+                             "checkpoint does not hold: they were trained on another model")
+
+    def names(self) -> List[str]:
+        return self.source.names()
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.source.get(name)
+        build = self.builders.get(name)
+        return tensor if build is None else (tensor.float() + build()).to(tensor.dtype)
 
 
 def peft_tensors(adapters: Adapters, num_hidden_layers: int) -> Dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
                                                     gather_from_tensor_model_parallel_region,
                                                     reduce_from_tensor_model_parallel_region,
                                                     reduce_scatter_to_sequence_parallel_region)
-from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.mlp import MLP, apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from npu_dsv3.lora.targets import ATTENTION, OUTPUT_LAYER
@@ -95,9 +95,10 @@ class _LoraLinear:
     lora_kind: str  # "column", "row" or "duplicated"
 
     def _lora_setup(self, r: int, scale: float, dropout: float, fusion: bool, a: torch.Tensor,
-                    out_rows: int, sequence_parallel: bool, tp: int) -> None:
+                    out_rows: int, sequence_parallel: bool, tp: int, glu: bool = False) -> None:
         dtype = self.weight.dtype
         self.lora_scale, self.lora_dropout, self.lora_fusion, self.lora_tp = scale, dropout, fusion, tp
+        self.lora_glu = glu
         self.lora_A = _param(a, self.weight, dtype)
         self.lora_B = _param(torch.zeros(out_rows, r), self.weight, dtype)
         if self.lora_kind == "column":
@@ -133,9 +134,12 @@ class _LoraColumn(_LoraLinear):
         return out, bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
-                                                   {"weight": 0, "bias": 0, "lora_B": 0}, sharded_offsets,
-                                                   tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        out = make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
+                                                  {"weight": 0, "bias": 0, "lora_B": 0}, sharded_offsets,
+                                                  tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        if self.lora_glu:  # B's rows are [gate; up] per rank, stored as the whole [gate; up] like the weight
+            out[f"{prefix}lora_B"] = apply_swiglu_sharded_factory(out[f"{prefix}lora_B"], sharded_offsets)
+        return out
 
 
 class _LoraRow(_LoraLinear):
@@ -249,12 +253,15 @@ class _LoraExperts:
         etp_rank, dp_rank = parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_data_parallel_rank()
         axis = len(sharded_offsets)
         for name, param in held.items():
-            split = {"lora_fc1_B": 2, "lora_fc2_A": 1}.get(name)
-            offsets = [(axis, ep_rank, ep)] + ([(axis + split, etp_rank, self.lora_etp)] if split else [])
+            key, experts = f"{prefix}{name}", (axis, ep_rank, ep)
+            if name == "lora_fc1_B":  # [experts, r, (gate; up) / etp]: stored as the whole [gate; up]
+                out[key] = _glu_columns_factory(key, param, sharded_offsets, experts, etp_rank, self.lora_etp,
+                                                (0, 0, dp_rank))
+                continue
+            split = [(axis + 1, etp_rank, self.lora_etp)] if name == "lora_fc2_A" else []
             replica = (0, 0 if split or self.lora_etp == 1 else etp_rank, dp_rank)
-            out[f"{prefix}{name}"] = ShardedTensor.from_rank_offsets(
-                f"{prefix}{name}", param, *sharded_offsets, *offsets, replica_id=replica,
-                prepend_axis_num=len(sharded_offsets))
+            out[key] = ShardedTensor.from_rank_offsets(key, param, *sharded_offsets, experts, *split,
+                                                       replica_id=replica, prepend_axis_num=len(sharded_offsets))
         return out
 
     def forward(self, permuted_hidden, tokens_per_expert, permuted_probs):
@@ -280,6 +287,27 @@ class _LoraExperts:
             if self.lora_on[1]:
                 out = out + self._lora_fc2(act, tokens_per_expert)
         return out, None
+
+
+def _glu_columns_factory(key, param, sharded_offsets, experts, etp_rank: int, etp: int, replica):
+    """The routed experts' fc1 B ([experts, r, gate_t; up_t] on expert-TP rank t) stored as one tensor
+    [experts, r, gate; up] whatever the expert-TP size: its gate and up halves at their own offsets
+    (megatron's apply_swiglu_sharded_factory does this for the first axis)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    axis = len(sharded_offsets) + 2
+
+    def build(key, t, replica_id, flattened_range):
+        gate, up = torch.chunk(t, 2, dim=2)
+        return [ShardedTensor.from_rank_offsets(key, half, *sharded_offsets, experts, (axis, offset, 2 * etp),
+                                                replica_id=replica_id, prepend_axis_num=len(sharded_offsets))
+                for half, offset in ((gate, etp_rank), (up, etp + etp_rank))]
+
+    def merge(parts):
+        return torch.cat(parts, dim=2)
+
+    return ShardedTensorFactory(key, param, build, merge, replica)
 
 
 # --------------------------------------------------------------------------- the transform
@@ -341,7 +369,8 @@ def apply_lora(model, config) -> None:
             if target == "experts":
                 _adapt_experts(module, config, hf_layer, targets, r, scale, seed)
             elif target in targets:
-                _adapt_linear(module, config, adapter_key(hf_layer, target), r, scale, seed)
+                _adapt_linear(module, config, adapter_key(hf_layer, target), r, scale, seed,
+                              glu=target.endswith("linear_fc1"))
     if OUTPUT_LAYER in targets and getattr(model, "output_layer", None) is not None:
         _adapt_linear(model.output_layer, config, adapter_key(None, OUTPUT_LAYER), r, scale, seed)
     if getattr(model, "embedding", None) is not None:
@@ -357,7 +386,7 @@ def _track_gradients(module, inputs, output):
     return output
 
 
-def _adapt_linear(module, config, key: str, r: int, scale: float, seed: int) -> None:
+def _adapt_linear(module, config, key: str, r: int, scale: float, seed: int, glu: bool = False) -> None:
     if isinstance(module, ColumnParallelLinear):
         mixin, tp = _LoraColumn, module.tp_group.size()
         a, rows, sp = init_a(seed, key, r, module.input_size), module.output_size_per_partition, module.sequence_parallel
@@ -372,7 +401,7 @@ def _adapt_linear(module, config, key: str, r: int, scale: float, seed: int) -> 
     else:
         raise TypeError(f"LoRA cannot adapt {key}: {type(module).__name__} is not a megatron linear")
     _adapted(module, mixin)
-    module._lora_setup(r, scale, config.lora_dropout, config.lora_fusion, a, rows, sp, tp)
+    module._lora_setup(r, scale, config.lora_dropout, config.lora_fusion, a, rows, sp, tp, glu)
 
 
 def _expert_a(seed: int, key: str, r: int, fan_in: int, experts, part: Callable) -> torch.Tensor:

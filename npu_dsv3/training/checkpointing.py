@@ -52,6 +52,7 @@ from npu_dsv3.checkpoint.mcore_dist import FORMAT, in_process_save_strategy, rel
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.sources import TRACKER_FILE, tracked_dir
 from npu_dsv3.layout import rank_dir_name
+from npu_dsv3.lora.sources import MODEL_KEYS
 from npu_dsv3.lora.targets import is_lora_param
 
 _log = logging.getLogger(__name__)
@@ -456,7 +457,7 @@ def _stored_part(part: str, names, directory: str, flag: str, lora_model: bool) 
     """The part of the model to load from a checkpoint holding tensors ``names``. ALL under a LoRA model
     becomes BASE when the checkpoint holds no adapters (a base model); adapters alone cannot stand for a
     whole model, and a model without LoRA cannot take them."""
-    names = [n for n in names if not n.startswith(("optimizer", "rng_state"))]
+    names = [n for n in names if n.startswith(MODEL_KEYS)]  # not the optimizer's or the RNG's entries
     has_lora = any(is_lora_param(n) for n in names)
     has_base = any(not is_lora_param(n) and not n.endswith("_extra_state") for n in names)
     if part == LORA and not has_lora:

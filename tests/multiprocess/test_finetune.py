@@ -217,18 +217,19 @@ def _without(flags, names):
     return out
 
 
-def test_recipe_dry_run_is_a_finetune_run_of_the_a3_layout(tmp_path):
+@pytest.mark.parametrize("chip,per_node,nodes", [("a3", 16, 16), ("a2", 8, 32)])
+def test_recipe_dry_run_is_a_finetune_run_of_the_a3_layout(tmp_path, chip, per_node, nodes):
     with open(RELEASED_CONFIG) as f:
         config = json.load(f)
     config.pop("quantization_config")  # the BF16 model directory
     (tmp_path / "config.json").write_text(json.dumps(config))
-    recipe = str(SHELL / "tune_deepseek3_671b_4k_full_a3.sh")
+    recipe = str(SHELL / f"tune_deepseek3_671b_4k_full_{chip}.sh")
     env = {**os.environ, "HF_DIR": str(tmp_path), "CKPT_LOAD_DIR": "/ckpt/in", "DATA_PATH": "/data/alpaca",
            "CKPT_SAVE_DIR": "/ckpt/out", "DRY_RUN": "1"}
     proc = subprocess.run(["bash", recipe], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     argv = shlex.split(proc.stdout)
-    assert argv[:7] == ["torchrun", "--nproc-per-node", "16", "--nnodes", "16", "--node-rank", "0"]
+    assert argv[:7] == ["torchrun", "--nproc-per-node", str(per_node), "--nnodes", str(nodes), "--node-rank", "0"]
     args = parse_args(argv[argv.index("npu_dsv3.finetune") + 1:], 16 * 16, "finetune")
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size,
             args.noop_layers, args.moe_tp_extend_ep, args.sequence_parallel) == (2, 16, 8, [47, 62, 63], True, True)

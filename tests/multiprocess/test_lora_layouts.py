@@ -3,8 +3,11 @@ loss, MTP loss and grad norm per iteration (the adapters' gradients only: the ba
 single-process run; the base stays bit-identical; a --lora-ckpt-filter save resumed with --lora-load
 continues the run exactly."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.cli import main
@@ -113,3 +116,46 @@ def test_a_filtered_save_resumes_with_lora_load_exactly(start, tmp_path, ckpt_fo
     assert [r["iteration"] for r in resumed] == [3]
     assert resumed[0]["lm_loss"] == reference[2]["lm_loss"]
     assert resumed[0]["grad_norm"] == pytest.approx(reference[2]["grad_norm"], rel=1e-12)
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_a_sharded_lora_checkpoint_merges_and_exports_for_peft(start, tmp_path, ckpt_format):
+    """TP2 x EP2 (expert TP 2) adapters saved alone: merged into the base they equal the single-process run's
+    merge; exported as a PEFT adapter, transformers + PEFT give the merged model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, weights, _ = start
+
+    def train(world, flags, save):
+        run_pretrain(world, ["--hf-config", hf_dir, "--load", weights, *COMMON, *OPTIMIZERS["sgd"], "--train-iters",
+                             "2", "--save", str(save), "--ckpt-format", ckpt_format, *flags], save.with_suffix(".jsonl"))
+
+    train(1, [], tmp_path / "single")
+    train(4, [*TP2_SP, "--expert-model-parallel-size", "2", "--lora-ckpt-filter"], tmp_path / "sharded")
+    assert main(["convert", "mcore2hf", "--load-dir", str(tmp_path / "single"), "--save-dir",
+                 str(tmp_path / "merged_single"), "--no-progress"]) == 0
+    assert main(["convert", "mcore2hf", "--load-dir", weights, "--lora-load", str(tmp_path / "sharded"), "--lora-r",
+                 "4", "--save-dir", str(tmp_path / "merged"), "--no-progress"]) == 0
+    ours, single = (_hf_tensors(tmp_path / d) for d in ("merged", "merged_single"))
+    base = _hf_tensors(hf_dir)
+    assert ours.keys() == single.keys() == base.keys()
+    changed = [n for n in ours if not torch.equal(ours[n], base[n])]
+    assert any(".experts.5.up_proj" in n for n in changed) and "lm_head.weight" in changed
+    for name in ours:
+        torch.testing.assert_close(ours[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert main(["convert", "mcore2hf", "--load-dir", str(tmp_path / "sharded"), "--save-lora-to-hf", "--save-dir",
+                 str(tmp_path / "adapter"), "--no-progress"]) == 0
+    ids = torch.randint(0, 203, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)(ids).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
+                                         str(tmp_path / "adapter"))(ids).logits
+    assert ((peft - merged).abs().max() / merged.abs().max()).item() < 1e-5
+
+
+def _hf_tensors(directory) -> dict:
+    out = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out

@@ -96,7 +96,8 @@ def test_every_recipe_flag_is_declared_exactly_once(text):
 
 
 @pytest.mark.parametrize("recipe", ["pretrain_deepseek3_671b_4k_a2.sh", "pretrain_deepseek3_671b_4k_a3.sh",
-                                    "tune_deepseek3_671b_4k_full_a3.sh"])
+                                    "tune_deepseek3_671b_4k_full_a3.sh", "tune_deepseek3_671b_4k_full_a2.sh",
+                                    "tune_deepseek3_671b_4k_lora_a3.sh", "tune_deepseek3_671b_4k_lora_a2.sh"])
 def test_shipped_recipe_flags_are_declared_exactly_once(recipe):
     env = {**os.environ, "DRY_RUN": "1", "HF_DIR": "/hf", "DATA_PATH": "/d", "CKPT_SAVE_DIR": "/c",
            "CKPT_LOAD_DIR": "/l"}

@@ -176,3 +176,48 @@ def _add_delta(weights, name, delta):
         gate_up = weights[f"{fused}.gate_up_proj"][expert]
         half = gate_up.shape[0] // 2
         gate_up[slice(0, half) if proj == "gate_proj" else slice(half, None)] += delta
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def _dry_run(recipe: str, **env):
+    import os
+    import shlex
+    import subprocess
+
+    from support import SHELL
+
+    proc = subprocess.run(["bash", str(SHELL / recipe)], env={**os.environ, "DRY_RUN": "1", **env},
+                          capture_output=True, text=True, timeout=60)
+    return proc, shlex.split(proc.stdout)
+
+
+@pytest.mark.parametrize("recipe,per_node", [("tune_deepseek3_671b_4k_lora_a3.sh", 16),
+                                             ("tune_deepseek3_671b_4k_lora_a2.sh", 8)])
+def test_lora_recipes_parse_for_mindspeed_s_layout(recipe, per_node, released_config_dir):
+    hf_dir = released_config_dir[0]
+    proc, argv = _dry_run(recipe, HF_DIR=hf_dir, DATA_PATH="/d", CKPT_LOAD_DIR="/base", CKPT_SAVE_DIR="/lora",
+                          LORA_LOAD="/lora-before")
+    assert proc.returncode == 0, proc.stderr
+    assert "PYTORCH_NPU_ALLOC_CONF=expandable_segments:True" in proc.stderr  # the Ascend environment
+    world = int(argv[argv.index("--nnodes") + 1]) * int(argv[argv.index("--nproc-per-node") + 1])
+    assert world == 64 and int(argv[argv.index("--nproc-per-node") + 1]) == per_node
+    args = parse_args(argv[argv.index("npu_dsv3.finetune") + 1:], world_size=world, mode="finetune")
+    configs = build_configs(args)
+    sizes = configs.parallel
+    assert (sizes.tp, sizes.pp, sizes.ep) == (1, 4, 16) and args.num_layer_list == [15, 15, 16, 15]
+    assert (configs.model.lora_rank, configs.model.lora_alpha) == (8, 16.0) and args.lora_ckpt_filter
+    assert "experts.linear_fc1" in configs.model.lora_targets and args.lora_load == "/lora-before"
+
+
+def test_merge_recipe_merges_or_exports():
+    proc, argv = _dry_run("ckpt_convert_deepseek3_merge_lora2hf.sh", LOAD_DIR="/base", LORA_LOAD="/lora",
+                          SAVE_DIR="/out", LORA_R="8")
+    assert proc.returncode == 0 and argv[:3] == ["npu-dsv3", "convert", "mcore2hf"]
+    assert argv[argv.index("--lora-load") + 1] == "/lora" and "--save-lora-to-hf" not in argv
+    proc, argv = _dry_run("ckpt_convert_deepseek3_merge_lora2hf.sh", LOAD_DIR="/lora", SAVE_DIR="/out",
+                          SAVE_LORA_TO_HF="1")
+    assert proc.returncode == 0 and "--save-lora-to-hf" in argv
+    proc, _ = _dry_run("ckpt_convert_deepseek3_merge_lora2hf.sh", LOAD_DIR="/base", SAVE_DIR="/out")
+    assert proc.returncode == 2 and "LORA_LOAD" in proc.stderr
