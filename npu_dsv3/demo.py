@@ -9,9 +9,13 @@
 4. pretrains over several processes (``torchrun -m npu_dsv3.pretrain``; by default
    TP 2 with sequence parallelism x PP 2 x EP 2 on 4 gloo processes), logging
    every iteration and saving the last one;
-5. converts the trained checkpoint to HF and checks it against transformers again.
+5. converts the trained checkpoint to HF and checks it against transformers again;
+6. LoRA-tunes the trained checkpoint on the bundled instruction corpus with the same processes
+   (adapters on every linear, routed experts included; only the adapters saved);
+7. exports the adapters as a PEFT adapter and checks transformers + PEFT against our model with the
+   adapters, in fp32.
 
-Exit code 0 only if both parity checks pass and the loss clearly fell.
+Exit code 0 only if every parity check passes and the pretraining loss clearly fell.
 """
 
 import json
@@ -46,8 +50,16 @@ def add_parser(subparsers):
     return p
 
 
+STEPS = 7
+LORA = ["--lora-target-modules", "linear_qkv", "linear_qb", "linear_kvb", "linear_proj", "linear_fc1", "linear_fc2",
+        "output_layer", "--lora-r", "8", "--lora-alpha", "16", "--moe-grouped-gemm", "--lora-ckpt-filter"]
+LORA_ITERS = 6
+# transformers + PEFT against our model with the same adapters (fp32)
+LORA_TOLERANCE = 1e-5
+
+
 def _step(number: int, text: str) -> float:
-    print(f"[demo {number}/5] {text}", flush=True)
+    print(f"[demo {number}/{STEPS}] {text}", flush=True)
     return time.perf_counter()
 
 
@@ -69,14 +81,16 @@ def _model(workdir: str, seed: int) -> tuple:
     return hf_dir, vocab
 
 
-def _train(args, hf_dir: str, data: str, start: str, checkpoints: str, metrics: str, log: str) -> None:
+def _layout(args) -> list:
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
-    world = tp * pp
+    return ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+            "--expert-model-parallel-size", str(ep), "--expert-tensor-parallel-size", "1",
+            *(["--sequence-parallel"] if tp > 1 else [])]
+
+
+def _train(args, hf_dir: str, data: str, start: str, checkpoints: str, metrics: str, log: str) -> None:
     flags = [
-        "--hf-config", hf_dir, "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-        "--expert-model-parallel-size", str(ep), "--expert-tensor-parallel-size", "1",
-        *(["--sequence-parallel"] if tp > 1 else []),
-        "--data-path", data, "--tokenizer-type", "PretrainedFromHF", "--tokenizer-name-or-path", hf_dir,
+        "--hf-config", hf_dir, *_layout(args), "--data-path", data, "--tokenizer-type", "PretrainedFromHF", "--tokenizer-name-or-path", hf_dir,
         "--split", "100,0,0", "--seq-length", str(args.seq_length), "--micro-batch-size", "2",
         "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.train_iters),
         "--lr", f"{args.lr:g}", "--min-lr", f"{args.lr / 10:g}", "--lr-decay-style", "cosine",
@@ -84,8 +98,25 @@ def _train(args, hf_dir: str, data: str, start: str, checkpoints: str, metrics: 
         "--load", start, "--finetune", "--save", checkpoints, "--save-interval", str(args.train_iters),
         "--log-interval", "1", "--log-jsonl", metrics, "--eval-iters", "0",
     ]
+    _launch(args, "npu_dsv3.pretrain", flags, log)
+
+
+def _lora(args, hf_dir: str, data: str, base: str, save: str, metrics: str, log: str) -> None:
+    """A few iterations of LoRA SFT on the instruction data, from the pretrained checkpoint."""
+    flags = ["--hf-config", hf_dir, *_layout(args), "--stage", "sft", "--is-instruction-dataset",
+             "--prompt-type", "deepseek3", "--data-path", data, "--tokenizer-type", "PretrainedFromHF",
+             "--tokenizer-name-or-path", hf_dir, "--split", "100,0,0", "--reset-attention-mask",
+             "--seq-length", str(args.seq_length), "--micro-batch-size", "2",
+             "--global-batch-size", str(args.global_batch_size), "--train-iters", str(LORA_ITERS), "--lr", "1e-2",
+             "--seed", str(args.seed), "--load", base, "--save", save, "--log-interval", "1",
+             "--log-jsonl", metrics, "--eval-iters", "0", *LORA]
+    _launch(args, "npu_dsv3.finetune", flags, log)
+
+
+def _launch(args, module: str, flags: list, log: str) -> None:
+    world = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               "-m", "npu_dsv3.pretrain", *flags]
+               "-m", module, *flags]
     print(f"  {' '.join(command[1:])}", flush=True)
     # Rank 0's iteration lines come to the terminal; every rank's warnings go to the log file.
     with open(log, "w") as err:
@@ -93,7 +124,7 @@ def _train(args, hf_dir: str, data: str, start: str, checkpoints: str, metrics: 
     if proc.returncode:
         with open(log) as err:
             tail = err.read()[-4000:]
-        raise RuntimeError(f"training failed (exit {proc.returncode}); the end of {log}:\n{tail}")
+        raise RuntimeError(f"{module} failed (exit {proc.returncode}); the end of {log}:\n{tail}")
 
 
 def _loss_fell(metrics: str) -> tuple:
@@ -103,12 +134,37 @@ def _loss_fell(metrics: str) -> tuple:
     return first, last, last < LOSS_FALL * first
 
 
+def _peft_parity(hf_dir: str, lora_dir: str, adapter_dir: str) -> float:
+    """Max relative difference of transformers + PEFT's logits from our model's with the same adapters."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from npu_dsv3.lora.layers import load_adapters
+    from npu_dsv3.lora.sources import adapters_of
+    from npu_dsv3.lora.targets import resolve
+    from npu_dsv3.model import forward_logits, load_hf
+
+    adapters, description = adapters_of(lora_dir)
+    ours = load_hf(hf_dir, lora_rank=description["r"], lora_alpha=description["alpha"],
+                   lora_targets=resolve(description["targets"]))
+    load_adapters(ours, adapters)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
+                                           adapter_dir)(ids).logits
+        mine = forward_logits(ours, ids)
+    return float((mine - theirs).abs().max() / theirs.abs().max())
+
+
 def run(args) -> int:
     from npu_dsv3.verify import verify_hf_dir
 
     work = os.path.abspath(args.workdir)
-    paths = {name: os.path.join(work, name) for name in ("data", "start", "checkpoints", "hf_trained")}
-    paths.update(metrics=os.path.join(work, "metrics.jsonl"), log=os.path.join(work, "train.log"))
+    paths = {name: os.path.join(work, name)
+             for name in ("data", "start", "checkpoints", "hf_trained", "lora", "lora_adapter")}
+    paths.update(metrics=os.path.join(work, "metrics.jsonl"), log=os.path.join(work, "train.log"),
+                 lora_metrics=os.path.join(work, "lora_metrics.jsonl"))
     os.makedirs(work, exist_ok=True)
 
     began = _step(1, "tokenizer and tiny DeepSeek-V3, checked against transformers")
@@ -139,10 +195,26 @@ def run(args) -> int:
             "--no-progress"]):
         return 1
     after = verify_hf_dir(paths["hf_trained"], mcore_dir=paths["checkpoints"])
-    passed = before["passed"] and after["passed"] and fell
+
+    _step(6, "LoRA fine-tuning of the trained checkpoint on the bundled instruction corpus")
+    instructions = os.path.join(paths["data"], "alpaca")
+    if cli(["data", "preprocess", "--input", corpus_path("alpaca.jsonl"), "--output-prefix", instructions,
+            "--tokenizer-name-or-path", hf_dir, "--handler-name", "AlpacaStyleInstructionHandler",
+            "--seq-length", str(args.seq_length), "--pack"]):
+        return 1
+    _lora(args, hf_dir, instructions, paths["checkpoints"], paths["lora"], paths["lora_metrics"], paths["log"])
+
+    _step(7, "adapters -> PEFT adapter, transformers + PEFT checked against our model")
+    if cli(["convert", "mcore2hf", "--load-dir", paths["lora"], "--save-lora-to-hf", "--save-dir",
+            paths["lora_adapter"], "--no-progress"]):
+        return 1
+    lora_diff = _peft_parity(paths["hf_trained"], paths["lora"], paths["lora_adapter"])
+    passed = before["passed"] and after["passed"] and fell and lora_diff < LORA_TOLERANCE
     summary = {"passed": passed, "lm_loss_first5": round(first, 4), "lm_loss_last5": round(last, 4),
                "parity_start_rel_diff": before["rel_diff"], "parity_trained_rel_diff": after["rel_diff"],
-               "checkpoint": paths["checkpoints"], "metrics": paths["metrics"], "hf_export": paths["hf_trained"],
-               "train_log": paths["log"], "seconds": round(time.perf_counter() - began, 1)}
+               "lora_peft_rel_diff": lora_diff, "checkpoint": paths["checkpoints"], "metrics": paths["metrics"],
+               "hf_export": paths["hf_trained"], "lora_checkpoint": paths["lora"],
+               "lora_adapter": paths["lora_adapter"], "train_log": paths["log"],
+               "seconds": round(time.perf_counter() - began, 1)}
     print(json.dumps(summary), flush=True)
     return 0 if passed else 1

@@ -450,3 +450,21 @@ def local_adapters(model) -> Dict[Tuple[str, Optional[int]], Dict[str, torch.Ten
     if head is not None and hasattr(head, "lora_A"):
         out[(OUTPUT_LAYER, None)] = {"A": head.lora_A, "B": head.lora_B}
     return out
+
+
+def load_adapters(model, adapters) -> None:
+    """Sets a single-rank model's adapters from whole ones (``local_adapters``' orientation; the inverse of
+    it at world size 1), e.g. those ``npu_dsv3.lora.sources.adapters_of`` reads from any layout."""
+    own = local_adapters(model)
+    if own.keys() != adapters.keys():
+        raise ValueError(f"the adapters ({len(adapters)}) are not this model's ({len(own)}): targets differ, e.g. "
+                         f"{sorted(map(str, own.keys() ^ adapters.keys()))[:3]}")
+    with torch.no_grad():
+        for key, tensors in adapters.items():
+            for part in ("A", "B"):
+                target, given = own[key][part], tensors[part]
+                if key[0] == OUTPUT_LAYER and part == "B":  # vocabulary padding rows stay zero
+                    target = target[: given.shape[0]]
+                if target.shape != given.shape:
+                    raise ValueError(f"adapter {key} {part}: {tuple(given.shape)}, the model has {tuple(target.shape)}")
+                target.copy_(given)
