@@ -159,3 +159,65 @@ def write_peft_adapter(directory: str, tensors: Dict[str, torch.Tensor], config:
     with atomic_write(os.path.join(directory, ADAPTER_WEIGHTS)) as path:
         save_file(tensors, path, metadata={"format": "pt"})
     atomic_write_json(config, os.path.join(directory, ADAPTER_CONFIG), sort_keys=True)
+
+
+def read_peft_adapter(directory: str, num_layers: int) -> Tuple[Adapters, dict]:
+    """A PEFT adapter directory for DeepseekV3ForCausalLM (this package's or another tool's) as whole adapters
+    by (canonical target, HF layer), and its adapter_config.json. Gate and up projections must share A (this
+    package's fc1 adapter is one A for both)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
+        raise ValueError(f"{directory}: a plain LoRA adapter is needed (peft_type LORA, no DoRA / rsLoRA)")
+    tensors = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v
+               for k, v in load_file(os.path.join(directory, ADAPTER_WEIGHTS)).items()}
+    by_module: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, ab = key.rsplit(".lora_", 1)
+        by_module.setdefault(module, {})[ab.split(".")[0]] = value
+    out: Adapters = {}
+    hf_to_target = {}
+    for target, modules in HF_MODULES.items():
+        for index, hf in enumerate(modules):
+            hf_to_target[hf[: -len(".weight")] if hf.endswith(".weight") else hf] = (target, index)
+    fc1_parts: Dict[Tuple[str, int], Dict[int, Tuple[torch.Tensor, torch.Tensor]]] = {}
+    for module, ab in by_module.items():
+        nested = module.endswith("mlp.experts.base_layer")
+        if module == OUTPUT_LAYER_HF:
+            out[(OUTPUT_LAYER, None)] = {"A": ab["A"], "B": ab["B"]}
+            continue
+        parts = module.split(".")
+        layer, rest = int(parts[2]), ".".join(parts[3:])
+        if rest.startswith("mlp.experts"):
+            # PEFT nests one wrapper per targeted parameter in the order listed, the last outermost
+            listed = [p for p in config.get("target_parameters") or () if p.rsplit(".", 1)[-1] in _EXPERT_PARAMS]
+            if not listed:
+                raise ValueError(f"{directory}: adapters on {module} but no routed-expert target_parameters")
+            param = listed[0] if nested else listed[-1]
+            target = _EXPERT_PARAMS[param.rsplit(".", 1)[-1]]
+            r = config["r"]
+            experts = ab["A"].shape[0] // r
+            a = ab["A"].reshape(experts, r, -1)
+            b = ab["B"].reshape(ab["B"].shape[0], r, experts).permute(2, 0, 1)
+            out[(target, layer)] = {"A": a, "B": b}
+            continue
+        if rest not in hf_to_target:
+            raise ValueError(f"{directory}: an adapter on {module}, which this package cannot adapt")
+        target, index = hf_to_target[rest]
+        if target.endswith("linear_fc1"):
+            fc1_parts.setdefault((target, layer), {})[index] = (ab["A"], ab["B"])
+        else:
+            out[(target, layer)] = {"A": ab["A"], "B": ab["B"]}
+    for (target, layer), halves in fc1_parts.items():
+        if set(halves) != {0, 1} or not torch.equal(halves[0][0], halves[1][0]):
+            raise ValueError(f"{directory}: model.layers.{layer} adapts gate_proj and up_proj with different A (or "
+                             "only one of them); this package's fc1 adapter shares one A between them")
+        out[(target, layer)] = {"A": halves[0][0], "B": torch.cat([halves[0][1], halves[1][1]])}
+    return {k: v for k, v in out.items() if k[1] is None or k[1] < num_layers}, config
+
+
+_EXPERT_PARAMS = {"gate_up_proj": "experts.linear_fc1", "down_proj": "experts.linear_fc2"}

@@ -468,3 +468,66 @@ def load_adapters(model, adapters) -> None:
                 if target.shape != given.shape:
                     raise ValueError(f"adapter {key} {part}: {tuple(given.shape)}, the model has {tuple(target.shape)}")
                 target.copy_(given)
+
+
+def shard_adapters(model, adapters, keep_missing_mtp: bool = True) -> None:
+    """Sets this rank's adapter pieces from whole adapters (``local_adapters``' orientation), cut as the layout
+    cuts them: column B by rows (fc1's as [gate_t; up_t]), row A by columns, routed experts by this rank's
+    experts and expert-TP slice. MTP adapters the source lacks (a PEFT adapter has none) stay as initialised."""
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    for key, local in _local_modules(model).items():
+        module, target = local
+        if key not in adapters:
+            if keep_missing_mtp and key[1] is not None and key[1] >= model.config.num_layers:
+                continue
+            raise ValueError(f"the adapters lack {key[0]} of layer {key[1]}, which this run adapts: the targets differ")
+        whole = adapters[key]
+        with torch.no_grad():
+            for part, value in _local_pieces(module, target, whole, etp_rank).items():
+                param = getattr(module, part)
+                if param.shape != value.shape:
+                    raise ValueError(f"adapter {key} ({part}): {tuple(value.shape)} here, the model has "
+                                     f"{tuple(param.shape)}: another rank or model")
+                param.copy_(value)
+
+
+def _local_modules(model):
+    out = {}
+    for hf_layer, layer in _layers(model):
+        for target, module in linear_targets(layer):
+            if target == "experts":
+                for fc in ("fc1", "fc2"):
+                    if getattr(module, f"lora_{fc}_A", None) is not None:
+                        out[(f"experts.linear_{fc}", hf_layer)] = (module, f"experts.linear_{fc}")
+            elif hasattr(module, "lora_A"):
+                out[(target, hf_layer)] = (module, target)
+    head = getattr(model, "output_layer", None)
+    if head is not None and hasattr(head, "lora_A"):
+        out[(OUTPUT_LAYER, None)] = (head, OUTPUT_LAYER)
+    return out
+
+
+def _local_pieces(module, target: str, whole, etp_rank: int) -> Dict[str, torch.Tensor]:
+    a, b = whole["A"], whole["B"]
+    if target.startswith("experts"):
+        first = parallel_state.get_expert_model_parallel_rank() * module.num_local_experts
+        a, b = a[first:first + module.num_local_experts], b[first:first + module.num_local_experts]
+        etp = module.lora_etp
+        if target == "experts.linear_fc1":  # A [E, r, H] -> [E, H, r]; B [E, 2I, r] -> [E, r, gate_t; up_t]
+            gate, up = b.chunk(2, dim=1)
+            b = torch.cat([gate.chunk(etp, dim=1)[etp_rank], up.chunk(etp, dim=1)[etp_rank]], dim=1)
+            return {"lora_fc1_A": a.transpose(1, 2), "lora_fc1_B": b.transpose(1, 2)}
+        a = a.chunk(etp, dim=2)[etp_rank]  # A [E, r, I] -> [E, I_t, r]; B [E, H, r] -> [E, r, H]
+        return {"lora_fc2_A": a.transpose(1, 2), "lora_fc2_B": b.transpose(1, 2)}
+    if module.lora_kind == "column":
+        tp, rank = module.lora_tp, module.tp_group.rank()
+        if target == OUTPUT_LAYER:  # padded vocabulary rows: zero
+            b = torch.cat([b, b.new_zeros(module.output_size_per_partition * tp - b.shape[0], b.shape[1])])
+        if module.lora_glu:
+            gate, up = b.chunk(2, dim=0)
+            b = torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
+        else:
+            b = b.chunk(tp, dim=0)[rank]
+    elif module.lora_kind == "row":
+        a = a.chunk(module.lora_tp, dim=1)[module.tp_group.rank()]
+    return {"lora_A": a, "lora_B": b}

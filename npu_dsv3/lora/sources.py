@@ -60,6 +60,11 @@ def parse_name(name: str, num_layers: int) -> Optional[Tuple[str, Optional[int],
         target = rest[len("mlp."):]
     else:
         target = rest
+    if target == "linear_qkv":
+        raise CheckpointError(f"{name}: MindSpeed-LLM's fused linear_qkv adapter, one A and B for both MLA "
+                              "down-projections, which HF and this package adapt separately; it cannot be split: "
+                              "retrain with --lora-target-modules linear_qkv here (two adapters) or merge it with "
+                              "MindSpeed-LLM")
     if target not in (*ATTENTION, *COLUMN, *ROW, "experts.linear_fc1", "experts.linear_fc2"):
         raise CheckpointError(f"{name}: not a LoRA target of this package")
     return target, layer, part, path

@@ -52,6 +52,7 @@ from npu_dsv3.checkpoint.mcore_dist import FORMAT, in_process_save_strategy, rel
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.sources import TRACKER_FILE, tracked_dir
 from npu_dsv3.layout import rank_dir_name
+from npu_dsv3.lora.export import ADAPTER_CONFIG
 from npu_dsv3.lora.sources import MODEL_KEYS
 from npu_dsv3.lora.targets import is_lora_param
 
@@ -405,11 +406,32 @@ def resume_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=N
     them; one that holds none (a base model) gives the base weights and fresh adapters, from iteration 0.
     """
     lora_model = any(is_lora_param(name) for chunk in model_chunks for name, _ in _unwrap(chunk).named_parameters())
+    if lora_load is not None and os.path.isfile(os.path.join(lora_load, ADAPTER_CONFIG)):
+        _load(root, "--load", model_chunks, None, None, True, False, False, BASE, True)
+        _load_peft(lora_load, model_chunks)
+        return Resumed(0, {})
     if lora_load is not None:
         _load(root, "--load", model_chunks, None, None, True, False, False, BASE, True)
         return _load(lora_load, "--lora-load", model_chunks, optimizer, scheduler, finetune, load_optim, load_rng,
                      LORA, True)
     return _load(root, "--load", model_chunks, optimizer, scheduler, finetune, load_optim, load_rng, ALL, lora_model)
+
+
+def _load_peft(directory: str, model_chunks) -> None:
+    """A PEFT adapter directory as this run's starting adapters (fresh optimizer, iteration 0)."""
+    from npu_dsv3.lora.export import read_peft_adapter
+    from npu_dsv3.lora.layers import shard_adapters
+
+    config = _unwrap(model_chunks[0]).config
+    adapters, peft = read_peft_adapter(directory, config.num_layers)
+    if (peft["r"], float(peft["lora_alpha"])) != (config.lora_rank, config.lora_alpha):
+        raise CheckpointError(f"--lora-load {directory}: the adapter has r {peft['r']} and alpha {peft['lora_alpha']}, "
+                              f"this run --lora-r {config.lora_rank} --lora-alpha {config.lora_alpha:g}: pass its values")
+    for chunk in model_chunks:
+        try:
+            shard_adapters(_unwrap(chunk), adapters)
+        except ValueError as e:
+            raise CheckpointError(f"--lora-load {directory}: {e}") from None
 
 
 def _load(root: str, flag: str, model_chunks, optimizer, scheduler, finetune: bool, load_optim: bool,

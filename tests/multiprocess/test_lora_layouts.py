@@ -159,3 +159,18 @@ def _hf_tensors(directory) -> dict:
     for path in sorted(Path(directory).glob("*.safetensors")):
         out.update(load_file(str(path)))
     return out
+
+
+def test_a_peft_adapter_starts_training_on_any_layout(start, tmp_path):
+    """--lora-load a PEFT adapter directory: TP2 x EP2 continues from it exactly as one process does."""
+    hf_dir, weights, reference = start
+    save, adapter = tmp_path / "lora", tmp_path / "adapter"
+    run_pretrain(1, ["--hf-config", hf_dir, "--load", weights, *COMMON, *OPTIMIZERS["sgd"], "--train-iters", "1",
+                     "--save", str(save), "--lora-ckpt-filter"], tmp_path / "first.jsonl")
+    assert main(["convert", "mcore2hf", "--load-dir", str(save), "--save-lora-to-hf", "--save-dir", str(adapter),
+                 "--no-progress"]) == 0
+    flags = ["--hf-config", hf_dir, "--load", weights, *COMMON, *OPTIMIZERS["sgd"], "--lora-load", str(adapter)]
+    single = run_pretrain(1, flags, tmp_path / "single.jsonl")
+    assert single[0]["lm_loss"] != reference["sgd"][0]["lm_loss"]  # the adapter's updates are in
+    _same(run_pretrain(4, [*flags, *TP2_SP, "--expert-model-parallel-size", "2"], tmp_path / "sharded.jsonl"),
+          single)

@@ -221,3 +221,28 @@ def test_merge_recipe_merges_or_exports():
     assert proc.returncode == 0 and "--save-lora-to-hf" in argv
     proc, _ = _dry_run("ckpt_convert_deepseek3_merge_lora2hf.sh", LOAD_DIR="/base", SAVE_DIR="/out")
     assert proc.returncode == 2 and "LORA_LOAD" in proc.stderr
+
+
+def test_a_peft_adapter_reads_back_into_the_model(tiny, tmp_path):
+    from npu_dsv3.lora.export import read_peft_adapter
+    from npu_dsv3.lora.layers import shard_adapters
+
+    targets = CANONICAL
+    model = load_hf(tiny, lora_rank=4, lora_alpha=8, lora_targets=targets)
+    _randomize(model, seed=9)
+    write_peft_adapter(str(tmp_path), peft_tensors(_adapters(model, 203), 3),
+                       peft_config(list(targets), 4, 8.0, 0.0, tiny, False))
+    adapters, config = read_peft_adapter(str(tmp_path), 3)
+    assert config["r"] == 4
+    fresh = load_hf(tiny, lora_rank=4, lora_alpha=8, lora_targets=targets)
+    shard_adapters(fresh, adapters)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(forward_logits(fresh, ids), forward_logits(model, ids))
+    # another tool's adapter whose gate and up projections have their own A cannot become a shared-A fc1
+    weights = peft_tensors(_adapters(model, 203), 3)
+    key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+    weights[key] = weights[key] + 1
+    write_peft_adapter(str(tmp_path / "other"), weights, peft_config(list(targets), 4, 8.0, 0.0, tiny, False))
+    with pytest.raises(ValueError, match="gate_proj and up_proj with different A"):
+        read_peft_adapter(str(tmp_path / "other"), 3)
