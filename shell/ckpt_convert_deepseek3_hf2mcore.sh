@@ -13,6 +13,8 @@
 # (megatron dist_checkpointing: one copy of each tensor, loadable by any layout with this TP).
 # WORKERS=8, RESUME=1 continues an interrupted run, DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
+# shellcheck source=shell/ascend_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ascend_env.sh"
 
 : "${LOAD_DIR:?set LOAD_DIR to the HF checkpoint directory}"
 : "${SAVE_DIR:?set SAVE_DIR to the megatron checkpoint directory to write}"

@@ -11,6 +11,8 @@
 # default to config.json's). RESUME=1 continues an interrupted run,
 # DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
+# shellcheck source=shell/ascend_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ascend_env.sh"
 
 : "${LOAD_DIR:?set LOAD_DIR to the megatron checkpoint directory}"
 : "${SAVE_DIR:?set SAVE_DIR to the HF directory to write}"

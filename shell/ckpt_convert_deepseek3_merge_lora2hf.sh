@@ -13,6 +13,8 @@
 # alpha and the targets); LORA_R / LORA_ALPHA, when set, must match it. RESUME=1 continues an interrupted
 # merge, DRY_RUN=1 prints the command.
 set -euo pipefail
+# shellcheck source=shell/ascend_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ascend_env.sh"
 
 : "${LOAD_DIR:?set LOAD_DIR to the base checkpoint (or the LoRA checkpoint with SAVE_LORA_TO_HF=1)}"
 : "${SAVE_DIR:?set SAVE_DIR to the directory to write}"

@@ -13,6 +13,8 @@
 # renames fields, WORKERS=8, MAX_MALFORMED_FRACTION=0 (fail on any malformed record),
 # DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
+# shellcheck source=shell/ascend_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ascend_env.sh"
 
 : "${INPUT:?set INPUT to a jsonl/json/parquet file, a directory or a glob}"
 : "${TOKENIZER_DIR:?set TOKENIZER_DIR to the HF tokenizer directory (the model directory is fine)}"

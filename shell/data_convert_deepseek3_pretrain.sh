@@ -10,6 +10,8 @@
 # (fail if any record is malformed; e.g. 0.001 skips and reports up to 0.1%),
 # DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
+# shellcheck source=shell/ascend_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ascend_env.sh"
 
 : "${INPUT:?set INPUT to a jsonl/json/parquet file, a directory or a glob}"
 : "${TOKENIZER_DIR:?set TOKENIZER_DIR to the HF tokenizer directory (the model directory is fine)}"

@@ -8,6 +8,8 @@
 # DTYPE=fp32|bf16 (fp32), SEQ_LENGTH (64), TOLERANCE (1e-4), DRY_RUN=1 prints the
 # command instead of running it.
 set -euo pipefail
+# shellcheck source=shell/ascend_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ascend_env.sh"
 
 : "${HF_DIR:?set HF_DIR to the HF DeepSeek-V3 directory (config.json + safetensors)}"
 DEVICE=${DEVICE:-cpu}

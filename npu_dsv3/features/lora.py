@@ -12,7 +12,7 @@ import argparse
 from npu_dsv3.argtypes import ArgsError, Unsupported, positive_int
 
 NAME = "lora"
-TESTS = "tests/unit/test_lora.py, tests/multiprocess/test_lora_layouts.py"
+TESTS = "tests/unit/test_lora.py, tests/multiprocess/test_lora_layouts.py, tests/multiprocess/test_lora_fusion.py"
 
 FLAGS = {
     "--lora-r": "config.lora_rank (with --lora-target-modules)",

@@ -39,6 +39,7 @@ LAYOUTS = {
     "pp2-vpp-full-recompute": (2, "sgd", [*PP2, "--num-layers-per-virtual-pipeline-stage", "1",
                                           "--recompute-granularity", "full", "--recompute-method", "uniform",
                                           "--recompute-num-layers", "1"]),
+    "pp2-dualpipev": (2, "sgd", [*PP2, "--schedules-method", "dualpipev"]),
     "pp2-dualpipev-fb-overlap": (2, "sgd", [*PP2, "--schedules-method", "dualpipev", "--moe-fb-overlap"]),
     "dp2-distributed-optimizer": (2, "adam", ["--use-distributed-optimizer"]),
 }

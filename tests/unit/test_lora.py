@@ -246,3 +246,19 @@ def test_a_peft_adapter_reads_back_into_the_model(tiny, tmp_path):
     write_peft_adapter(str(tmp_path / "other"), weights, peft_config(list(targets), 4, 8.0, 0.0, tiny, False))
     with pytest.raises(ValueError, match="gate_proj and up_proj with different A"):
         read_peft_adapter(str(tmp_path / "other"), 3)
+
+
+def test_every_recipe_sets_up_the_ascend_environment(tmp_path):
+    import os
+    import subprocess
+
+    from support import SHELL
+
+    recipes = [p for p in SHELL.glob("*.sh") if p.name != "ascend_env.sh"]
+    assert len(recipes) >= 12 and all('/ascend_env.sh"' in p.read_text() for p in recipes)
+    cann = tmp_path / "set_env.sh"
+    cann.write_text("export CANN_SOURCED=yes\n")
+    script = f'source "{SHELL / "ascend_env.sh"}"; echo "$CANN_SOURCED $HCCL_EXEC_TIMEOUT"'
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CANN_ENV": str(cann), "HCCL_EXEC_TIMEOUT": "7", "DRY_RUN": "1"})
+    assert proc.stdout.split() == ["yes", "7"] and "HCCL_EXEC_TIMEOUT=7" in proc.stderr
