@@ -8,10 +8,10 @@ The module keeps its class's behaviour and names: its class becomes a subclass t
 Tensor parallelism follows the base layer:
 
 - column-parallel (MLA's up-projections, dense and shared fc1, the output layer): A whole on every rank,
-  B split by output rows like the weight (fc1's rows as [gate; up] per rank). ``A x`` is r wide: under
-  sequence parallelism it is gathered along the sequence (r values per token instead of the base's
-  hidden-wide input gather), else its gradient is all-reduced; so A's gradient is whole on every rank
-  (summed over sequence shards with the norms', ``sequence_parallel``).
+  B split by output rows like the weight (fc1's rows as [gate; up] per rank). Under sequence parallelism
+  the adapter reads the base layer's one gathered input (no collective of its own) and A's gradient, a
+  partial sum over the ranks' B rows, is summed with the norms' (``sequence_parallel``); without it ``A x``
+  (r wide) has its gradient all-reduced, so A's gradient is whole on every rank.
 - row-parallel (``linear_proj``, dense and shared fc2): A split by input columns, B whole. ``A x`` is a
   partial sum reduced (all-reduce, or reduce-scatter under sequence parallelism) before B; with
   ``lora_fusion`` the LoRA partial output joins the base's partial output before its one reduction, and
@@ -122,12 +122,22 @@ class _LoraColumn(_LoraLinear):
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
-        out, bias = super().forward(input_, weight=weight, runtime_gather_output=False)
-        h = F.linear(self._lora_input(input_), self.lora_A)
         if self.sequence_parallel:
-            h = gather_from_sequence_parallel_region(h, group=self.tp_group)
-        elif self.lora_tp > 1:
-            h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+            # One gather of the sequence-split input serves the frozen GEMM and the adapter; its backward
+            # reduce-scatters their summed input gradient once.
+            x = gather_from_sequence_parallel_region(input_, group=self.tp_group)
+            out = self._forward_impl(input=x, weight=self.weight if weight is None else weight,
+                                     bias=None if self.skip_bias_add else self.bias,
+                                     gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+                                     allreduce_dgrad=False, sequence_parallel=False, grad_output_buffer=None,
+                                     tp_group=self.tp_group)
+            bias = self.bias if self.skip_bias_add else None
+            h = F.linear(self._lora_input(x), self.lora_A)
+        else:
+            out, bias = super().forward(input_, weight=weight, runtime_gather_output=False)
+            h = F.linear(self._lora_input(input_), self.lora_A)
+            if self.lora_tp > 1:
+                h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
         out = out + F.linear(h, self.lora_B) * self.lora_scale
         if gather:
             out = gather_from_tensor_model_parallel_region(out, group=self.tp_group)
