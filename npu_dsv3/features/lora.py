@@ -89,11 +89,6 @@ def check_flags(args: argparse.Namespace) -> None:
     if any(t.startswith("experts.") for t in args.lora_targets) and not args.moe_grouped_gemm:
         raise ArgsError("LoRA on routed experts (--lora-target-modules linear_fc1/linear_fc2 or experts.*) runs "
                         "through grouped GEMMs: add --moe-grouped-gemm, or narrow the targets to mlp./shared_experts.")
-    split = [t for t in args.lora_targets if t in ("linear_q_up_proj", "linear_kv_up_proj")]
-    if split and args.mla_mm_split:
-        raise ArgsError(f"--mla-mm-split stores MLA's up-projections as separate linears; adapters on "
-                        f"{', '.join(split)} are not implemented for them: drop --mla-mm-split (a checkpoint "
-                        "converted with it is rewritten by `npu-dsv3 convert reshard`) or those targets")
 
 
 def check_model(args: argparse.Namespace, config) -> None:

@@ -50,6 +50,7 @@ from megatron.core.transformer.mlp import MLP, apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from npu_dsv3.lora.targets import ATTENTION, OUTPUT_LAYER
+from npu_dsv3.model.attention import HeadConcat
 from npu_dsv3.model.experts import GroupedExperts
 from npu_dsv3.model.linear import DuplicatedLinear
 from npu_dsv3.ops.gmm import gmm
@@ -188,6 +189,37 @@ class _LoraRow(_LoraLinear):
         return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
                                                    {"weight": 1, "lora_A": 1}, sharded_offsets,
                                                    tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+
+
+class _LoraHeadConcat(_LoraLinear):
+    """``--mla-mm-split``'s up-projection (its parts' outputs per head side by side, ``HeadConcat``) adapted as
+    the unsplit column-parallel linear it stands for: one A, B's rows in the unsplit order of this rank's
+    heads, so the adapter, its names and checkpoints are those of the unsplit model. ``A x`` (r wide) is
+    gathered along the sequence under sequence parallelism (the parts gather their input each)."""
+
+    lora_kind = "column"
+
+    @property
+    def tp_group(self):
+        return self._parts[0].tp_group
+
+    @property
+    def weight(self):  # dtype and device for the adapters
+        return self._parts[0].weight
+
+    def forward(self, x):
+        out, bias = super().forward(x)
+        h = F.linear(self._lora_input(x), self.lora_A)
+        if self._parts[0].sequence_parallel:
+            h = gather_from_sequence_parallel_region(h, group=self.tp_group)
+        elif self.lora_tp > 1:
+            h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+        return out + F.linear(h, self.lora_B) * self.lora_scale, bias
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
+                                                   {"lora_B": 0}, sharded_offsets, tp_group=self.tp_group,
+                                                   dp_cp_group=metadata["dp_cp_group"])
 
 
 class _LoraDuplicated(_LoraLinear):
@@ -405,6 +437,11 @@ def _adapt_linear(module, config, key: str, r: int, scale: float, seed: int, glu
         rank = module.tp_group.rank()
         a = init_a(seed, key, r, module.input_size).chunk(tp, dim=1)[rank]
         rows, sp = module.output_size, module.sequence_parallel
+    elif isinstance(module, HeadConcat):
+        mixin, first = _LoraHeadConcat, module._parts[0]
+        tp = first.tp_group.size()
+        a, sp = init_a(seed, key, r, first.input_size), first.sequence_parallel
+        rows = sum(part.output_size_per_partition for part in module._parts)
     elif isinstance(module, DuplicatedLinear):
         mixin, tp = _LoraDuplicated, 1
         a, rows, sp = init_a(seed, key, r, module.in_features), module.out_features, config.sequence_parallel

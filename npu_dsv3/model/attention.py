@@ -71,7 +71,7 @@ class MLACoreAttention(MegatronModule):
             return self.attention_fn(query, key, value, self.softmax_scale, dropout_p=dropout_p, **kwargs)
 
 
-class _HeadConcat(torch.nn.Module):
+class HeadConcat(torch.nn.Module):
     """Stands in for an unsplit up-projection in megatron's MLA forward: the parts' outputs
     side by side within each head, which is the unsplit linear's output (its rows per head
     are the parts' rows in turn). The parts belong to the attention module; they are not
@@ -105,11 +105,11 @@ class SplitMLASelfAttention(MLASelfAttention):
         if config.q_lora_rank is not None:
             self.linear_qk_nope = self._part(submodules.linear_q_up_proj, config.q_lora_rank, nope, "qk_nope")
             self.linear_qk_rope = self._part(submodules.linear_q_up_proj, config.q_lora_rank, rope, "qk_rope")
-            self.linear_q_up_proj = _HeadConcat((self.linear_qk_nope, self.linear_qk_rope),
+            self.linear_q_up_proj = HeadConcat((self.linear_qk_nope, self.linear_qk_rope),
                                                 self.num_attention_heads_per_partition)
         self.linear_kv_nope = self._part(submodules.linear_kv_up_proj, config.kv_lora_rank, nope, "kv_nope")
         self.linear_v = self._part(submodules.linear_kv_up_proj, config.kv_lora_rank, v, "v")
-        self.linear_kv_up_proj = _HeadConcat((self.linear_kv_nope, self.linear_v),
+        self.linear_kv_up_proj = HeadConcat((self.linear_kv_nope, self.linear_v),
                                              self.num_attention_heads_per_partition)
 
     def _splits(self):

@@ -88,7 +88,6 @@ def test_flags_set_the_config(tiny):
     (["--lora-target-modules", "experts.linear_fc1"], "add --moe-grouped-gemm"),
     (["--lora-target-modules", "linear_proj", "--lora-load", "/x"], "--lora-load adds adapters on top"),
     (["--lora-target-modules", "linear_proj", "--lora-dropout", "1.5"], "must lie in"),
-    (["--lora-target-modules", "linear_qb", "--mla-mm-split"], "--mla-mm-split"),
     (["--lora-modules-to-save", "word_embeddings"], "--lora-modules-to-save is not supported"),
     (["--lora-register-forward-hook"], "--lora-register-forward-hook is not supported"),
 ])
@@ -262,3 +261,17 @@ def test_every_recipe_sets_up_the_ascend_environment(tmp_path):
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "CANN_ENV": str(cann), "HCCL_EXEC_TIMEOUT": "7", "DRY_RUN": "1"})
     assert proc.stdout.split() == ["yes", "7"] and "HCCL_EXEC_TIMEOUT=7" in proc.stderr
+
+
+def test_mla_mm_split_adapts_the_up_projections_as_the_unsplit_model(tiny):
+    """--mla-mm-split's parts carry one adapter per up-projection, named and laid out as the unsplit one's."""
+    targets = ("linear_q_up_proj", "linear_kv_up_proj")
+    unsplit = load_hf(tiny, lora_rank=4, lora_alpha=8, lora_targets=targets)
+    split = load_hf(tiny, lora_rank=4, lora_alpha=8, lora_targets=targets, mla_mm_split=True)
+    _randomize(unsplit, seed=11)
+    _randomize(split, seed=11)
+    names = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+    assert names(split) == names(unsplit) and any("linear_q_up_proj.lora_B" in n for n in names(split))
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logits(split, ids), forward_logits(unsplit, ids), rtol=1e-5, atol=1e-6)
