@@ -7,9 +7,11 @@ field ``ParallelLayout.mla_mm_split`` the converters use.
 """
 
 import argparse
+from typing import List
 
 NAME = "mla-mm-split"
-TESTS = "tests/multiprocess/test_model_layouts.py, tests/unit/test_convert_layouts.py (mla-mm-split cases)"
+TESTS = ("tests/multiprocess/test_model_layouts.py, tests/unit/test_convert_layouts.py (mla-mm-split cases), "
+         "tests/multiprocess/test_lora_layouts.py (with MTP)")
 
 LAYOUT_HELP = {"mla_mm_split": "MLA up-projections as separate qk_nope/qk_rope and kv_nope/v linears"}
 FLAGS = {"--mla-mm-split": "layout.mla_mm_split, config.mla_mm_split"}
@@ -17,3 +19,15 @@ FLAGS = {"--mla-mm-split": "layout.mla_mm_split, config.mla_mm_split"}
 
 def parallel_fields(args: argparse.Namespace) -> dict:
     return {"mla_mm_split": args.mla_mm_split}
+
+
+def patches() -> List:
+    from npu_dsv3.model import attention
+    from npu_dsv3.patching import Patch
+
+    return [Patch(name="mla-mm-split.mtp_sharded_state_dict", feature=NAME,
+                  target="megatron.core.transformer.multi_token_prediction.MultiTokenPredictionBlock."
+                         "sharded_state_dict",
+                  replacement=attention.mtp_block_without_stale_parts, wrap=True,
+                  why="--mla-mm-split with MTP: megatron's MTP block leaves the split parts' _extra_state entries, "
+                  "which the attention stores under the unsplit linear's key, in the checkpoint's request")]

@@ -180,3 +180,22 @@ def _rows_in_unsplit(part: ShardedTensor, unsplit_key: str, sharded_offsets: tup
         return pieces
 
     return ShardedTensorFactory(unsplit_key, part.data, build, torch.cat, part.replica_id)
+
+
+SPLIT_PARTS = ("linear_qk_nope", "linear_qk_rope", "linear_kv_nope", "linear_v")
+
+
+def mtp_block_without_stale_parts(original):
+    """megatron's ``MultiTokenPredictionBlock.sharded_state_dict``. Its generic pass over its children reads the
+    MTP layers' plain ``state_dict`` before each layer's own ``sharded_state_dict`` replaces the entries, so the
+    split parts' ``_extra_state`` entries, which ``SplitMLASelfAttention`` stores under the unsplit linear's
+    key, stay behind as keys no checkpoint has; they are dropped."""
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        state = original(self, prefix, sharded_offsets, metadata)
+        stale = [k for k in state if k.endswith("._extra_state") and k.rsplit(".", 2)[-2] in SPLIT_PARTS]
+        for key in stale:
+            del state[key]
+        return state
+
+    return sharded_state_dict

@@ -36,6 +36,8 @@ LAYOUTS = {
     "tp2-ep2-sp-etp1": (4, "sgd", [*TP2_SP, "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size",
                                    "1"]),
     "tp2-sp-moe-tp-extend-ep": (2, "sgd", [*TP2_SP, "--moe-tp-extend-ep"]),
+    # adapters on the split up-projections, named as the unsplit model's (the reference is unsplit); MTP's too
+    "tp2-sp-mla-mm-split": (2, "sgd", [*TP2_SP, "--mla-mm-split"]),
     "pp2-vpp-full-recompute": (2, "sgd", [*PP2, "--num-layers-per-virtual-pipeline-stage", "1",
                                           "--recompute-granularity", "full", "--recompute-method", "uniform",
                                           "--recompute-num-layers", "1"]),
