@@ -119,6 +119,11 @@ def test_a_filtered_save_resumes_with_lora_load_exactly(start, tmp_path, ckpt_fo
     assert [r["iteration"] for r in resumed] == [3]
     assert resumed[0]["lm_loss"] == reference[2]["lm_loss"]
     assert resumed[0]["grad_norm"] == pytest.approx(reference[2]["grad_norm"], rel=1e-12)
+    if ckpt_format == "torch_dist":  # the adapters are stored layout-free: another layout resumes them
+        other = run_pretrain(2, ["--hf-config", hf_dir, "--load", weights, "--lora-load", str(save), *flags,
+                                 *TP2_SP, "--ckpt-format", ckpt_format], tmp_path / "tp2.jsonl")
+        assert [r["iteration"] for r in other] == [3]
+        assert other[0]["lm_loss"] == pytest.approx(reference[2]["lm_loss"], rel=2e-6, abs=0)
 
 
 @pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
@@ -177,3 +182,31 @@ def test_a_peft_adapter_starts_training_on_any_layout(start, tmp_path):
     assert single[0]["lm_loss"] != reference["sgd"][0]["lm_loss"]  # the adapter's updates are in
     _same(run_pretrain(4, [*flags, *TP2_SP, "--expert-model-parallel-size", "2"], tmp_path / "sharded.jsonl"),
           single)
+
+
+def test_bf16_trains_fp32_masters_of_the_adapters_only(start, tmp_path):
+    """--bf16: the adapters compute in bf16 and the optimizer keeps fp32 masters of them, and of nothing else."""
+    hf_dir, weights, _ = start
+    save = tmp_path / "save"
+    records = run_pretrain(1, ["--hf-config", hf_dir, "--load", weights, *COMMON, *OPTIMIZERS["adam"], "--bf16",
+                               "--train-iters", "1", "--ckpt-format", "torch", "--save", str(save)],
+                           tmp_path / "run.jsonl")
+    assert len(records) == 1
+    payload = load_torch(str(save / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"))
+    adapters = {k: v for k, v in payload["model"].items() if is_lora_param(k)}
+    assert adapters and all(v.dtype == torch.bfloat16 for v in adapters.values())
+
+    def masters(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "fp32_from_fp16_params":
+                    yield from (t for group in value for t in group)
+                else:
+                    yield from masters(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                yield from masters(value)
+
+    found = list(masters(payload["optimizer"]))
+    assert found and all(t.dtype == torch.float32 for t in found)
+    assert sum(t.numel() for t in found) == sum(v.numel() for v in adapters.values())
