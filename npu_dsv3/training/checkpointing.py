@@ -558,8 +558,10 @@ def _load_legacy(directory: str, flag: str, model_chunks, optimizer, scheduler, 
                  part: str, lora_model: bool) -> Resumed:
     path = _legacy_file(directory)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: {directory} was saved with another tensor / pipeline / expert "
-                              "parallel layout (convert it with `npu-dsv3 convert reshard`)")
+        fix = ("save the adapters as torch_dist, which any layout loads" if part == LORA
+               else "convert it with `npu-dsv3 convert reshard`")
+        raise CheckpointError(f"{flag} {directory}: {path} is missing: it was saved with another tensor / pipeline / "
+                              f"expert parallel layout ({fix})")
     payload = load_torch(path, map_location="cpu")
     models = [payload.get("model" if len(model_chunks) == 1 else f"model{i}") or {} for i in range(len(model_chunks))]
     part = _stored_part(part, [k for weights in models for k in weights], directory, flag, lora_model)

@@ -119,11 +119,15 @@ def test_a_filtered_save_resumes_with_lora_load_exactly(start, tmp_path, ckpt_fo
     assert [r["iteration"] for r in resumed] == [3]
     assert resumed[0]["lm_loss"] == reference[2]["lm_loss"]
     assert resumed[0]["grad_norm"] == pytest.approx(reference[2]["grad_norm"], rel=1e-12)
+    another_layout = ["--hf-config", hf_dir, "--load", weights, "--lora-load", str(save), *flags, *TP2_SP,
+                      "--ckpt-format", ckpt_format]
     if ckpt_format == "torch_dist":  # the adapters are stored layout-free: another layout resumes them
-        other = run_pretrain(2, ["--hf-config", hf_dir, "--load", weights, "--lora-load", str(save), *flags,
-                                 *TP2_SP, "--ckpt-format", ckpt_format], tmp_path / "tp2.jsonl")
+        other = run_pretrain(2, another_layout, tmp_path / "tp2.jsonl")
         assert [r["iteration"] for r in other] == [3]
         assert other[0]["lm_loss"] == pytest.approx(reference[2]["lm_loss"], rel=2e-6, abs=0)
+    else:  # per-rank files of one layout: one line naming the flag
+        with pytest.raises(AssertionError, match="exited with 2: .*(written for|saved with) another layout"):
+            run_pretrain(2, another_layout, tmp_path / "tp2.jsonl")
 
 
 @pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
