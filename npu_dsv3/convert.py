@@ -269,11 +269,9 @@ def _lora_adapters(args: argparse.Namespace):
 
 
 def _save_adapter(args: argparse.Namespace, adapters, description: dict, lora_dir: str) -> int:
-    from npu_dsv3.checkpoint.io import check_output_path
     from npu_dsv3.config import load_hf_config
     from npu_dsv3.lora.export import peft_config, peft_tensors, write_peft_adapter
 
-    check_output_path(args.save_dir)
     layers = load_hf_config(lora_dir)["num_hidden_layers"]
     tensors = peft_tensors(adapters, layers)
     mtp = any(layer is not None and layer >= layers for _, layer in adapters)

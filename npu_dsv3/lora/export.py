@@ -23,6 +23,7 @@ import torch
 from npu_dsv3.lora.targets import HF_MODULES, OUTPUT_LAYER
 
 PEFT_PREFIX = "base_model.model."
+OUTPUT_LAYER_HF = "lm_head"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 # Adapter = (canonical target, HF layer or None for the output layer) -> its unsplit tensors:
@@ -42,8 +43,6 @@ def _hf_linears(target: str, layer, tensors: Dict[str, torch.Tensor]) -> Iterato
         return
     yield names[0], a, b
 
-
-OUTPUT_LAYER_HF = "lm_head"
 
 
 def delta_builders(adapters: Adapters, alpha: float, r: int) -> Dict[str, Callable[[], torch.Tensor]]:

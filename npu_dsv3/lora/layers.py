@@ -482,20 +482,13 @@ def local_adapters(model) -> Dict[Tuple[str, Optional[int]], Dict[str, torch.Ten
     linears {"A": [r, in], "B": [out, r]}, routed experts {"A": [E, r, in], "B": [E, out, r]}; each rank's
     piece (whole at world size 1)."""
     out = {}
-    for hf_layer, layer in _layers(model):
-        for target, module in linear_targets(layer):
-            if target != "experts":
-                if hasattr(module, "lora_A"):
-                    out[(target, hf_layer)] = {"A": module.lora_A, "B": module.lora_B}
-                continue
-            for fc in ("fc1", "fc2"):
-                if getattr(module, f"lora_{fc}_A", None) is not None:
-                    out[(f"experts.linear_{fc}", hf_layer)] = {
-                        "A": getattr(module, f"lora_{fc}_A").transpose(1, 2),
+    for key, (module, target) in _local_modules(model).items():
+        if target.startswith("experts"):
+            fc = target[-3:]  # the routed experts' pieces are stored for ops.gmm: [E, in, r] / [E, r, out]
+            out[key] = {"A": getattr(module, f"lora_{fc}_A").transpose(1, 2),
                         "B": getattr(module, f"lora_{fc}_B").transpose(1, 2)}
-    head = getattr(model, "output_layer", None)
-    if head is not None and hasattr(head, "lora_A"):
-        out[(OUTPUT_LAYER, None)] = {"A": head.lora_A, "B": head.lora_B}
+        else:
+            out[key] = {"A": module.lora_A, "B": module.lora_B}
     return out
 
 
