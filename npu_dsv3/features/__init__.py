@@ -31,11 +31,12 @@ kernel switches' names (``npu_dsv3.features.kernels``), kept importable from her
 """
 
 import argparse
+import functools
 import importlib
 import pkgutil
 import threading
 from types import ModuleType
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from npu_dsv3.features.kernels import FEATURES, Feature, add_feature_args, all_features, feature_overrides
 
@@ -49,8 +50,14 @@ _registered: List[str] = []
 
 def modules() -> List[ModuleType]:
     """Every feature module: those with ``APPLY_FIRST`` first, then by module name."""
-    found = [importlib.import_module(f"{__name__}.{info.name}") for info in pkgutil.iter_modules(__path__)]
-    return sorted(found, key=lambda m: (not getattr(m, "APPLY_FIRST", False), m.__name__))
+    return list(_modules(tuple(__path__)))
+
+
+@functools.lru_cache(maxsize=None)
+def _modules(path: Tuple[str, ...]) -> Tuple[ModuleType, ...]:
+    # Found once per search path: the flag and config hooks below ask for the list many times per parse.
+    found = [importlib.import_module(f"{__name__}.{info.name}") for info in pkgutil.iter_modules(list(path))]
+    return tuple(sorted(found, key=lambda m: (not getattr(m, "APPLY_FIRST", False), m.__name__)))
 
 
 def register_patches() -> None:
