@@ -41,7 +41,8 @@ setup(
     ],
     extras_require={
         "npu": ["torch_npu"],  # choose the release matching your torch and CANN
-        "test": ["pytest"],
+        # bitsandbytes: the oracle of our NF4 (tests only; QLoRA never imports it)
+        "test": ["pytest", "bitsandbytes"],
         "bench": ["matplotlib"],  # benchmarks/pipeline.py draws its timelines
     },
     entry_points={"console_scripts": ["npu-dsv3 = npu_dsv3.cli:main"]},
