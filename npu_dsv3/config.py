@@ -121,6 +121,9 @@ class DeepSeekV3TransformerConfig(MLATransformerConfig):
     lora_seed: int = 1234
     """Seed of the adapters' initialisation (``--seed``), per adapter and HF name: layout-independent."""
 
+    qlora: bool = False
+    """``--qlora``: the targetable linears hold NF4 weights (``npu_dsv3.lora.nf4_base``), dequantized per GEMM."""
+
 
 FP8_CAST_COMMAND = (
     "npu-dsv3 convert fp8-to-bf16 --input-fp8-hf-path <fp8-model-dir> "

@@ -14,7 +14,7 @@ import functools
 import os
 import sys
 
-from npu_dsv3.argtypes import positive_int
+from npu_dsv3.argtypes import ArgsError, positive_int
 from npu_dsv3.layout import LAYOUT_DEFAULTS, add_layout_flags, converter_flag, given_flags, layout_from_args
 
 
@@ -152,19 +152,32 @@ def add_hf2mcore(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-dir", required=True, metavar="DIR", help="megatron checkpoint directory to write")
     _add_layout_arguments(p, "target")
     _add_save_format(p)
+    p.add_argument("--qlora-nf4", action="store_true",
+                   help="QLoRA's base: every targetable linear (attention projections, dense and shared MLPs, "
+                        "routed experts per expert) in NF4 with double-quantized scales, as bitsandbytes stores "
+                        "it; train it with --qlora (needs --moe-grouped-gemm)")
     add_job_arguments(p)
     p.set_defaults(_convert=run_hf2mcore)
     return p
 
 
 def run_hf2mcore(args: argparse.Namespace) -> int:
-    from npu_dsv3.checkpoint.mcore_legacy import convert_hf_to_legacy
+    from npu_dsv3.checkpoint.mcore_legacy import write_layout
     from npu_dsv3.checkpoint.sources import HFInput
 
+    flags = _layout_flags(args, "target")
+    if args.qlora_nf4:
+        if not flags.get("moe_grouped_gemm"):
+            raise ArgsError("--qlora-nf4 stores the routed experts for grouped GEMMs, which QLoRA training "
+                            "dequantizes: add --moe-grouped-gemm")
+        if args.save_format == "torch_dist":
+            raise ArgsError("--qlora-nf4 writes the legacy format only so far: use --save-format torch "
+                            "(load it with --ckpt-format torch)")
+    source = HFInput(args.load_dir, nf4=args.qlora_nf4)
     if args.save_format == "torch_dist":
-        return _report_dist(args, HFInput(args.load_dir), _layout_flags(args, "target"), "convert hf2mcore")
-    summary = convert_hf_to_legacy(args.load_dir, args.save_dir, _layout_flags(args, "target"),
-                                   workers=args.workers, resume=args.resume, progress=args.progress)
+        return _report_dist(args, source, flags, "convert hf2mcore")
+    summary = write_layout(source, args.save_dir, flags, "convert hf2mcore", args.workers, args.resume,
+                           args.progress)
     print(f"wrote {args.save_dir}: {summary['written']} of {summary['rank_files']} rank files "
           f"({summary['rank_files'] - summary['written']} kept from an earlier run) in {summary['seconds']:.1f} s",
           file=sys.stderr)

@@ -170,35 +170,40 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = BLOCKSIZE, double_quant: bool
 
 def nf4_scales(absmax: torch.Tensor, absmax2: Optional[torch.Tensor] = None,
                offset: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The fp32 absmax per block (the double quantization undone)."""
+    """The fp32 absmax per block (the double quantization undone); leading dimensions are batches of
+    tensors: absmax [..., blocks], absmax2 [..., blocks / 256], offset [..., 1] or []."""
     if absmax2 is None:
         return absmax.float()
-    n = absmax.numel()
-    if absmax2.numel() != -(-n // SCALE_BLOCKSIZE) or offset is None or offset.numel() != 1:
+    n = absmax.shape[-1]
+    if absmax2.shape[-1] != -(-n // SCALE_BLOCKSIZE) or offset is None or offset.shape[-1:] not in ((1,), ()):
         raise ValueError(f"NF4 scales do not fit together: {n} block scales need "
                          f"{-(-n // SCALE_BLOCKSIZE)} second-level scales and one offset, got "
-                         f"{absmax2.numel()} and {None if offset is None else offset.numel()}")
-    per = absmax2.float().repeat_interleave(SCALE_BLOCKSIZE)[:n]
-    return dynamic_map(absmax.device)[absmax.to(torch.int64)] * per + offset.float().reshape(())
+                         f"{absmax2.shape[-1]} and {None if offset is None else tuple(offset.shape)}")
+    per = absmax2.float().repeat_interleave(SCALE_BLOCKSIZE, dim=-1)[..., :n]
+    offset = offset.float().reshape(*absmax.shape[:-1], 1)
+    return dynamic_map(absmax.device)[absmax.to(torch.int64)] * per + offset
 
 
 def nf4_unpack(codes: torch.Tensor, numel: int) -> torch.Tensor:
-    """Packed bytes -> one code (int64) per value, the first ``numel``."""
-    out = torch.stack([codes >> 4, codes & 0xF], dim=-1).reshape(-1)
-    return out[:numel].to(torch.int64)
+    """Packed bytes [..., bytes] -> one code (int64) per value, the first ``numel`` of each row."""
+    out = torch.stack([codes >> 4, codes & 0xF], dim=-1).reshape(*codes.shape[:-1], -1)
+    return out[..., :numel].to(torch.int64)
 
 
 def nf4_values(codes: torch.Tensor, scales: torch.Tensor, numel: int, blocksize: int = BLOCKSIZE) -> torch.Tensor:
-    """fp32 values of ``numel`` packed codes whose consecutive blocks have the fp32 ``scales``."""
-    levels = nf4_levels(codes.device)[nf4_unpack(codes, numel)]
-    if scales.numel() != -(-numel // blocksize):
+    """fp32 values of ``numel`` packed codes per row ([..., bytes]) whose consecutive blocks have the fp32
+    ``scales`` ([..., blocks])."""
+    if scales.shape[-1] != -(-numel // blocksize):
         raise ValueError(f"NF4 data of {numel} values needs {-(-numel // blocksize)} block scales, "
-                         f"got {scales.numel()}: the scale tensor does not belong to these codes")
+                         f"got {scales.shape[-1]}: the scale tensor does not belong to these codes")
+    levels = nf4_levels(codes.device)[nf4_unpack(codes, numel)]
+    lead = levels.shape[:-1]
     full = numel - numel % blocksize
-    head = (levels[:full].view(-1, blocksize) * scales[: full // blocksize].unsqueeze(1)).reshape(-1)
+    head = (levels[..., :full].reshape(*lead, -1, blocksize) * scales[..., : full // blocksize, None])
+    head = head.reshape(*lead, full)
     if full == numel:
         return head
-    return torch.cat([head, levels[full:] * scales[-1]])
+    return torch.cat([head, levels[..., full:] * scales[..., -1:]], dim=-1)
 
 
 def nf4_dequantize(q: NF4, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

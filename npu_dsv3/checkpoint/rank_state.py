@@ -86,7 +86,29 @@ def source_getter(get: Callable[[str], torch.Tensor], source_hf_config: dict, hf
 
 def _layer_specs(config, par: ParallelLayout, moe: bool) -> list:
     specs = sharding.attention_specs(config, par.mla_mm_split)
-    return specs + (sharding.moe_specs(config) if moe else sharding.dense_mlp_specs())
+    specs += sharding.moe_specs(config) if moe else sharding.dense_mlp_specs()
+    if getattr(config, "qlora", False):
+        from npu_dsv3.lora.nf4_base import is_quantized
+
+        specs = sharding.nf4_specs(specs, lambda hf: is_quantized("model.layers.0." + hf))
+    return specs
+
+
+def _nf4_experts(get, mc: str, hf: str, experts, par: ParallelLayout, etp_rank: int) -> Dict[str, torch.Tensor]:
+    """QLoRA's routed experts (``npu_dsv3.lora.nf4_base.NF4Experts``): per part the local experts' codes
+    stacked along rows (cut by expert-TP like the weights) and their scales, one row per expert."""
+    from npu_dsv3.lora.nf4_base import CODES, EXPERT_PARTS, SCALES
+
+    out = {}
+    for part in EXPERT_PARTS:
+        names = [f"{hf}mlp.experts.{e}.{part}.weight" for e in experts]
+        cut = sharding.COLS if part == "down_proj" else sharding.ROWS
+        out[f"{mc}mlp.experts.{part}{CODES}"] = torch.cat([
+            sharding.shard(sharding.Spec(f"mlp.experts.{part}{CODES}", (name + CODES,), cut), [get(name + CODES)],
+                           par.etp, etp_rank)[0] for name in names])
+        for suffix in SCALES:
+            out[f"{mc}mlp.experts.{part}{suffix}"] = torch.cat([get(name + suffix) for name in names])
+    return out
 
 
 def _shard(spec, get, hf: str, mc: str, par: ParallelLayout, tp_rank: int) -> Dict[str, torch.Tensor]:
@@ -104,6 +126,10 @@ def _layer_to_mcore(config, par, get, mc: str, hf: str, moe: bool, tp_rank: int,
     if not moe:
         return out
     etp_rank = tp_rank if par.etp > 1 else 0
+    if getattr(config, "qlora", False):
+        out.update(_nf4_experts(get, mc, hf, par.local_experts(config.num_moe_experts, tp_rank, ep_rank), par,
+                                etp_rank))
+        return out
     fc1, fc2 = [], []
     for e in par.local_experts(config.num_moe_experts, tp_rank, ep_rank):
         expert = f"{hf}mlp.experts.{e}."
@@ -309,8 +335,35 @@ class HFFromRanks:
             return
         for e in range(self.config.num_moe_experts):
             expert = f"{hf}mlp.experts.{e}."
+            if getattr(self.config, "qlora", False):
+                from npu_dsv3.lora.nf4_base import EXPERT_PARTS, SUFFIXES
+
+                self._add([f"{expert}{p}.weight{s}" for p in EXPERT_PARTS for s in SUFFIXES],
+                          self._nf4_expert_builder(pp_rank, chunk, mc, expert, e))
+                continue
             self._add([expert + n for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")],
                       self._expert_builder(pp_rank, chunk, mc, expert, e))
+
+    def _nf4_expert_builder(self, pp_rank, chunk, mc, expert, e):
+        """One expert's NF4 parts (the inverse of ``_nf4_experts``): its rows of each part's codes from every
+        expert-TP rank, joined as the weights are, and its row of the scales."""
+        from npu_dsv3.lora.nf4_base import CODES, EXPERT_PARTS, SCALES
+
+        ep_rank, etp_ranks, local = self.par.expert_home(self.config.num_moe_experts, e)
+        per_rank = self.par.experts_per_rank(self.config.num_moe_experts)
+
+        def build():
+            out = {}
+            for part in EXPERT_PARTS:
+                pieces = self._pieces(pp_rank, chunk, f"{mc}mlp.experts.{part}{CODES}", ep_rank, etp_ranks)
+                mine = [p.view(per_rank, -1, p.shape[-1])[local] for p in pieces]
+                out[f"{expert}{part}.weight{CODES}"] = torch.cat(mine, 1 if part == "down_proj" else 0)
+                for suffix in SCALES:
+                    scales = self._pieces(pp_rank, chunk, f"{mc}mlp.experts.{part}{suffix}", ep_rank, etp_ranks[:1])
+                    out[f"{expert}{part}.weight{suffix}"] = scales[0][local:local + 1]
+            return out
+
+        return build
 
     def _expert_builder(self, pp_rank, chunk, mc, expert, e):
         ep_rank, etp_ranks, local = self.par.expert_home(self.config.num_moe_experts, e)
@@ -369,6 +422,19 @@ def chunk_state_pieces(config, par: ParallelLayout, get: Callable[[str], torch.T
             return
         experts = par.local_experts(config.num_moe_experts, tp_rank, ep_rank)
         etp_rank = tp_rank if par.etp > 1 else 0
+        if getattr(config, "qlora", False):
+            built = {}
+
+            def nf4_part(key):  # the layer's experts are built once, on the first key asked for
+                if not built:
+                    built.update(_nf4_experts(get, mc, hf, experts, par, etp_rank))
+                return built.pop(key)
+
+            from npu_dsv3.lora.nf4_base import EXPERT_PARTS, SUFFIXES
+
+            for key in (f"{mc}mlp.experts.{p}{s}" for p in EXPERT_PARTS for s in SUFFIXES):
+                out[key] = whole(nf4_part, key)
+            return
 
         def fc1(e):
             expert = f"{hf}mlp.experts.{e}."

@@ -23,6 +23,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 REPLICATED, ROWS, COLS, GLU_ROWS = "replicated", "rows", "cols", "glu_rows"
+STACKED = "stacked"  # the sources stacked along rows, whole on every rank (QLoRA's NF4 scales)
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,53 @@ def _head_parts(tensor: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor
     return [part.reshape(-1, tensor.shape[-1]) for part in per_head.split(list(sizes), dim=1)]
 
 
+def nf4_specs(specs: Sequence, quantized) -> list:
+    """``specs`` with each quantized HF tensor's (``quantized(hf name)``) weight replaced by its NF4 codes,
+    cut like the weight (they are its rows, two values a byte: ``npu_dsv3.lora.nf4_base``), and its
+    scales, stacked per source and whole on every rank."""
+    from npu_dsv3.lora.nf4_base import CODES, SCALES
+
+    out = []
+    for spec in specs:
+        if not quantized(spec.hf[0]):
+            out.append(spec)
+        elif isinstance(spec, HeadSplit):
+            out.append(HeadSplit(tuple(m + CODES for m in spec.mcore), (spec.hf[0] + CODES,), spec.sizes))
+            out += [Spec(m + s, (spec.hf[0] + s,), STACKED) for m in spec.mcore for s in SCALES]
+        else:
+            out.append(Spec(spec.mcore + CODES, tuple(h + CODES for h in spec.hf), spec.cut))
+            out += [Spec(spec.mcore + s, tuple(h + s for h in spec.hf), STACKED) for s in SCALES]
+    return out
+
+
+def _check_nf4_cut(spec, codes: torch.Tensor, parts: int, rank: int) -> None:
+    """An NF4 rank slice must be whole 64-value blocks of the flattened HF tensor (codes [rows, cols / 2])."""
+    from npu_dsv3.lora.nf4_base import CODES, check_cut
+
+    rows, width = codes.shape
+    shape, what = (rows, 2 * width), spec.hf[0][: -len(CODES)]
+    if isinstance(spec, HeadSplit):
+        per_head = sum(spec.sizes)
+        heads = rows // per_head
+        local = range(rank * heads // parts, (rank + 1) * heads // parts)
+        check_cut(what, shape, [(h * per_head + o, h * per_head + o + size) for h in local
+                                for o, size in zip([sum(spec.sizes[:k]) for k in range(len(spec.sizes))], spec.sizes)],
+                  (0, shape[1]))
+    elif spec.cut == COLS:
+        per = shape[1] // parts
+        check_cut(what, shape, [(0, rows)], (rank * per, (rank + 1) * per))
+    elif spec.cut in (ROWS, GLU_ROWS):
+        if rows == 1:
+            check_cut(what, (1, 2 * width + 1), [(0, 0)], (0, 2 * width + 1))  # an odd column count: refused
+        check_cut(what, shape, [(rank * rows // parts, (rank + 1) * rows // parts)], (0, shape[1]))
+
+
 def shard(spec, sources: Sequence[torch.Tensor], parts: int, rank: int) -> List[torch.Tensor]:
     """This rank's piece of each of ``mcore_names(spec)`` (``parts`` ranks in its TP group)."""
+    if parts > 1 and sources[0].dtype == torch.uint8 and spec.hf[0].endswith("_nf4"):
+        _check_nf4_cut(spec, sources[0], parts, rank)
+    if not isinstance(spec, HeadSplit) and spec.cut == STACKED:
+        return [torch.cat(list(sources))]
     if isinstance(spec, HeadSplit):
         # Rows split by whole heads: the attention-head count is checked to divide over TP.
         pieces = zip(_head_parts(sources[0], spec.sizes), spec.mcore)
@@ -138,6 +184,8 @@ def merge(spec, pieces: Sequence[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
         heads = [torch.cat(ranks, 0).view(-1, size, ranks[0].shape[-1]) for ranks, size in zip(pieces, spec.sizes)]
         return [torch.cat(heads, 1).reshape(-1, heads[0].shape[-1])]
     pieces = pieces[0]
+    if spec.cut == STACKED:
+        return list(pieces[0].split(1))
     if spec.cut == REPLICATED:
         return [pieces[0]]
     if spec.cut == ROWS:

@@ -51,9 +51,12 @@ def target_flag(command: str):
 
 def model_config(hf_config: dict, grouped_gemm: bool, **overrides):
     from npu_dsv3.config import hf_to_mcore_config_dpskv3
+    from npu_dsv3.lora.nf4_base import NF4_KEY, is_nf4_config
 
+    if is_nf4_config(hf_config):  # a --qlora-nf4 checkpoint: its targetable linears are NF4 buffers
+        overrides.setdefault("qlora", True)
     # The FP8 release is read directly (dequantised on the fly); the model is the same.
-    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    hf_config = {k: v for k, v in hf_config.items() if k not in ("quantization_config", NF4_KEY)}
     return hf_to_mcore_config_dpskv3(hf_config, moe_grouped_gemm=grouped_gemm, **overrides)
 
 
@@ -177,8 +180,9 @@ class HFInput:
 
     layout = None  # the layout flags a legacy checkpoint was written with; an HF one has none
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, nf4: bool = False):
         self.directory = directory
+        self.nf4 = nf4  # --qlora-nf4: write the targetable linears in NF4 (npu_dsv3.lora.nf4_base)
 
     def getters(self, hf_config: dict):
         """(get, meta_get): ``get(HF name)`` reads a tensor, ``meta_get`` its shape and dtype as a meta tensor."""
@@ -196,6 +200,10 @@ def conversion_configs(source, flags: dict) -> Tuple[dict, dict]:
     hf_config = effective_hf_config(source_hf, flags)
     if isinstance(source, HFInput):
         check_hf_source(source.directory, source_hf, hf_config["num_nextn_predict_layers"])
+        if source.nf4:
+            from npu_dsv3.lora.nf4_base import NF4_KEY, NF4_RECORD
+
+            hf_config = {**hf_config, NF4_KEY: NF4_RECORD}
     return source_hf, hf_config
 
 
@@ -203,10 +211,15 @@ def conversion_input(source, source_hf: dict, hf_config: dict):
     """(get, meta_get) of a conversion's input by the HF names of the model written; ``meta_get``
     gives shapes and dtypes as meta tensors without reading data. A megatron source gives each
     tensor the dtype its HF checkpoint had, where the converter recorded it (``DTYPES_FILE``)."""
+    from npu_dsv3.lora.nf4_base import is_nf4_config, quantizing_getter, quantizing_meta_getter
+
     get, meta_get = source.getters(source_hf)
     if not isinstance(source, HFInput):
         get, meta_get = with_hf_dtypes(get, source.directory), with_hf_dtypes(meta_get, source.directory)
-    return source_getter(get, source_hf, hf_config), source_getter(meta_get, source_hf, hf_config)
+    get, meta_get = source_getter(get, source_hf, hf_config), source_getter(meta_get, source_hf, hf_config)
+    if is_nf4_config(hf_config) and not is_nf4_config(source_hf):  # quantized as they are read
+        get, meta_get = quantizing_getter(get), quantizing_meta_getter(meta_get)
+    return get, meta_get
 
 
 # The dtype of every HF tensor of the model a converter wrote, beside the megatron checkpoint: megatron

@@ -309,23 +309,20 @@ class _LoraExperts:
     def forward(self, permuted_hidden, tokens_per_expert, permuted_probs):
         from megatron.core import tensor_parallel
 
-        hidden = self.config.hidden_size
-        w1 = self.weight1.view(self.num_local_experts, hidden, -1)
-        w2 = self.weight2.view(self.num_local_experts, -1, hidden)
         tokens_per_expert = torch.as_tensor(tokens_per_expert)
-        fc1_out = gmm(permuted_hidden, w1, tokens_per_expert)
+        fc1_out = self._fc1(permuted_hidden, tokens_per_expert)
         if self.lora_on[0]:
             fc1_out = fc1_out + self._lora_fc1(permuted_hidden, tokens_per_expert)
         if self.activation_recompute:
             checkpoint = tensor_parallel.CheckpointWithoutOutput()
             act = checkpoint.checkpoint(self._act_with_probs, fc1_out, permuted_probs)
-            out = gmm(act, w2, tokens_per_expert)
+            out = self._fc2(act, tokens_per_expert)
             if self.lora_on[1]:
                 out = out + self._lora_fc2(act, tokens_per_expert)
             checkpoint.discard_output_and_register_recompute(out)
         else:
             act = self._act_with_probs(fc1_out, permuted_probs)
-            out = gmm(act, w2, tokens_per_expert)
+            out = self._fc2(act, tokens_per_expert)
             if self.lora_on[1]:
                 out = out + self._lora_fc2(act, tokens_per_expert)
         return out, None

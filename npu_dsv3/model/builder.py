@@ -53,6 +53,10 @@ def build_model(config, pre_process=None, post_process=None, vp_stage=None, padd
     if getattr(model, "output_layer", None) is not None:
         mask_vocab_padding(model.output_layer, config.vocab_size)
     _reduce_expert_grads_over_expert_data_parallel(model, config)
+    if config.qlora:
+        from npu_dsv3.lora.nf4_base import apply_nf4_base
+
+        apply_nf4_base(model, config)
     if config.lora_rank:
         from npu_dsv3.lora.layers import apply_lora
 

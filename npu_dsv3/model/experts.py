@@ -25,17 +25,21 @@ class GroupedExperts(GroupedMLP):
     def _act_with_probs(self, fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return (self.swiglu(fc1_out) * probs.unsqueeze(-1)).to(fc1_out.dtype)
 
+    def _fc1(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """The base fc1 GEMM (QLoRA's NF4 experts replace it, npu_dsv3.lora.nf4_base)."""
+        return gmm(x, self.weight1.view(self.num_local_experts, self.config.hidden_size, -1), tokens_per_expert)
+
+    def _fc2(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return gmm(x, self.weight2.view(self.num_local_experts, -1, self.config.hidden_size), tokens_per_expert)
+
     def forward(self, permuted_hidden: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor):
-        hidden = self.config.hidden_size
-        w1 = self.weight1.view(self.num_local_experts, hidden, -1)
-        w2 = self.weight2.view(self.num_local_experts, -1, hidden)
         tokens_per_expert = torch.as_tensor(tokens_per_expert)
-        fc1_out = gmm(permuted_hidden, w1, tokens_per_expert)
+        fc1_out = self._fc1(permuted_hidden, tokens_per_expert)
         if self.activation_recompute:
             checkpoint = tensor_parallel.CheckpointWithoutOutput()
             act = checkpoint.checkpoint(self._act_with_probs, fc1_out, permuted_probs)
-            out = gmm(act, w2, tokens_per_expert)
+            out = self._fc2(act, tokens_per_expert)
             checkpoint.discard_output_and_register_recompute(out)
         else:
-            out = gmm(self._act_with_probs(fc1_out, permuted_probs), w2, tokens_per_expert)
+            out = self._fc2(self._act_with_probs(fc1_out, permuted_probs), tokens_per_expert)
         return out, None

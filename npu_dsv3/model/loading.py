@@ -46,7 +46,12 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides):
         **overrides,
     )
     model = build_model(config)
-    load_hf_weights(model, reader.get, path)
+    get = reader.get
+    if config.qlora:  # the targetable linears in NF4, quantized as --qlora-nf4 does
+        from npu_dsv3.lora.nf4_base import quantizing_getter
+
+        get = quantizing_getter(get)
+    load_hf_weights(model, get, path)
     return model.eval()
 
 
@@ -64,6 +69,7 @@ def load_mcore(path: str, dtype: torch.dtype = torch.float32, **layout):
     """
     from npu_dsv3.checkpoint.mcore_dist import release_dir
     from npu_dsv3.checkpoint.mcore_legacy import read_hf_tensors
+    from npu_dsv3.checkpoint.sources import model_config
 
     from npu_dsv3.checkpoint.layout_record import recorded_layout
     from npu_dsv3.layout import resolve_layout
@@ -74,9 +80,8 @@ def load_mcore(path: str, dtype: torch.dtype = torch.float32, **layout):
     if dist_dir is None:  # a legacy checkpoint reads back only in its layout: what is not given, it records
         layout = {**layout, **resolve_layout(layout, recorded_layout(path), str, path)[0]}
     # For torch_dist, which megatron reshards, moe_grouped_gemm only picks the experts' kernel (load_hf's).
-    config = hf_to_mcore_config_dpskv3(hf_config, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-                                       use_cpu_initialization=True, perform_initialization=False,
-                                       moe_grouped_gemm=layout.get("moe_grouped_gemm", True))
+    config = model_config(hf_config, layout.get("moe_grouped_gemm", True), params_dtype=dtype,
+                          bf16=dtype == torch.bfloat16, use_cpu_initialization=True, perform_initialization=False)
     if dist_dir is not None:
         return _load_dist(config, dist_dir).eval()
     tensors = dict(read_hf_tensors(path, config, ParallelLayout.from_flags(config, **layout, flag=training_flag)))
