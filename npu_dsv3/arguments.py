@@ -132,7 +132,6 @@ OWN_FLAGS = {
         "apex's CUDA fused_weight_gradient_mlp_cuda); npu_dsv3.ops has none"),
     "--shape-order": Unsupported("npu_dsv3.ops.mla_attention chooses the attention layout (BSND, or TND for "
                                  "packed sequences) itself"),
-    "--qlora": Unsupported("QLoRA fine-tuning is not implemented in npu_dsv3; fine-tune all weights"),
 }
 
 

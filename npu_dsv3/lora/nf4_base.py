@@ -198,7 +198,7 @@ class NF4Weight:
 
     @property
     def device(self) -> torch.device:
-        return self.module.weight_nf4.device
+        return next(b.device for n, b in self.module._buffers.items() if n.endswith(CODES))
 
     @property
     def shape(self) -> torch.Size:
@@ -445,3 +445,13 @@ def apply_nf4_base(model, config) -> None:
             module._nf4_setup(config.hidden_size, config.moe_ffn_hidden_size,
                               parallel_state.get_expert_tensor_parallel_world_size(),
                               parallel_state.get_expert_tensor_parallel_rank())
+
+
+def check_nf4_buffers(model, source: str) -> None:
+    """After a load: every NF4 scale finite and its second-level absmax non-negative, else the checkpoint
+    ``source`` is corrupt (a bad scale would silently give a whole block garbage weights)."""
+    for name, buf in model.named_buffers():
+        if name.endswith((ABSMAX2, OFFSET)) and not bool(torch.isfinite(buf).all() and (buf >= 0).all()
+                                                         if name.endswith(ABSMAX2) else torch.isfinite(buf).all()):
+            raise NF4Error(f"{source}: the NF4 scales {name} hold inf, NaN or a negative absmax: the checkpoint is "
+                           "corrupt; convert it again with --qlora-nf4")

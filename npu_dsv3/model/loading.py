@@ -114,6 +114,10 @@ def load_hf_weights(model, get: Callable[[str], torch.Tensor], source: str) -> N
             )
         with torch.no_grad():
             target.copy_(value)
+    if model.config.qlora:
+        from npu_dsv3.lora.nf4_base import check_nf4_buffers
+
+        check_nf4_buffers(model, source)
 
 
 def _load_dist(config, directory: str):

@@ -405,6 +405,17 @@ def resume_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=N
     saved with or without ``--lora-ckpt-filter``). Without it, a ``root`` that holds adapters resumes
     them; one that holds none (a base model) gives the base weights and fresh adapters, from iteration 0.
     """
+    if _unwrap(model_chunks[0]).config.qlora:
+        from npu_dsv3.lora.nf4_base import check_nf4_buffers
+
+        resumed = _resume(root, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng, lora_load)
+        for chunk in model_chunks:
+            check_nf4_buffers(_unwrap(chunk), root)
+        return resumed
+    return _resume(root, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng, lora_load)
+
+
+def _resume(root, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng, lora_load) -> Resumed:
     lora_model = any(is_lora_param(name) for chunk in model_chunks for name, _ in _unwrap(chunk).named_parameters())
     if lora_load is not None and os.path.isfile(os.path.join(lora_load, ADAPTER_CONFIG)):
         _load(root, "--load", model_chunks, None, None, True, False, False, BASE, True)

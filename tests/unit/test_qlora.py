@@ -1,0 +1,175 @@
+"""QLoRA in one process: the NF4 base gives exactly the LoRA model whose base is the dequantized NF4 weights
+(logits and adapter gradients, fp32 and bf16); ``convert hf2mcore --qlora-nf4`` writes it in every layout,
+each reading back to the same model; and the bad inputs get one clear error each."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from npu_dsv3.arguments import ArgsError, parse_args
+from npu_dsv3.cli import main as cli
+from npu_dsv3.lora.nf4_base import ABSMAX2, NF4Error, is_quantized
+from npu_dsv3.model import forward_logits, load_hf
+from npu_dsv3.model.loading import load_mcore
+from npu_dsv3.ops.nf4 import nf4_dequantize, nf4_quantize
+from npu_dsv3.tiny_model import make_hf_model, save_hf
+
+# Sizes whose tensor-parallel slices are whole 64-value NF4 blocks (the default tiny model's are not).
+ALIGNED = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=128, num_attention_heads=2,
+               num_key_value_heads=2, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+               v_head_dim=64, n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2)
+TARGETS = ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj",
+           "mlp.linear_fc1", "mlp.linear_fc2", "shared_experts.linear_fc1", "shared_experts.linear_fc2",
+           "experts.linear_fc1", "experts.linear_fc2")
+
+
+def _dequantized_copy(src: str, dst: str) -> str:
+    """The HF checkpoint with every tensor --qlora-nf4 quantizes replaced by its NF4 round trip."""
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if name.endswith(".safetensors"):
+            tensors = load_file(os.path.join(src, name))
+            save_file({k: nf4_dequantize(nf4_quantize(v)) if is_quantized(k) else v for k, v in tensors.items()},
+                      os.path.join(dst, name), metadata={"format": "pt"})
+        else:
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qlora")
+    odd = save_hf(make_hf_model(seed=3), str(root / "odd"))
+    aligned = save_hf(make_hf_model(seed=4, **ALIGNED), str(root / "aligned"))
+    return {"odd": odd, "odd_dq": _dequantized_copy(odd, str(root / "odd_dq")), "aligned": aligned}
+
+
+def _ids(seed=0):
+    return torch.randint(0, 203, (2, 17), generator=torch.Generator().manual_seed(seed))
+
+
+def _lora(path, dtype, qlora):
+    model = load_hf(path, dtype=dtype, qlora=qlora, moe_grouped_gemm=True, lora_rank=4, lora_alpha=8.0,
+                    lora_targets=TARGETS)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_qlora_is_lora_on_the_dequantized_base(hf, dtype):
+    quantized, reference = _lora(hf["odd"], dtype, True), _lora(hf["odd_dq"], dtype, False)
+    params = dict(quantized.named_parameters())
+    assert all(n.rsplit(".", 1)[-1].startswith("lora_") for n, p in params.items() if p.requires_grad)
+    assert "decoder.layers.0.self_attention.linear_proj.weight" not in params  # NF4 buffers instead
+    ids, upstream = _ids(), None
+    outs = []
+    for model in (quantized, reference):
+        model.train()
+        logits = forward_logits(model, ids)
+        if upstream is None:
+            upstream = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        (logits.float() * upstream.float()).sum().backward()
+        outs.append((logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (a, grads_a), (b, grads_b) = outs
+    assert torch.equal(a, b)  # the same GEMMs on the same weights
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+def test_weights_are_nf4_and_smaller(hf):
+    model = load_hf(hf["odd"], qlora=True, moe_grouped_gemm=True)
+    state = model.state_dict()
+    experts = model.decoder.layers[1].mlp.experts
+    assert state["decoder.layers.1.mlp.experts.gate_proj_nf4"].dtype == torch.uint8
+    assert "decoder.layers.1.mlp.experts.weight1" not in state and "output_layer.weight" in state
+    assert experts.nf4_fc1().shape == (12, 72, 56) and experts.nf4_fc2().shape == (12, 28, 72)
+    # every quantized HF tensor's codes, bit for bit what ops.nf4 gives
+    ref = load_file(os.path.join(hf["odd"], "model.safetensors"))
+    kv_b = nf4_quantize(ref["model.layers.0.self_attn.kv_b_proj.weight"])
+    assert torch.equal(state["decoder.layers.0.self_attention.linear_kv_up_proj.weight_nf4"].reshape(-1), kv_b.codes)
+
+
+LAYOUTS = {
+    "tp1": [],
+    "tp2-ep2": ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
+    "tp2-etp1": ["--target-tensor-parallel-size", "2", "--expert-tensor-parallel-size", "1"],
+    "pp2-tp2-mla-mm-split": ["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,2",
+                             "--target-tensor-parallel-size", "2", "--mla-mm-split"],
+}
+
+
+def _convert(src, dst, *flags):
+    return cli(["convert", "hf2mcore", "--load-dir", src, "--save-dir", dst, "--no-progress", *flags])
+
+
+def test_converter_layouts_read_back_to_the_same_model(hf, tmp_path):
+    ids = _ids(1)
+    want = forward_logits(load_hf(hf["aligned"], qlora=True, moe_grouped_gemm=True), ids)
+    for name, flags in LAYOUTS.items():
+        out = str(tmp_path / name)
+        assert _convert(hf["aligned"], out, "--qlora-nf4", "--moe-grouped-gemm", *flags) == 0
+        with open(os.path.join(out, "config.json")) as f:
+            assert json.load(f)["npu_dsv3_nf4"]["quant_type"] == "nf4"
+        assert torch.equal(forward_logits(load_mcore(out), ids), want), name
+    # each TP rank keeps its rows of the codes: half of o_proj's columns per rank at TP 2
+    rank0 = torch.load(os.path.join(tmp_path, "tp2-ep2", "release", "mp_rank_00_000", "model_optim_rng.pt"),
+                       weights_only=True)["model"]
+    assert rank0["decoder.layers.0.self_attention.linear_proj.weight_nf4"].shape == (128, 32)
+    assert rank0["decoder.layers.0.self_attention.linear_proj.weight_nf4_absmax"].shape == (1, 256)
+
+
+def test_misaligned_layouts_are_refused(hf, tmp_path, capsys):
+    # v_head_dim 24 over TP 2: o_proj [128, 48] gives each rank 24 columns, not whole 64-value blocks
+    src = save_hf(make_hf_model(seed=4, **{**ALIGNED, "v_head_dim": 24}), str(tmp_path / "v24"))
+    assert _convert(src, str(tmp_path / "bad"), "--qlora-nf4", "--moe-grouped-gemm",
+                    "--target-tensor-parallel-size", "2") != 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "self_attn.o_proj.weight [128, 48]: this layout gives a rank its columns 0:24" in err[0]
+    assert _convert(hf["odd"], str(tmp_path / "gg"), "--qlora-nf4") != 0
+    assert "add --moe-grouped-gemm" in capsys.readouterr().err
+
+
+BASE = ["--micro-batch-size", "1", "--seq-length", "16", "--train-iters", "2", "--lr", "1e-4", "--mock-data",
+        "--moe-grouped-gemm"]
+
+
+def test_flag_errors(hf, tmp_path):
+    nf4_dir, plain_dir = str(tmp_path / "nf4"), str(tmp_path / "plain")
+    assert _convert(hf["odd"], nf4_dir, "--qlora-nf4", "--moe-grouped-gemm") == 0
+    assert _convert(hf["odd"], plain_dir, "--moe-grouped-gemm") == 0
+
+    def parse(*extra):
+        return parse_args(["--hf-config", hf["odd"], *BASE, *extra], 1, "pretrain")
+
+    with pytest.raises(ArgsError, match="NF4 weights cannot be fine-tuned themselves: add --lora-target-modules"):
+        parse("--qlora", "--load", nf4_dir)
+    with pytest.raises(ArgsError, match="holds unquantized weights; convert the HF model with .*--qlora-nf4"):
+        parse("--qlora", "--lora-target-modules", "linear_qkv", "--load", plain_dir)
+    with pytest.raises(ArgsError, match="holds NF4 weights .* add --qlora"):
+        parse("--lora-target-modules", "linear_qkv", "--load", nf4_dir)
+    with pytest.raises(ArgsError, match="--qlora needs its NF4 base"):
+        parse("--qlora", "--lora-target-modules", "linear_qkv")
+    args = parse("--qlora", "--lora-target-modules", "linear_qkv", "--load", nf4_dir)
+    assert args.qlora
+
+
+def test_corrupt_scales_are_refused(hf, tmp_path):
+    out = str(tmp_path / "nf4")
+    assert _convert(hf["odd"], out, "--qlora-nf4", "--moe-grouped-gemm") == 0
+    path = os.path.join(out, "release", "mp_rank_00", "model_optim_rng.pt")
+    state = torch.load(path, weights_only=True)
+    key = "decoder.layers.0.mlp.linear_fc1.weight" + ABSMAX2
+    state["model"][key][0, 0] = float("nan")
+    torch.save(state, path)
+    os.remove(os.path.join(out, ".npu_dsv3_manifest.json"))  # its CRC would catch the edit first
+    with pytest.raises(NF4Error, match=f"the NF4 scales .*{key}.* hold inf, NaN .* corrupt"):
+        load_mcore(out, moe_grouped_gemm=True)
