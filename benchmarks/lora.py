@@ -43,6 +43,7 @@ def model_config(args) -> dict:
 
 def _live_bytes(model, optimizer) -> int:
     tensors = {id(p): p for p in model.parameters()}
+    tensors.update({id(b): b for b in model.buffers()})  # QLoRA's NF4 weights are buffers
     tensors.update({id(p.grad): p.grad for p in model.parameters() if p.grad is not None})
     for state in optimizer.state.values():
         tensors.update({id(v): v for v in state.values() if torch.is_tensor(v)})

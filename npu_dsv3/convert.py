@@ -170,9 +170,6 @@ def run_hf2mcore(args: argparse.Namespace) -> int:
         if not flags.get("moe_grouped_gemm"):
             raise ArgsError("--qlora-nf4 stores the routed experts for grouped GEMMs, which QLoRA training "
                             "dequantizes: add --moe-grouped-gemm")
-        if args.save_format == "torch_dist":
-            raise ArgsError("--qlora-nf4 writes the legacy format only so far: use --save-format torch "
-                            "(load it with --ckpt-format torch)")
     source = HFInput(args.load_dir, nf4=args.qlora_nf4)
     if args.save_format == "torch_dist":
         return _report_dist(args, source, flags, "convert hf2mcore")

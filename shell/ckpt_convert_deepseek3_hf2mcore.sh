@@ -11,6 +11,7 @@
 # FIRST_K_DENSE_REPLACE keeps fewer dense layers (model sizes default to config.json's).
 # SAVE_FORMAT=torch (default: per-rank mp_rank_* files of exactly this layout) or torch_dist
 # (megatron dist_checkpointing: one copy of each tensor, loadable by any layout with this TP).
+# QLORA_NF4=1 writes QLoRA's base: every targetable linear in NF4 (--qlora-nf4; legacy format, grouped GEMM).
 # WORKERS=8, RESUME=1 continues an interrupted run, DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 # shellcheck source=shell/ascend_env.sh
@@ -40,6 +41,7 @@ cmd=(npu-dsv3 convert hf2mcore --load-dir "$LOAD_DIR" --save-dir "$SAVE_DIR"
 [[ "${MLA_MM_SPLIT:-0}" == 1 ]] && cmd+=(--mla-mm-split)
 [[ -n "${MTP_NUM_LAYERS:-}" ]] && cmd+=(--mtp-num-layers "$MTP_NUM_LAYERS")
 [[ -n "${FIRST_K_DENSE_REPLACE:-}" ]] && cmd+=(--first-k-dense-replace "$FIRST_K_DENSE_REPLACE")
+[[ "${QLORA_NF4:-0}" == 1 ]] && cmd+=(--qlora-nf4)
 [[ "${RESUME:-0}" == 1 ]] && cmd+=(--resume)
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then

@@ -16,6 +16,10 @@
 # --recompute-modules moe_act, here full recompute) and --lora-register-forward-hook (nothing to hook).
 # Also: NPUS_PER_NODE=16 MASTER_PORT=6000 GBS=64 SEQ_LEN=4096 TRAIN_ITERS=2000 LR=1.0e-5 LORA_R=8
 # LORA_ALPHA=16 SAVE_INTERVAL=500, EXTRA_ARGS (appended flags), DRY_RUN=1 prints the environment and command.
+# QLoRA (shell/tune_deepseek3_671b_4k_qlora_a3.sh runs this recipe so): QLORA=1 adds --qlora (the base
+# converted with QLORA_NF4=1) and --ckpt-format torch, QLORA_SAVE_DEQUANTIZE=1 saves the whole model with the base
+# dequantized (--qlora-save-dequantize instead of --lora-ckpt-filter); TP PP EP NUM_LAYER_LIST
+# set the layout (defaults: the LoRA one above).
 set -euo pipefail
 # shellcheck source=shell/ascend_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/ascend_env.sh"
@@ -33,11 +37,15 @@ MASTER_PORT=${MASTER_PORT:-6000}
 launcher=(torchrun --nproc-per-node "$NPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK"
           --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
 finetune=(--stage sft --is-instruction-dataset --prompt-type deepseek3 --finetune)
-lora=(--lora-r "${LORA_R:-8}" --lora-alpha "${LORA_ALPHA:-16}" --lora-fusion --lora-ckpt-filter
+lora=(--lora-r "${LORA_R:-8}" --lora-alpha "${LORA_ALPHA:-16}" --lora-fusion
       --lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2)
+# saves: the adapters only, or (QLoRA) the whole model with its NF4 base dequantized
+if [[ "${QLORA_SAVE_DEQUANTIZE:-0}" == 1 ]]; then lora+=(--qlora-save-dequantize); else lora+=(--lora-ckpt-filter); fi
 [[ -n "${LORA_LOAD:-}" ]] && lora+=(--lora-load "$LORA_LOAD")
-layout=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 4 --expert-model-parallel-size 16
-        --num-layer-list 15,15,16,15 --use-distributed-optimizer
+[[ "${QLORA:-0}" == 1 ]] && lora+=(--qlora --ckpt-format torch)  # NF4 checkpoints: legacy format so far
+layout=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-4}"
+        --expert-model-parallel-size "${EP:-16}" --num-layer-list "${NUM_LAYER_LIST:-15,15,16,15}"
+        --use-distributed-optimizer
         --recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
 model=(--hf-config "$HF_DIR" --use-mcore-models --moe-grouped-gemm --moe-token-dispatcher-type alltoall
        --use-flash-attn --use-fused-rmsnorm --use-fused-swiglu --use-fused-rotary-pos-emb

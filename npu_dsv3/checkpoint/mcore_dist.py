@@ -67,8 +67,11 @@ class Piece:
 
 
 def _single_rank_config(hf_config: dict, dtype: torch.dtype):
-    # Per-expert MLPs: megatron stores GroupedMLP's experts the same way, and each is small.
-    return model_config(hf_config, False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+    from npu_dsv3.lora.nf4_base import is_nf4_config
+
+    # Per-expert MLPs: megatron stores GroupedMLP's experts the same way, and each is small. NF4 experts
+    # exist in grouped form only, and store a piece per expert themselves.
+    return model_config(hf_config, is_nf4_config(hf_config), params_dtype=dtype, bf16=dtype == torch.bfloat16,
                         use_cpu_initialization=True, perform_initialization=False)
 
 
@@ -633,7 +636,12 @@ def convert_dist_to_hf(load_dir: str, save_dir: str, mtp_num_layers: Optional[in
     hf_config = effective_hf_config(load_hf_config(load_dir), {"mtp_num_layers": mtp_num_layers},
                                     select_layers=False)
     source = DistSource(release_dir(load_dir), hf_config)
-    shapes = WithHFDtypes(_Shapes(source.shape), load_dir)
+    shapes = _Shapes(source.shape)
+    if source.config.qlora:  # an NF4 base (--qlora-nf4): HF weights are its dequantized values
+        from npu_dsv3.lora.nf4_base import dequantized_sources
+
+        source, shapes, hf_config = dequantized_sources(source, shapes, source.config, hf_config, load_dir)
+    shapes = WithHFDtypes(shapes, load_dir)
     source = WithHFDtypes(wrap(source) if wrap else source, load_dir)
     manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf", "format": FORMAT,
                                                         "input": os.path.realpath(load_dir),

@@ -401,9 +401,13 @@ def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool
     manifest = io.prepare_output_dir(save_dir, resume, {"command": "convert mcore2hf",
                                                         "input": os.path.realpath(load_dir), "layout": flags,
                                                         **(job or {})})
-    source = legacy_source(load_dir, config, par)
+    source, shapes = legacy_source(load_dir, config, par), legacy_meta_source(load_dir, config, par)
+    if config.qlora:  # an NF4 base (--qlora-nf4): HF weights are its dequantized values
+        from npu_dsv3.lora.nf4_base import dequantized_sources
+
+        source, shapes, hf_config = dequantized_sources(source, shapes, config, hf_config, load_dir)
     with io.single_threaded_torch():
         summary = write_hf_checkpoint(WithHFDtypes(wrap(source) if wrap else source, load_dir), hf_config,
                                       load_dir, save_dir, manifest, progress, max_shard_bytes,
-                                      shapes=WithHFDtypes(legacy_meta_source(load_dir, config, par), load_dir))
+                                      shapes=WithHFDtypes(shapes, load_dir))
     return {**summary, "seconds": time.monotonic() - start}

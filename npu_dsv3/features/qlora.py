@@ -11,16 +11,14 @@ import argparse
 import json
 import os
 
-from npu_dsv3.argtypes import ArgsError, Unsupported
+from npu_dsv3.argtypes import ArgsError
 
 NAME = "qlora"
 TESTS = "tests/unit/test_nf4.py, tests/unit/test_qlora.py"
 
 FLAGS = {
     "--qlora": "config.qlora (with --lora-target-modules; --load converted with --qlora-nf4)",
-    "--qlora-save-dequantize": Unsupported(
-        "saving the dequantized base is not implemented yet; save the adapters (--lora-ckpt-filter) and merge "
-        "them into the unquantized base with ckpt_convert_deepseek3_merge_lora2hf.sh"),
+    "--qlora-save-dequantize": "args.qlora_save_dequantize (saves hold the base dequantized, as a LoRA run's)",
 }
 
 
@@ -29,6 +27,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--qlora", action="store_true",
                    help="LoRA on an NF4 base (convert it with `npu-dsv3 convert hf2mcore --qlora-nf4`); the "
                         "weights are dequantized per GEMM")
+    g.add_argument("--qlora-save-dequantize", action="store_true",
+                   help="checkpoints hold the base dequantized (the model's dtype) beside the adapters: a LoRA run "
+                        "of the same layout loads them, and convert mcore2hf merges them")
 
 
 def _nf4_checkpoint(load: str):
@@ -45,6 +46,8 @@ def _nf4_checkpoint(load: str):
 def check_flags(args: argparse.Namespace) -> None:
     load = getattr(args, "load", None)
     nf4 = _nf4_checkpoint(load) if load else None
+    if args.qlora_save_dequantize and not args.qlora:
+        raise ArgsError("--qlora-save-dequantize belongs to --qlora: add it, or drop the flag")
     if not args.qlora:
         if nf4:
             raise ArgsError(f"--load {load} holds NF4 weights (converted with --qlora-nf4), which only QLoRA "
@@ -61,6 +64,9 @@ def check_flags(args: argparse.Namespace) -> None:
                         "`npu-dsv3 convert hf2mcore --qlora-nf4` (same layout flags) and load that, or drop --qlora")
     if not args.moe_grouped_gemm:
         raise ArgsError("--qlora dequantizes the routed experts into grouped GEMMs: add --moe-grouped-gemm")
+    if args.qlora_save_dequantize and args.lora_ckpt_filter:
+        raise ArgsError("--qlora-save-dequantize dequantizes the base a save holds, and --lora-ckpt-filter saves "
+                        "the adapters only: drop one of them")
 
 
 def config_fields(args: argparse.Namespace) -> dict:

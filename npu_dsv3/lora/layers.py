@@ -145,9 +145,8 @@ class _LoraColumn(_LoraLinear):
         return out, bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        out = make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
-                                                  {"weight": 0, "bias": 0, "lora_B": 0}, sharded_offsets,
-                                                  tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)  # the base layer's (QLoRA's NF4 too)
+        out.update(_lora_entries(self, prefix, {"lora_B": 0}, sharded_offsets, metadata))
         if self.lora_glu:  # B's rows are [gate; up] per rank, stored as the whole [gate; up] like the weight
             out[f"{prefix}lora_B"] = apply_swiglu_sharded_factory(out[f"{prefix}lora_B"], sharded_offsets)
         return out
@@ -186,9 +185,16 @@ class _LoraRow(_LoraLinear):
         return out, self.bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
-                                                   {"weight": 1, "lora_A": 1}, sharded_offsets,
-                                                   tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        out.update(_lora_entries(self, prefix, {"lora_A": 1}, sharded_offsets, metadata))
+        return out
+
+
+def _lora_entries(module, prefix: str, axes: Dict[str, int], sharded_offsets, metadata) -> dict:
+    """The adapters' checkpoint entries: split along ``axes`` over the tensor-parallel group, else whole."""
+    return make_sharded_tensors_for_checkpoint({"lora_A": module.lora_A, "lora_B": module.lora_B}, prefix, axes,
+                                               sharded_offsets, tp_group=module.tp_group,
+                                               dp_cp_group=metadata["dp_cp_group"])
 
 
 class _LoraHeadConcat(_LoraLinear):

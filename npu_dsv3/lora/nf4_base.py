@@ -21,6 +21,7 @@ GEMM (``NF4Experts``). The loss is then the loss of a LoRA run on the dequantize
 (tests/unit/test_qlora.py, tests/multiprocess/test_qlora_layouts.py).
 """
 
+import contextlib
 import re
 import threading
 from collections import OrderedDict
@@ -124,17 +125,44 @@ def quantizing_getter(get: Callable[[str], torch.Tensor], keep: int = 8) -> Call
     return get_nf4
 
 
-def dequantizing_getter(get: Callable[[str], torch.Tensor], shape_of: Callable[[str], Sequence[int]],
-                        dtype_of: Callable[[str], torch.dtype]) -> Callable[[str], torch.Tensor]:
-    """``get`` of an NF4 checkpoint's HF-space tensors, answering a quantized tensor's own name with it
-    dequantized (lossy: the NF4 levels, not the original weights)."""
-    def get_dequantized(name: str) -> torch.Tensor:
-        if not is_quantized(name):
-            return get(name)
-        parts = {suffix: get(name + suffix) for suffix in SUFFIXES}
-        return nf4_dequantize(from_parts(parts, shape_of(name), dtype_of(name)))
+class Dequantized:
+    """An NF4 checkpoint's HF tensors (``names()``, ``get(name)``) with each quantized one dequantized from its
+    NF4 parts in ``source`` (fp32; lossy: NF4's levels, not the original weights). ``shapes``: HF name ->
+    shape; ``meta``: give meta tensors (a writer's plan) instead of values."""
 
-    return get_dequantized
+    def __init__(self, source, shapes: Dict[str, Sequence[int]], meta: bool = False):
+        self.source, self.shapes, self.meta = source, shapes, meta
+
+    def names(self) -> List[str]:
+        out = []
+        for name in self.source.names():
+            base, suffix = split_name(name)
+            if suffix is None or (suffix == CODES and is_quantized(base)):
+                out.append(base)
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        if not is_quantized(name):
+            return self.source.get(name)
+        if self.meta:
+            return torch.empty(self.shapes[name], dtype=torch.float32, device="meta")
+        parts = {suffix: self.source.get(name + suffix) for suffix in SUFFIXES}
+        return nf4_dequantize(from_parts(parts, self.shapes[name], torch.float32))
+
+
+def dequantized_sources(source, shapes, config, hf_config: dict, load_dir: str):
+    """(source, shapes, config.json) of an HF export of the NF4 checkpoint ``load_dir`` (``convert mcore2hf``):
+    its weights dequantized, which is lossy and said so."""
+    import logging
+
+    from npu_dsv3.checkpoint.rank_state import hf_tensor_shapes
+
+    logging.getLogger(__name__).warning(
+        f"note: {load_dir} holds NF4 weights (--qlora-nf4); the HF weights written are them dequantized, which is "
+        "lossy (16 levels per 64-value block, not the original weights)")
+    hf_shapes = hf_tensor_shapes(config)[0]
+    return (Dequantized(source, hf_shapes), Dequantized(shapes, hf_shapes, meta=True),
+            {k: v for k, v in hf_config.items() if k != NF4_KEY})
 
 
 # --------------------------------------------------------------------------- cuts
@@ -262,8 +290,11 @@ class NF4Linear(_KeepScalesFp32):
     """Mixed into a megatron linear (column- or row-parallel) whose weight is ``sources``: per HF source its
     shape and this rank's rows and columns. The codes' rows are the sources' in turn (fc1: [gate_t; up_t])."""
 
-    def _nf4_setup(self, what: str, sources: List[Tuple[Tuple[int, int], list, Tuple[int, int]]]) -> None:
-        for i, (shape, rows, cols) in enumerate(sources):
+    def _nf4_setup(self, what: str, sources: List[Tuple[Tuple[int, int], list, Tuple[int, int]]],
+                   axis: Optional[int] = None) -> None:
+        """``axis``: the codes' tensor-parallel axis in checkpoints (0 column-, 1 row-parallel, None whole)."""
+        self.nf4_axis = axis
+        for shape, rows, cols in sources:
             check_cut(what, shape, rows, cols)
         weight = self._parameters.pop("weight")
         self.nf4_dtype, self.nf4_shape, self.nf4_sources = weight.dtype, weight.shape, sources
@@ -286,6 +317,25 @@ class NF4Linear(_KeepScalesFp32):
                                             self.weight_nf4_offset[s], shape, rows, cols, self.nf4_dtype))
         return out[0] if len(out) == 1 else torch.cat(out)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The base linear's entries, with the codes cut like its weight (fc1's as [gate; up], megatron's GLU
+        factory) and the scales one entry per HF source, whole on every tensor-parallel rank."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.nf4_axis is not None:
+            key = f"{prefix}weight{CODES}"
+            out.update(make_sharded_tensors_for_checkpoint(
+                {f"weight{CODES}": self.weight_nf4}, prefix, {f"weight{CODES}": self.nf4_axis}, sharded_offsets,
+                tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]))
+            if len(self.nf4_sources) == 2:
+                out[key] = apply_swiglu_sharded_factory(out[key], sharded_offsets)
+        if len(self.nf4_sources) > 1:
+            for suffix in SCALES:
+                out[f"{prefix}weight{suffix}"] = _rows_factory(out[f"{prefix}weight{suffix}"], sharded_offsets)
+        return out
+
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
                       sequence_parallel=False, tp_group=None, **_unused):
         from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
@@ -294,6 +344,21 @@ class NF4Linear(_KeepScalesFp32):
             input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
         out = nf4_linear(input, self, allreduce_dgrad, tp_group)
         return out + bias if bias is not None else out
+
+
+def _rows_factory(entry, sharded_offsets):
+    """A replicated [sources, n] entry stored as one [1, n] piece per source (each piece one HF tensor's)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    axis = len(sharded_offsets)
+
+    def build(key, t, replica_id, flattened_range):
+        return [ShardedTensor.from_rank_offsets(key, t[i:i + 1], *sharded_offsets, (axis, i, t.shape[0]),
+                                                replica_id=replica_id, prepend_axis_num=axis)
+                for i in range(t.shape[0])]
+
+    return ShardedTensorFactory(entry.key, entry.data, build, torch.cat, entry.replica_id)
 
 
 class NF4Duplicated(NF4Linear):
@@ -343,6 +408,41 @@ class NF4Experts(_KeepScalesFp32):
     def nf4_fc2(self) -> torch.Tensor:
         """[E, ffn_t, hidden]: GroupedMLP's weight2 view."""
         return self.nf4_part("down_proj").transpose(1, 2)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """One entry per part and NF4 tensor, a piece per local expert (the converter writes whole HF tensors):
+        codes [experts, rows, cols / 2] cut by expert-TP like the weights, scales [experts, n] whole on every
+        expert-TP rank."""
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        ep_rank, ep = self.ep_group.rank(), self.ep_group.size()
+        etp_rank, etp, dp_rank = self.tp_group.rank(), self.tp_group.size(), self.dp_group.rank()
+        e_local, axis = self.num_local_experts, len(sharded_offsets)
+        total = ep * e_local
+        out = {}
+        for part, (shape, rows, cols) in self.nf4_parts.items():
+            key = f"{prefix}{part}{CODES}"
+            codes = getattr(self, part + CODES).view(e_local, -1, getattr(self, part + CODES).shape[-1])
+            split = (axis + 2, etp_rank, etp) if part == "down_proj" else (axis + 1, etp_rank, etp)
+            out[key] = [ShardedTensor.from_rank_offsets(key, codes[e], *sharded_offsets, (axis, ep_rank * e_local + e,
+                                                        total), split, replica_id=(0, 0, dp_rank),
+                                                        prepend_axis_num=axis + 1) for e in range(e_local)]
+            for suffix in SCALES:
+                key = f"{prefix}{part}{suffix}"
+                scales = getattr(self, part + suffix)
+                out[key] = [ShardedTensor.from_rank_offsets(key, scales[e:e + 1], *sharded_offsets,
+                                                            (axis, ep_rank * e_local + e, total),
+                                                            replica_id=(0, etp_rank, dp_rank), prepend_axis_num=axis)
+                            for e in range(e_local)]
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a distributed load gives each entry as its list of per-expert pieces
+        for name in list(self._buffers):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, list):
+                state_dict[prefix + name] = torch.cat([v.reshape(-1, v.shape[-1]) for v in value])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _fc1(self, x, tokens_per_expert):
         return _NF4GroupedGemm.apply(x, tokens_per_expert, self.nf4_fc1)
@@ -402,7 +502,7 @@ def _quantize_linear(module, target: str, what: str, config) -> None:
             shape = (heads * per_head, part.input_size)
             rows = [(h * per_head + start, h * per_head + start + size) for h in local]
             _swap(part, NF4Linear)
-            part._nf4_setup(what, [(shape, rows, (0, shape[1]))])
+            part._nf4_setup(what, [(shape, rows, (0, shape[1]))], axis=0)
             start += size
         return
     if isinstance(module, DuplicatedLinear):
@@ -415,13 +515,13 @@ def _quantize_linear(module, target: str, what: str, config) -> None:
         shape = (rows // 2 if glu else rows, module.input_size)
         sel = (shape, _column_rows(module, shape[0]), (0, shape[1]))
         _swap(module, NF4Linear)
-        module._nf4_setup(what, [sel, sel] if glu else [sel])
+        module._nf4_setup(what, [sel, sel] if glu else [sel], axis=0)
     elif isinstance(module, RowParallelLinear):
         tp, rank = module.tp_group.size(), module.tp_group.rank()
         shape = (module.output_size, module.input_size)
         per = shape[1] // tp
         _swap(module, NF4Linear)
-        module._nf4_setup(what, [(shape, [(0, shape[0])], (rank * per, (rank + 1) * per))])
+        module._nf4_setup(what, [(shape, [(0, shape[0])], (rank * per, (rank + 1) * per))], axis=1)
     else:
         raise TypeError(f"--qlora cannot quantize {what}: {type(module).__name__} is not a megatron linear")
 
@@ -455,3 +555,49 @@ def check_nf4_buffers(model, source: str) -> None:
                                                          if name.endswith(ABSMAX2) else torch.isfinite(buf).all()):
             raise NF4Error(f"{source}: the NF4 scales {name} hold inf, NaN or a negative absmax: the checkpoint is "
                            "corrupt; convert it again with --qlora-nf4")
+
+
+_PLAIN: Dict[type, type] = {}
+
+
+def _plain_class(cls: type) -> type:
+    """``cls`` without the NF4 mixin: ``NF4X(mixin, X)`` -> ``X``; an adapted ``LoraNF4X(lora, NF4X)`` ->
+    ``LoraX(lora, X)``."""
+    if cls.__bases__[0] in (NF4Linear, NF4Duplicated, NF4Experts):
+        return cls.__bases__[1]
+    if cls not in _PLAIN:
+        bases = tuple(_plain_class(b) if issubclass(b, (NF4Linear, NF4Experts)) else b for b in cls.__bases__)
+        _PLAIN[cls] = type(cls.__name__.replace("NF4", ""), bases, {"__module__": cls.__module__})
+    return _PLAIN[cls]
+
+
+@contextlib.contextmanager
+def dequantized(model):
+    """Within: the model's NF4 modules are the unquantized model's -- their classes without the NF4 mixin, their
+    weights dequantized (the model's dtype) as frozen parameters, the NF4 buffers set aside -- so its
+    ``state_dict`` and ``sharded_state_dict`` are a LoRA model's (``--qlora-save-dequantize``, either format).
+    Every NF4 weight is dequantized at once while inside."""
+    swapped = []
+    for module in model.modules():
+        if not isinstance(module, (NF4Linear, NF4Experts)):
+            continue
+        if isinstance(module, NF4Experts):
+            hidden = module.config.hidden_size
+            weights = {"weight1": module.nf4_fc1().contiguous().view(hidden, -1),
+                       "weight2": module.nf4_fc2().contiguous().view(-1, hidden)}
+        else:
+            weights = {"weight": module.nf4_dequantize()}
+        buffers = {n: module._buffers.pop(n) for n in list(module._buffers) if split_name(n)[1] is not None}
+        cls = module.__class__
+        module.__class__ = _plain_class(cls)
+        for name, value in weights.items():
+            module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+        swapped.append((module, cls, buffers, list(weights)))
+    try:
+        yield model
+    finally:
+        for module, cls, buffers, names in swapped:
+            for name in names:
+                del module._parameters[name]
+            module._buffers.update(buffers)
+            module.__class__ = cls

@@ -128,10 +128,20 @@ class SplitMLASelfAttention(MLASelfAttention):
             head_rows = sum(rows for _, rows in parts)
             block = math.gcd(*(rows for _, rows in parts))
             start = 0
-            for name, rows in parts:
-                weight = f"{prefix}{name}.weight"
-                state[weight] = _rows_in_unsplit(state[weight], f"{prefix}{unsplit}.weight", sharded_offsets,
-                                                 rows, start, head_rows, block)
+            for index, (name, rows) in enumerate(parts):
+                # The weight, and what a part holds in its stead (QLoRA's NF4 codes, rows of the weight): the
+                # rows it fills in the unsplit entry. Other weight data (NF4 scales) is the unsplit tensor's,
+                # the same in every part: stored once, from the first part.
+                local_rows = getattr(self, name).output_size_per_partition
+                for key in [k for k in state if k.startswith(f"{prefix}{name}.weight")]:
+                    suffix = key[len(f"{prefix}{name}.weight"):]
+                    entry, unsplit_key = state[key], f"{prefix}{unsplit}.weight{suffix}"
+                    if entry.local_shape[len(entry.local_shape) - 2] == local_rows:
+                        state[key] = _rows_in_unsplit(entry, unsplit_key, sharded_offsets, rows, start, head_rows,
+                                                      block)
+                    else:
+                        state[key] = dataclasses.replace(entry, key=unsplit_key,
+                                                         replica_id=(index, *entry.replica_id[1:]))
                 start += rows
             extras = [state.pop(f"{prefix}{name}._extra_state") for name, _ in parts]
             state[f"{prefix}{unsplit}._extra_state"] = dataclasses.replace(extras[0],

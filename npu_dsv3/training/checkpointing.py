@@ -293,10 +293,12 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List, optimizer, sc
                     args: Optional[dict] = None, ckpt_format: str = FORMAT, workers: int = 2,
                     save_optim: bool = True, save_rng: bool = True, hf_config: Optional[dict] = None,
                     tokenizer_dir: Optional[str] = None, publish: bool = True, lora_only: bool = False,
-                    lora: Optional[dict] = None) -> str:
+                    lora: Optional[dict] = None, qlora_dequantize: bool = False) -> str:
     """Every rank calls this; returns the checkpoint directory once the tracker names it.
     ``lora_only`` (``--lora-ckpt-filter``): the model's LoRA adapters only (the optimizer holds nothing else);
     ``lora``: the adapters' description (rank, alpha, targets), written beside as ``LORA_FILE``.
+    ``qlora_dequantize`` (``--qlora-save-dequantize``): a QLoRA model's NF4 base saved dequantized, as the
+    unquantized model's weights.
     ``save_optim`` / ``save_rng`` False: ``--no-save-optim`` / ``--no-save-rng``. ``hf_config``
     (and the tokenizer files of ``tokenizer_dir``) go beside the checkpoints, where ``npu-dsv3
     convert mcore2hf`` and ``verify --mcore-dir`` read the model's description. ``publish`` False:
@@ -309,16 +311,17 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List, optimizer, sc
         os.makedirs(staging)
     dist.barrier()
     try:
-        if ckpt_format == FORMAT:
-            state = _sharded_state(model_chunks, optimizer, scheduler, iteration, dict(args or {}), rng=save_rng,
-                                   optim=save_optim, part=LORA if lora_only else ALL)
-            dist_checkpointing.save(state, staging, sharded_strategy=in_process_save_strategy(workers),
-                                    validate_access_integrity=True)
-        elif ckpt_format == "torch":
-            _save_legacy(staging, model_chunks, optimizer, scheduler, iteration, dict(args or {}), rng=save_rng,
-                         optim=save_optim, part=LORA if lora_only else ALL)
-        else:
-            raise ValueError(f"--ckpt-format {ckpt_format}: use torch_dist or torch")
+        with _dequantized(model_chunks, qlora_dequantize):
+            if ckpt_format == FORMAT:
+                state = _sharded_state(model_chunks, optimizer, scheduler, iteration, dict(args or {}),
+                                       rng=save_rng, optim=save_optim, part=LORA if lora_only else ALL)
+                dist_checkpointing.save(state, staging, sharded_strategy=in_process_save_strategy(workers),
+                                        validate_access_integrity=True)
+            elif ckpt_format == "torch":
+                _save_legacy(staging, model_chunks, optimizer, scheduler, iteration, dict(args or {}),
+                             rng=save_rng, optim=save_optim, part=LORA if lora_only else ALL)
+            else:
+                raise ValueError(f"--ckpt-format {ckpt_format}: use torch_dist or torch")
         dist.barrier()
         if dist.get_rank() == 0:
             _sync_tree(staging)
@@ -340,6 +343,18 @@ def save_checkpoint(root: str, iteration: int, model_chunks: List, optimizer, sc
     else:
         dist.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _dequantized(model_chunks, dequantize: bool):
+    """``--qlora-save-dequantize``: the chunks as the unquantized model while the save reads them."""
+    with contextlib.ExitStack() as stack:
+        if dequantize:
+            from npu_dsv3.lora.nf4_base import dequantized
+
+            for chunk in model_chunks:
+                stack.enter_context(dequantized(_unwrap(chunk)))
+        yield
 
 
 def publish_checkpoint(root: str, iteration: int) -> None:
@@ -405,7 +420,7 @@ def resume_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=N
     saved with or without ``--lora-ckpt-filter``). Without it, a ``root`` that holds adapters resumes
     them; one that holds none (a base model) gives the base weights and fresh adapters, from iteration 0.
     """
-    if _unwrap(model_chunks[0]).config.qlora:
+    if model_chunks and _unwrap(model_chunks[0]).config.qlora:
         from npu_dsv3.lora.nf4_base import check_nf4_buffers
 
         resumed = _resume(root, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng, lora_load)

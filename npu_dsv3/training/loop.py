@@ -168,12 +168,22 @@ def train(args, configs) -> dict:
             save_checkpoint(args.save, iteration, chunks, optimizer, scheduler,
                             args={**saved_args(args), "consumed_train_samples": consumed},
                             ckpt_format=args.ckpt_format, save_optim=args.save_optim, save_rng=args.save_rng,
-                            hf_config=args.hf, tokenizer_dir=args.tokenizer_name_or_path, publish=final,
-                            lora_only=args.lora_ckpt_filter, lora=lora_description(config))
+                            hf_config=_saved_hf_config(args, config), tokenizer_dir=args.tokenizer_name_or_path,
+                            publish=final, lora_only=args.lora_ckpt_filter, lora=lora_description(config),
+                            qlora_dequantize=args.qlora_save_dequantize)
             pending = None if final else iteration
     if log is not None:
         log.close()
     return last
+
+
+def _saved_hf_config(args, config) -> dict:
+    """config.json beside the checkpoints: a QLoRA run's saves hold NF4 weights unless dequantized."""
+    if config.qlora and not args.qlora_save_dequantize:
+        from npu_dsv3.lora.nf4_base import NF4_KEY, NF4_RECORD
+
+        return {**args.hf, NF4_KEY: NF4_RECORD}
+    return args.hf
 
 
 def _finite_everywhere(finite_here: bool) -> bool:

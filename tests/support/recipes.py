@@ -118,3 +118,15 @@ TUNE_LORA_A3_EXTRA = """
 
 def flags(text):
     return [a for a in shlex.split(text) if a.startswith("--")]
+
+
+def dry_run(recipe: str, **env):
+    """(the finished process, its command split into words) of ``shell/<recipe>`` run with DRY_RUN=1 and ``env``."""
+    import os
+    import subprocess
+
+    from support import SHELL
+
+    proc = subprocess.run(["bash", str(SHELL / recipe)], env={**os.environ, "DRY_RUN": "1", **env},
+                          capture_output=True, text=True, timeout=60)
+    return proc, shlex.split(proc.stdout)

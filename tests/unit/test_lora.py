@@ -15,6 +15,8 @@ from npu_dsv3.lora.targets import ALIASES, CANONICAL, HF_MODULES, TargetError, r
 from npu_dsv3.model import forward_logits, load_hf
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
+from support.recipes import dry_run
+
 SEED = 3
 TOLERANCE = 1e-5  # relative, fp32
 
@@ -181,23 +183,11 @@ def _add_delta(weights, name, delta):
 # --------------------------------------------------------------------------- recipes
 
 
-def _dry_run(recipe: str, **env):
-    import os
-    import shlex
-    import subprocess
-
-    from support import SHELL
-
-    proc = subprocess.run(["bash", str(SHELL / recipe)], env={**os.environ, "DRY_RUN": "1", **env},
-                          capture_output=True, text=True, timeout=60)
-    return proc, shlex.split(proc.stdout)
-
-
 @pytest.mark.parametrize("recipe,per_node", [("tune_deepseek3_671b_4k_lora_a3.sh", 16),
                                              ("tune_deepseek3_671b_4k_lora_a2.sh", 8)])
 def test_lora_recipes_parse_for_mindspeed_s_layout(recipe, per_node, released_config_dir):
     hf_dir = released_config_dir[0]
-    proc, argv = _dry_run(recipe, HF_DIR=hf_dir, DATA_PATH="/d", CKPT_LOAD_DIR="/base", CKPT_SAVE_DIR="/lora",
+    proc, argv = dry_run(recipe, HF_DIR=hf_dir, DATA_PATH="/d", CKPT_LOAD_DIR="/base", CKPT_SAVE_DIR="/lora",
                           LORA_LOAD="/lora-before")
     assert proc.returncode == 0, proc.stderr
     assert "PYTORCH_NPU_ALLOC_CONF=expandable_segments:True" in proc.stderr  # the Ascend environment
@@ -212,14 +202,14 @@ def test_lora_recipes_parse_for_mindspeed_s_layout(recipe, per_node, released_co
 
 
 def test_merge_recipe_merges_or_exports():
-    proc, argv = _dry_run("ckpt_convert_deepseek3_merge_lora2hf.sh", LOAD_DIR="/base", LORA_LOAD="/lora",
+    proc, argv = dry_run("ckpt_convert_deepseek3_merge_lora2hf.sh", LOAD_DIR="/base", LORA_LOAD="/lora",
                           SAVE_DIR="/out", LORA_R="8")
     assert proc.returncode == 0 and argv[:3] == ["npu-dsv3", "convert", "mcore2hf"]
     assert argv[argv.index("--lora-load") + 1] == "/lora" and "--save-lora-to-hf" not in argv
-    proc, argv = _dry_run("ckpt_convert_deepseek3_merge_lora2hf.sh", LOAD_DIR="/lora", SAVE_DIR="/out",
+    proc, argv = dry_run("ckpt_convert_deepseek3_merge_lora2hf.sh", LOAD_DIR="/lora", SAVE_DIR="/out",
                           SAVE_LORA_TO_HF="1")
     assert proc.returncode == 0 and "--save-lora-to-hf" in argv
-    proc, _ = _dry_run("ckpt_convert_deepseek3_merge_lora2hf.sh", LOAD_DIR="/base", SAVE_DIR="/out")
+    proc, _ = dry_run("ckpt_convert_deepseek3_merge_lora2hf.sh", LOAD_DIR="/base", SAVE_DIR="/out")
     assert proc.returncode == 2 and "LORA_LOAD" in proc.stderr
 
 

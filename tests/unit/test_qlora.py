@@ -4,40 +4,25 @@ each reading back to the same model; and the bad inputs get one clear error each
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from npu_dsv3.arguments import ArgsError, parse_args
 from npu_dsv3.cli import main as cli
-from npu_dsv3.lora.nf4_base import ABSMAX2, NF4Error, is_quantized
+from npu_dsv3.lora.nf4_base import ABSMAX2, NF4Error
 from npu_dsv3.model import forward_logits, load_hf
 from npu_dsv3.model.loading import load_mcore
-from npu_dsv3.ops.nf4 import nf4_dequantize, nf4_quantize
+from npu_dsv3.ops.nf4 import nf4_quantize
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
-# Sizes whose tensor-parallel slices are whole 64-value NF4 blocks (the default tiny model's are not).
-ALIGNED = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=128, num_attention_heads=2,
-               num_key_value_heads=2, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
-               v_head_dim=64, n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2)
+from support.qlora import ALIGNED, dequantized_copy
+from support.recipes import dry_run
+
 TARGETS = ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj",
            "mlp.linear_fc1", "mlp.linear_fc2", "shared_experts.linear_fc1", "shared_experts.linear_fc2",
            "experts.linear_fc1", "experts.linear_fc2")
-
-
-def _dequantized_copy(src: str, dst: str) -> str:
-    """The HF checkpoint with every tensor --qlora-nf4 quantizes replaced by its NF4 round trip."""
-    os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(src):
-        if name.endswith(".safetensors"):
-            tensors = load_file(os.path.join(src, name))
-            save_file({k: nf4_dequantize(nf4_quantize(v)) if is_quantized(k) else v for k, v in tensors.items()},
-                      os.path.join(dst, name), metadata={"format": "pt"})
-        else:
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +30,7 @@ def hf(tmp_path_factory):
     root = tmp_path_factory.mktemp("qlora")
     odd = save_hf(make_hf_model(seed=3), str(root / "odd"))
     aligned = save_hf(make_hf_model(seed=4, **ALIGNED), str(root / "aligned"))
-    return {"odd": odd, "odd_dq": _dequantized_copy(odd, str(root / "odd_dq")), "aligned": aligned}
+    return {"odd": odd, "odd_dq": dequantized_copy(odd, str(root / "odd_dq")), "aligned": aligned}
 
 
 def _ids(seed=0):
@@ -104,6 +89,7 @@ LAYOUTS = {
     "tp2-etp1": ["--target-tensor-parallel-size", "2", "--expert-tensor-parallel-size", "1"],
     "pp2-tp2-mla-mm-split": ["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,2",
                              "--target-tensor-parallel-size", "2", "--mla-mm-split"],
+    "torch-dist": ["--save-format", "torch_dist"],
 }
 
 
@@ -125,6 +111,26 @@ def test_converter_layouts_read_back_to_the_same_model(hf, tmp_path):
                        weights_only=True)["model"]
     assert rank0["decoder.layers.0.self_attention.linear_proj.weight_nf4"].shape == (128, 32)
     assert rank0["decoder.layers.0.self_attention.linear_proj.weight_nf4_absmax"].shape == (1, 256)
+
+
+@pytest.mark.parametrize("save_format", ["torch", "torch_dist"])
+def test_mcore2hf_writes_the_dequantized_weights(hf, tmp_path, save_format, capsys):
+    """An NF4 checkpoint back to HF: the dequantized NF4 weights, bit for bit (dtypes too), said to be lossy."""
+    nf4, out = str(tmp_path / "nf4"), str(tmp_path / "hf")
+    flags = ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"] if save_format == "torch" else []
+    assert _convert(hf["aligned"], nf4, "--qlora-nf4", "--moe-grouped-gemm", "--save-format", save_format, *flags) == 0
+    assert cli(["convert", "mcore2hf", "--load-dir", nf4, "--save-dir", out, "--no-progress"]) == 0
+    assert "holds NF4 weights (--qlora-nf4); the HF weights written are them dequantized, which is lossy" in \
+        capsys.readouterr().err
+    want = load_file(os.path.join(dequantized_copy(hf["aligned"], str(tmp_path / "dq")), "model.safetensors"))
+    got = {}
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".safetensors"):
+            got.update(load_file(os.path.join(out, name)))
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    with open(os.path.join(out, "config.json")) as f:
+        assert "npu_dsv3_nf4" not in json.load(f)
 
 
 def test_misaligned_layouts_are_refused(hf, tmp_path, capsys):
@@ -173,3 +179,27 @@ def test_corrupt_scales_are_refused(hf, tmp_path):
     os.remove(os.path.join(out, ".npu_dsv3_manifest.json"))  # its CRC would catch the edit first
     with pytest.raises(NF4Error, match=f"the NF4 scales .*{key}.* hold inf, NaN .* corrupt"):
         load_mcore(out, moe_grouped_gemm=True)
+
+
+@pytest.mark.parametrize("recipe,per_node", [("tune_deepseek3_671b_4k_qlora_a3.sh", 16),
+                                             ("tune_deepseek3_671b_4k_qlora_a2.sh", 8)])
+def test_qlora_recipes_parse_for_mindspeed_s_layout(recipe, per_node, released_config_dir):
+    from npu_dsv3.arguments import build_configs
+
+    proc, argv = dry_run(recipe, HF_DIR=released_config_dir[0], DATA_PATH="/d", CKPT_LOAD_DIR="/nf4",
+                         CKPT_SAVE_DIR="/qlora")
+    assert proc.returncode == 0, proc.stderr
+    world = int(argv[argv.index("--nnodes") + 1]) * int(argv[argv.index("--nproc-per-node") + 1])
+    assert world == 32 and int(argv[argv.index("--nproc-per-node") + 1]) == per_node
+    args = parse_args(argv[argv.index("npu_dsv3.finetune") + 1:], world_size=world, mode="finetune")
+    configs = build_configs(args)
+    assert (configs.parallel.tp, configs.parallel.pp, configs.parallel.ep) == (1, 8, 4)
+    assert args.num_layer_list == [7, 7, 7, 8, 8, 8, 8, 8] and configs.model.qlora and configs.model.lora_rank == 8
+
+
+def test_converter_recipe_writes_nf4():
+    proc, argv = dry_run("ckpt_convert_deepseek3_hf2mcore.sh", LOAD_DIR="/hf", SAVE_DIR="/nf4", QLORA_NF4="1",
+                         TP="1", PP="8", EP="4", NUM_LAYER_LIST="7,7,7,8,8,8,8,8", NOOP_LAYERS="", SCHEDULE="")
+    assert proc.returncode == 0 and "--qlora-nf4" in argv and "--moe-grouped-gemm" in argv
+    proc, argv = dry_run("ckpt_convert_deepseek3_hf2mcore.sh", LOAD_DIR="/hf", SAVE_DIR="/bf16")
+    assert proc.returncode == 0 and "--qlora-nf4" not in argv
