@@ -32,6 +32,9 @@ LAYOUTS = {
     "pp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layer-list", "1,2"],
             ["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,2"]),
     "tp2-ep2-sp-from-torch-dist": (4, TP2_EP2, ["--save-format", "torch_dist"]),
+    # the split up-projections read their rows of the unsplit NF4 codes
+    "tp2-sp-mla-mm-split-from-torch-dist": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                                "--mla-mm-split"], ["--save-format", "torch_dist"]),
 }
 
 
@@ -131,3 +134,24 @@ def test_save_dequantize_writes_the_unquantized_model(start, tmp_path):
     assert [r["iteration"] for r in resumed] == [2] and first[0]["lm_loss"] != resumed[0]["lm_loss"]
     assert main(["convert", "mcore2hf", "--load-dir", str(save), "--save-dir", str(tmp_path / "merged"),
                  "--no-progress"]) == 0
+
+
+def test_a_torch_dist_save_resumes_in_another_layout(start, tmp_path):
+    """TP2 x EP2 saves base (NF4) and adapters as torch_dist at iteration 2 (Adam: its state is resharded too);
+    EP2 alone resumes it: iteration 3 is the uninterrupted run's."""
+    hf_dir, _ = start
+    nf4, save = str(tmp_path / "nf4"), tmp_path / "save"
+    assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", nf4, "--qlora-nf4", "--moe-grouped-gemm",
+                 "--save-format", "torch_dist", "--no-progress"]) == 0
+    sgd = COMMON.index("--optimizer")
+    flags = ["--hf-config", hf_dir, "--qlora", *[f for f in COMMON[:sgd] if f != "--finetune"], "--lr", "1e-2",
+             "--lr-decay-iters", str(ITERS)]
+    whole = run_pretrain(1, [*flags, "--load", nf4, "--finetune"], tmp_path / "whole.jsonl")
+    run_pretrain(4, [*flags, "--load", nf4, "--finetune", *TP2_EP2, "--train-iters", "2", "--save", str(save)],
+                 tmp_path / "first.jsonl")
+    with open(save / "config.json") as f:
+        assert "npu_dsv3_nf4" in json.load(f)
+    resumed = run_pretrain(2, [*flags, "--load", str(save), "--expert-model-parallel-size", "2"],
+                           tmp_path / "second.jsonl")
+    assert [r["iteration"] for r in resumed] == [3]
+    assert resumed[0]["lm_loss"] == pytest.approx(whole[2]["lm_loss"], rel=2e-6, abs=0)
