@@ -102,8 +102,9 @@ def measure(runs: dict, steps: int, warmup: int) -> dict:
     return {name: {"step_s": statistics.median(times[name]), **run.memory()} for name, run in runs.items()}
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse(doc: str, argv=None) -> argparse.Namespace:
+    """The model, batch and timing flags (this benchmark's and benchmarks/qlora.py's)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=16)
@@ -113,7 +114,11 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse(__doc__, argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = save_hf(make_hf_model(seed=0, **model_config(args)), tmp)

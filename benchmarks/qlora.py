@@ -17,13 +17,12 @@ experts per expert), dequantized per GEMM in forward and backward. Printed, with
 Targets (docs/benchmarks.md): NF4 bytes <= 0.27x bf16, step time <= 1.5x LoRA.
 """
 
-import argparse
 import tempfile
 import time
 
 import torch
 
-from lora import Run, measure, model_config  # benchmarks/lora.py, beside this file
+from lora import Run, measure, model_config, parse  # benchmarks/lora.py, beside this file
 
 from npu_dsv3.lora.nf4_base import NF4Experts, NF4Linear
 from npu_dsv3.lora.targets import CANONICAL
@@ -64,17 +63,7 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    args = p.parse_args(argv)
+    args = parse(__doc__, argv)
     torch.manual_seed(0)
     lora = dict(moe_grouped_gemm=True, lora_rank=args.rank, lora_alpha=2.0 * args.rank, lora_targets=CANONICAL)
     with tempfile.TemporaryDirectory() as tmp:

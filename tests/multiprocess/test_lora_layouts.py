@@ -3,17 +3,16 @@ loss, MTP loss and grad norm per iteration (the adapters' gradients only: the ba
 single-process run; the base stays bit-identical; a --lora-ckpt-filter save resumed with --lora-load
 continues the run exactly."""
 
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.cli import main
 from npu_dsv3.lora.targets import is_lora_param
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
+from support.checkpoint_files import hf_tensors
 from support.pretrain_runs import run_pretrain
 
 pytestmark = pytest.mark.slow  # several training processes each
@@ -149,8 +148,8 @@ def test_a_sharded_lora_checkpoint_merges_and_exports_for_peft(start, tmp_path, 
                  str(tmp_path / "merged_single"), "--no-progress"]) == 0
     assert main(["convert", "mcore2hf", "--load-dir", weights, "--lora-load", str(tmp_path / "sharded"), "--lora-r",
                  "4", "--save-dir", str(tmp_path / "merged"), "--no-progress"]) == 0
-    ours, single = (_hf_tensors(tmp_path / d) for d in ("merged", "merged_single"))
-    base = _hf_tensors(hf_dir)
+    ours, single = (hf_tensors(tmp_path / d) for d in ("merged", "merged_single"))
+    base = hf_tensors(hf_dir)
     assert ours.keys() == single.keys() == base.keys()
     changed = [n for n in ours if not torch.equal(ours[n], base[n])]
     assert any(".experts.5.up_proj" in n for n in changed) and "lm_head.weight" in changed
@@ -164,13 +163,6 @@ def test_a_sharded_lora_checkpoint_merges_and_exports_for_peft(start, tmp_path, 
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
                                          str(tmp_path / "adapter"))(ids).logits
     assert ((peft - merged).abs().max() / merged.abs().max()).item() < 1e-5
-
-
-def _hf_tensors(directory) -> dict:
-    out = {}
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
 
 
 def test_a_peft_adapter_starts_training_on_any_layout(start, tmp_path):

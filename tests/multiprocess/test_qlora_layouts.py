@@ -3,16 +3,15 @@ MTP loss and grad norm of every iteration equal those of the single-process LoRA
 dequantized NF4 weights (the adapters' gradients: the base is frozen), at world size 1, TP2 x EP2 and PP2."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.cli import main
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
+from support.checkpoint_files import hf_tensors
 from support.pretrain_runs import run_pretrain
 from support.qlora import ALIGNED, dequantized_copy
 
@@ -64,13 +63,6 @@ def test_qlora_matches_lora_on_the_dequantized_base(start, tmp_path, name):
     for ours, single in zip(records, reference):
         for key in ("lm_loss", "grad_norm", "mtp_loss"):
             assert ours[key] == pytest.approx(single[key], rel=2e-6, abs=0), key
-
-
-def _hf_tensors(directory) -> dict:
-    out = {}
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
 
 
 def test_a_qlora_adapter_loads_in_peft_and_merges(start, tmp_path):
@@ -125,7 +117,7 @@ def test_save_dequantize_writes_the_unquantized_model(start, tmp_path):
         assert "npu_dsv3_nf4" not in json.load(f)
     payload = load_torch(str(save / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"))["model"]
     assert not [k for k in payload if "_nf4" in k]
-    dequantized = _hf_tensors(dequantized_copy(hf_dir, str(tmp_path / "hf_dq")))
+    dequantized = hf_tensors(dequantized_copy(hf_dir, str(tmp_path / "hf_dq")))
     assert torch.equal(payload["decoder.layers.0.self_attention.linear_proj.weight"],
                        dequantized["model.layers.0.self_attn.o_proj.weight"])
     # a LoRA run resumes it: iteration 2 from the saved adapters and the dequantized base

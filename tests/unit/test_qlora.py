@@ -17,6 +17,7 @@ from npu_dsv3.model.loading import load_mcore
 from npu_dsv3.ops.nf4 import nf4_quantize
 from npu_dsv3.tiny_model import make_hf_model, save_hf
 
+from support.checkpoint_files import hf_tensors
 from support.qlora import ALIGNED, dequantized_copy
 from support.recipes import dry_run
 
@@ -123,10 +124,7 @@ def test_mcore2hf_writes_the_dequantized_weights(hf, tmp_path, save_format, caps
     assert "holds NF4 weights (--qlora-nf4); the HF weights written are them dequantized, which is lossy" in \
         capsys.readouterr().err
     want = load_file(os.path.join(dequantized_copy(hf["aligned"], str(tmp_path / "dq")), "model.safetensors"))
-    got = {}
-    for name in sorted(os.listdir(out)):
-        if name.endswith(".safetensors"):
-            got.update(load_file(os.path.join(out, name)))
+    got = hf_tensors(out)
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
     with open(os.path.join(out, "config.json")) as f:
