@@ -3,7 +3,6 @@ loss, MTP loss and grad norm per iteration (the adapters' gradients only: the ba
 single-process run; the base stays bit-identical; a --lora-ckpt-filter save resumed with --lora-load
 continues the run exactly."""
 
-
 import pytest
 import torch
 
