@@ -1,6 +1,7 @@
-"""QLoRA training on gloo processes: from an NF4 base converted for each layout (``--qlora-nf4``), the lm loss,
-MTP loss and grad norm of every iteration equal those of the single-process LoRA run whose base is the
-dequantized NF4 weights (the adapters' gradients: the base is frozen), at world size 1, TP2 x EP2 and PP2."""
+"""QLoRA training on gloo processes: from an NF4 base (``--qlora-nf4``, legacy files of the layout or torch_dist),
+the lm loss, MTP loss and grad norm of every iteration equal those of the single-process LoRA run whose base is
+the dequantized NF4 weights (the adapters' gradients: the base is frozen), at world size 1, TP2 x EP2, PP2 and
+the other layouts LoRA runs; the adapters export to PEFT and merge; saves resume, dequantized or not."""
 
 import json
 
@@ -23,17 +24,24 @@ LORA = ["--lora-target-modules", "linear_qkv", "linear_qb", "linear_kvb", "linea
 COMMON = ["--mock-data", "--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "16",
           "--train-iters", str(ITERS), "--log-interval", "1", "--eval-iters", "0", "--finetune", *LORA,
           "--optimizer", "sgd", "--lr", "0.5"]
-TP2_EP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-model-parallel-size", "2"]
+TP2_SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+TP2_EP2 = [*TP2_SP, "--expert-model-parallel-size", "2"]
+PP2 = ["--pipeline-model-parallel-size", "2"]
+DIST = ["--save-format", "torch_dist"]
 # name: (world size, training layout flags, the converter's: legacy files of the layout, or torch_dist for any)
 LAYOUTS = {
     "single": (1, [], []),
     "tp2-ep2-sp": (4, TP2_EP2, ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"]),
-    "pp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layer-list", "1,2"],
-            ["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,2"]),
-    "tp2-ep2-sp-from-torch-dist": (4, TP2_EP2, ["--save-format", "torch_dist"]),
+    "pp2": (2, PP2, ["--target-pipeline-parallel-size", "2"]),
+    "tp2-ep2-sp-from-torch-dist": (4, TP2_EP2, DIST),
     # the split up-projections read their rows of the unsplit NF4 codes
-    "tp2-sp-mla-mm-split-from-torch-dist": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
-                                                "--mla-mm-split"], ["--save-format", "torch_dist"]),
+    "tp2-sp-mla-mm-split-from-torch-dist": (2, [*TP2_SP, "--mla-mm-split"], DIST),
+    "tp2-sp-moe-tp-extend-ep-lora-fusion-from-torch-dist": (2, [*TP2_SP, "--moe-tp-extend-ep", "--lora-fusion"], DIST),
+    "pp2-dualpipev-fb-overlap-from-torch-dist": (2, [*PP2, "--schedules-method", "dualpipev", "--moe-fb-overlap"],
+                                                 DIST),
+    "pp2-vpp-full-recompute-from-torch-dist": (2, [*PP2, "--num-layers-per-virtual-pipeline-stage", "1",
+                                                   "--recompute-granularity", "full", "--recompute-method", "uniform",
+                                                   "--recompute-num-layers", "1"], DIST),
 }
 
 
@@ -41,18 +49,18 @@ LAYOUTS = {
 def start(tmp_path_factory):
     """The HF model (with MTP), and the single-process LoRA run on its dequantized NF4 weights."""
     root = tmp_path_factory.mktemp("qlora")
-    hf_dir = save_hf(make_hf_model(seed=3, **ALIGNED), str(root / "hf"), with_mtp=True)
+    hf_dir = save_hf(make_hf_model(seed=3, **ALIGNED, num_hidden_layers=4), str(root / "hf"), with_mtp=True)
     dequantized = dequantized_copy(hf_dir, str(root / "hf_dq"))
     base = str(root / "base")
     assert main(["convert", "hf2mcore", "--load-dir", dequantized, "--save-dir", base, "--save-format", "torch_dist",
                  "--no-progress"]) == 0
     reference = run_pretrain(1, ["--hf-config", hf_dir, "--load", base, *COMMON], root / "lora.jsonl")
-    return hf_dir, reference
+    return hf_dir, reference, base
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_qlora_matches_lora_on_the_dequantized_base(start, tmp_path, name):
-    hf_dir, reference = start
+    hf_dir, reference, _ = start
     world, flags, convert_flags = LAYOUTS[name]
     nf4 = str(tmp_path / "nf4")
     assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", nf4, "--qlora-nf4", "--moe-grouped-gemm",
@@ -75,7 +83,7 @@ def test_a_qlora_adapter_loads_in_peft_and_merges(start, tmp_path):
     from npu_dsv3.lora.sources import adapters_of
     from npu_dsv3.model import forward_logits, load_hf
 
-    hf_dir, _ = start
+    hf_dir, _, _ = start
     world, flags, convert_flags = LAYOUTS["tp2-ep2-sp"]
     nf4, save = str(tmp_path / "nf4"), tmp_path / "adapters"
     assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", nf4, "--qlora-nf4", "--moe-grouped-gemm",
@@ -107,7 +115,7 @@ def test_a_qlora_adapter_loads_in_peft_and_merges(start, tmp_path):
 def test_save_dequantize_writes_the_unquantized_model(start, tmp_path):
     """--qlora-save-dequantize: the saved base is the dequantized NF4 weights under the unquantized model's names,
     which a LoRA run of the layout loads and convert mcore2hf merges like any LoRA checkpoint."""
-    hf_dir, _ = start
+    hf_dir, _, _ = start
     nf4, save = str(tmp_path / "nf4"), tmp_path / "save"
     assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", nf4, "--qlora-nf4", "--moe-grouped-gemm",
                  "--no-progress"]) == 0
@@ -131,7 +139,7 @@ def test_save_dequantize_writes_the_unquantized_model(start, tmp_path):
 def test_a_torch_dist_save_resumes_in_another_layout(start, tmp_path):
     """TP2 x EP2 saves base (NF4) and adapters as torch_dist at iteration 2 (Adam: its state is resharded too);
     EP2 alone resumes it: iteration 3 is the uninterrupted run's."""
-    hf_dir, _ = start
+    hf_dir, _, _ = start
     nf4, save = str(tmp_path / "nf4"), tmp_path / "save"
     assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", nf4, "--qlora-nf4", "--moe-grouped-gemm",
                  "--save-format", "torch_dist", "--no-progress"]) == 0
@@ -147,3 +155,18 @@ def test_a_torch_dist_save_resumes_in_another_layout(start, tmp_path):
                            tmp_path / "second.jsonl")
     assert [r["iteration"] for r in resumed] == [3]
     assert resumed[0]["lm_loss"] == pytest.approx(whole[2]["lm_loss"], rel=2e-6, abs=0)
+
+
+def test_bf16_is_lora_on_the_dequantized_base_in_bf16(start, tmp_path):
+    """--bf16 (megatron's Float16Module casts the model; the NF4 scales stay fp32): QLoRA's losses are the bf16
+    LoRA run's on the dequantized base."""
+    hf_dir, _, base = start
+    nf4 = str(tmp_path / "nf4")
+    assert main(["convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", nf4, "--qlora-nf4", "--moe-grouped-gemm",
+                 "--no-progress"]) == 0
+    flags = ["--hf-config", hf_dir, *COMMON, "--bf16"]
+    lora = run_pretrain(1, [*flags, "--load", base], tmp_path / "lora.jsonl")
+    qlora = run_pretrain(1, [*flags, "--load", nf4, "--qlora"], tmp_path / "qlora.jsonl")
+    for ours, theirs in zip(qlora, lora):
+        for key in ("lm_loss", "grad_norm", "mtp_loss"):
+            assert ours[key] == theirs[key], key
