@@ -101,10 +101,12 @@ def _quantize_fp8(hf_dir, out_dir, block=128):
         json.dump(config, f)
 
 
-def test_fp8_release_converts_directly_like_the_bf16_cast(hf_dir, tmp_path):
+@pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "qlora-nf4"])
+def test_fp8_release_converts_directly_like_the_bf16_cast(hf_dir, tmp_path, nf4):
+    """Also to QLoRA's NF4 base: the release's weights dequantized as read, then quantized to NF4."""
     fp8 = str(tmp_path / "fp8")
     _quantize_fp8(hf_dir, fp8)
-    flags = ["--target-expert-parallel-size", "2", "--moe-grouped-gemm", "--no-progress"]
+    flags = ["--target-expert-parallel-size", "2", "--moe-grouped-gemm", "--no-progress", *(["--qlora-nf4"] * nf4)]
     assert main(["convert", "hf2mcore", "--load-dir", fp8, "--save-dir", str(tmp_path / "direct"), *flags]) == 0
     assert main(["convert", "fp8-to-bf16", "--input-fp8-hf-path", fp8, "--output-bf16-hf-path",
                  str(tmp_path / "bf16"), "--no-progress"]) == 0
@@ -114,8 +116,10 @@ def test_fp8_release_converts_directly_like_the_bf16_cast(hf_dir, tmp_path):
         a = torch.load(tmp_path / "direct" / "release" / rank / "model_optim_rng.pt", weights_only=True)["model"]
         b = torch.load(tmp_path / "cast" / "release" / rank / "model_optim_rng.pt", weights_only=True)["model"]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert nf4 == any(k.endswith("_nf4") for k in a)
     with open(tmp_path / "direct" / "config.json") as f:
-        assert "quantization_config" not in json.load(f)
+        written = json.load(f)
+        assert "quantization_config" not in written and nf4 == ("npu_dsv3_nf4" in written)
 
 
 def test_resume_rewrites_only_what_is_missing(hf_dir, tmp_path):
