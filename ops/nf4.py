@@ -60,12 +60,6 @@ class NF4:
             n *= s
         return n
 
-    def tensors(self) -> Dict[str, torch.Tensor]:
-        out = {"codes": self.codes, "absmax": self.absmax}
-        if self.absmax2 is not None:
-            out.update(absmax2=self.absmax2, offset=self.offset)
-        return out
-
 
 _CACHE: Dict[Tuple[str, torch.device], torch.Tensor] = {}
 

@@ -11,7 +11,7 @@
 # FIRST_K_DENSE_REPLACE keeps fewer dense layers (model sizes default to config.json's).
 # SAVE_FORMAT=torch (default: per-rank mp_rank_* files of exactly this layout) or torch_dist
 # (megatron dist_checkpointing: one copy of each tensor, loadable by any layout with this TP).
-# QLORA_NF4=1 writes QLoRA's base: every targetable linear in NF4 (--qlora-nf4; legacy format, grouped GEMM).
+# QLORA_NF4=1 writes QLoRA's base: every targetable linear in NF4 (--qlora-nf4; either format, grouped GEMM).
 # WORKERS=8, RESUME=1 continues an interrupted run, DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 # shellcheck source=shell/ascend_env.sh

@@ -17,7 +17,7 @@
 # Also: NPUS_PER_NODE=16 MASTER_PORT=6000 GBS=64 SEQ_LEN=4096 TRAIN_ITERS=2000 LR=1.0e-5 LORA_R=8
 # LORA_ALPHA=16 SAVE_INTERVAL=500, EXTRA_ARGS (appended flags), DRY_RUN=1 prints the environment and command.
 # QLoRA (shell/tune_deepseek3_671b_4k_qlora_a3.sh runs this recipe so): QLORA=1 adds --qlora (the base
-# converted with QLORA_NF4=1) and --ckpt-format torch, QLORA_SAVE_DEQUANTIZE=1 saves the whole model with the base
+# converted with QLORA_NF4=1), QLORA_SAVE_DEQUANTIZE=1 saves the whole model with the base
 # dequantized (--qlora-save-dequantize instead of --lora-ckpt-filter); TP PP EP NUM_LAYER_LIST
 # set the layout (defaults: the LoRA one above).
 set -euo pipefail
@@ -42,7 +42,7 @@ lora=(--lora-r "${LORA_R:-8}" --lora-alpha "${LORA_ALPHA:-16}" --lora-fusion
 # saves: the adapters only, or (QLoRA) the whole model with its NF4 base dequantized
 if [[ "${QLORA_SAVE_DEQUANTIZE:-0}" == 1 ]]; then lora+=(--qlora-save-dequantize); else lora+=(--lora-ckpt-filter); fi
 [[ -n "${LORA_LOAD:-}" ]] && lora+=(--lora-load "$LORA_LOAD")
-[[ "${QLORA:-0}" == 1 ]] && lora+=(--qlora --ckpt-format torch)  # NF4 checkpoints: legacy format so far
+[[ "${QLORA:-0}" == 1 ]] && lora+=(--qlora)
 layout=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-4}"
         --expert-model-parallel-size "${EP:-16}" --num-layer-list "${NUM_LAYER_LIST:-15,15,16,15}"
         --use-distributed-optimizer

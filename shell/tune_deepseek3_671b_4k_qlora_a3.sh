@@ -9,7 +9,7 @@
 #   bash shell/tune_deepseek3_671b_4k_qlora_a3.sh
 #
 # CKPT_LOAD_DIR: the NF4 base, written by shell/ckpt_convert_deepseek3_hf2mcore.sh with QLORA_NF4=1 and
-# this layout (TP=1 PP=8 EP=4 NUM_LAYER_LIST=7,7,7,8,8,8,8,8 NOOP_LAYERS= SCHEDULE= SAVE_FORMAT=torch).
+# this layout (TP=1 PP=8 EP=4 NUM_LAYER_LIST=7,7,7,8,8,8,8,8 NOOP_LAYERS= SCHEDULE=), or SAVE_FORMAT=torch_dist.
 # Checkpoints hold the adapters (--lora-ckpt-filter); shell/ckpt_convert_deepseek3_merge_lora2hf.sh merges
 # them into the unquantized base (re-converted without QLORA_NF4) or writes a PEFT adapter.
 set -euo pipefail

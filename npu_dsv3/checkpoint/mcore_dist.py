@@ -130,6 +130,7 @@ def plan_pieces(hf_config: dict, dtype: torch.dtype, padded_vocab: Optional[int]
 
     from npu_dsv3.checkpoint.rank_state import hf_layer
     from npu_dsv3.config import padded_vocab_size
+    from npu_dsv3.lora.nf4_base import split_name
 
     config = _single_rank_config(hf_config, dtype)
     model = _meta_model(config, padded_vocab or padded_vocab_size(config.vocab_size))
@@ -159,8 +160,11 @@ def plan_pieces(hf_config: dict, dtype: torch.dtype, padded_vocab: Optional[int]
                 add(sh_ten, value.data)
         elif isinstance(value, ShardedTensor):
             add(value, value.data if value.data._base is None else value.data._base)
-    order = {p.hf_name: i for i, p in enumerate(pieces)}
-    pieces.sort(key=lambda p: (hf_layer(p.hf_name), order[p.hf_name]))
+    # HF checkpoint order; an NF4 tensor's codes and scales together (the quantizing reader's cache holds few)
+    order = {}
+    for i, p in enumerate(pieces):
+        order.setdefault(split_name(p.hf_name)[0], i)
+    pieces.sort(key=lambda p: (hf_layer(p.hf_name), order[split_name(p.hf_name)[0]]))
     return sharded, pieces, config
 
 

@@ -97,18 +97,19 @@ def _layer_specs(config, par: ParallelLayout, moe: bool) -> list:
 def _nf4_experts(get, mc: str, hf: str, experts, par: ParallelLayout, etp_rank: int) -> Dict[str, torch.Tensor]:
     """QLoRA's routed experts (``npu_dsv3.lora.nf4_base.NF4Experts``): per part the local experts' codes
     stacked along rows (cut by expert-TP like the weights) and their scales, one row per expert."""
-    from npu_dsv3.lora.nf4_base import CODES, EXPERT_PARTS, SCALES
+    from npu_dsv3.lora.nf4_base import CODES, EXPERT_PARTS, SCALES, SUFFIXES
 
-    out = {}
-    for part in EXPERT_PARTS:
-        names = [f"{hf}mlp.experts.{e}.{part}.weight" for e in experts]
-        cut = sharding.COLS if part == "down_proj" else sharding.ROWS
-        out[f"{mc}mlp.experts.{part}{CODES}"] = torch.cat([
-            sharding.shard(sharding.Spec(f"mlp.experts.{part}{CODES}", (name + CODES,), cut), [get(name + CODES)],
-                           par.etp, etp_rank)[0] for name in names])
-        for suffix in SCALES:
-            out[f"{mc}mlp.experts.{part}{suffix}"] = torch.cat([get(name + suffix) for name in names])
-    return out
+    pieces = {f"{mc}mlp.experts.{part}{suffix}": [] for part in EXPERT_PARTS for suffix in SUFFIXES}
+    for e in experts:  # an expert's parts together: a quantizing reader quantizes each HF tensor once
+        for part in EXPERT_PARTS:
+            name = f"{hf}mlp.experts.{e}.{part}.weight"
+            cut = sharding.COLS if part == "down_proj" else sharding.ROWS
+            pieces[f"{mc}mlp.experts.{part}{CODES}"].append(sharding.shard(
+                sharding.Spec(f"mlp.experts.{part}{CODES}", (name + CODES,), cut), [get(name + CODES)], par.etp,
+                etp_rank)[0])
+            for suffix in SCALES:
+                pieces[f"{mc}mlp.experts.{part}{suffix}"].append(get(name + suffix))
+    return {key: torch.cat(tensors) for key, tensors in pieces.items()}
 
 
 def _shard(spec, get, hf: str, mc: str, par: ParallelLayout, tp_rank: int) -> Dict[str, torch.Tensor]:

@@ -137,10 +137,13 @@ def nf4_specs(specs: Sequence, quantized) -> list:
 
 def _check_nf4_cut(spec, codes: torch.Tensor, parts: int, rank: int) -> None:
     """An NF4 rank slice must be whole 64-value blocks of the flattened HF tensor (codes [rows, cols / 2])."""
-    from npu_dsv3.lora.nf4_base import CODES, check_cut
+    from npu_dsv3.lora.nf4_base import CODES, NF4Error, check_cut
 
     rows, width = codes.shape
     shape, what = (rows, 2 * width), spec.hf[0][: -len(CODES)]
+    if rows == 1:  # an odd column count: the codes are one packed row (``nf4_base.hf_parts``)
+        raise NF4Error(f"{what}: its column count is odd, so its NF4 codes pack two rows' values into a byte and "
+                       f"it cannot be split over {parts} tensor-parallel ranks; use tensor-parallel size 1")
     if isinstance(spec, HeadSplit):
         per_head = sum(spec.sizes)
         heads = rows // per_head
@@ -152,8 +155,6 @@ def _check_nf4_cut(spec, codes: torch.Tensor, parts: int, rank: int) -> None:
         per = shape[1] // parts
         check_cut(what, shape, [(0, rows)], (rank * per, (rank + 1) * per))
     elif spec.cut in (ROWS, GLU_ROWS):
-        if rows == 1:
-            check_cut(what, (1, 2 * width + 1), [(0, 0)], (0, 2 * width + 1))  # an odd column count: refused
         check_cut(what, shape, [(rank * rows // parts, (rank + 1) * rows // parts)], (0, shape[1]))
 
 

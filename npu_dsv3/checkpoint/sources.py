@@ -219,6 +219,12 @@ def conversion_input(source, source_hf: dict, hf_config: dict):
     get, meta_get = source_getter(get, source_hf, hf_config), source_getter(meta_get, source_hf, hf_config)
     if is_nf4_config(hf_config) and not is_nf4_config(source_hf):  # quantized as they are read
         get, meta_get = quantizing_getter(get), quantizing_meta_getter(meta_get)
+    elif is_nf4_config(source_hf):  # NF4 to NF4 (another layout or format): the quantized tensors' shapes too
+        from npu_dsv3.lora.nf4_base import quantized_meta
+
+        meta_get = quantized_meta(meta_get, hf_tensor_shapes(model_config(hf_config, True))[0])
+        if not isinstance(source, HFInput):
+            meta_get = with_hf_dtypes(meta_get, source.directory)
     return get, meta_get
 
 
@@ -258,8 +264,12 @@ def with_hf_dtypes(get, root: str):
         raise CheckpointError(f"{path} is not a readable dtype record ({e}); delete it to keep megatron's "
                               "dtypes") from e
 
+    from npu_dsv3.lora.nf4_base import split_name
+
     def cast(name: str) -> torch.Tensor:
         tensor = get(name)
+        if split_name(name)[1] is not None:  # NF4 codes and scales have their own dtypes
+            return tensor
         return tensor.to(dtypes.get(name, default))
 
     return cast

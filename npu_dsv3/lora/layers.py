@@ -223,9 +223,7 @@ class _LoraHeadConcat(_LoraLinear):
         return out + F.linear(h, self.lora_B) * self.lora_scale, bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
-                                                   {"lora_B": 0}, sharded_offsets, tp_group=self.tp_group,
-                                                   dp_cp_group=metadata["dp_cp_group"])
+        return _lora_entries(self, prefix, {"lora_B": 0}, sharded_offsets, metadata)  # the parts are the attention's
 
 
 class _LoraDuplicated(_LoraLinear):

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from npu_dsv3.ops.nf4 import BLOCKSIZE, NF4, nf4_dequantize, nf4_quantize, nf4_scales, nf4_values
+from npu_dsv3.ops.nf4 import BLOCKSIZE, NF4, SCALE_BLOCKSIZE, nf4_dequantize, nf4_quantize, nf4_scales, nf4_values
 
 CODES, ABSMAX, ABSMAX2, OFFSET = "_nf4", "_nf4_absmax", "_nf4_absmax2", "_nf4_offset"
 SCALES = (ABSMAX, ABSMAX2, OFFSET)
@@ -57,16 +57,12 @@ def split_name(name: str) -> Tuple[str, Optional[str]]:
     return name, None
 
 
-def is_nf4_name(name: str) -> bool:
-    return split_name(name)[1] is not None
-
-
 # --------------------------------------------------------------------------- HF space
 
 # config.json's entry, beside a megatron checkpoint, saying its targetable linears are NF4 (what
 # ``convert hf2mcore --qlora-nf4`` writes; ``npu_dsv3.checkpoint.sources.model_config`` reads it).
 NF4_KEY = "npu_dsv3_nf4"
-NF4_RECORD = {"quant_type": "nf4", "blocksize": BLOCKSIZE, "double_quant": True, "scale_blocksize": 256,
+NF4_RECORD = {"quant_type": "nf4", "blocksize": BLOCKSIZE, "double_quant": True, "scale_blocksize": SCALE_BLOCKSIZE,
               "quantized": "attention projections, dense and shared MLPs, routed experts",
               "kept": "norms, router, expert bias, embeddings, output layer, MTP eh_proj"}
 
@@ -80,8 +76,19 @@ def nf4_meta(meta: torch.Tensor, suffix: str) -> torch.Tensor:
     rows, cols = meta.shape
     blocks = -(-(rows * cols) // BLOCKSIZE)
     shape = {CODES: (rows, cols // 2) if cols % 2 == 0 else (1, -(-(rows * cols) // 2)), ABSMAX: (1, blocks),
-             ABSMAX2: (1, -(-blocks // 256)), OFFSET: (1, 1)}[suffix]
+             ABSMAX2: (1, -(-blocks // SCALE_BLOCKSIZE)), OFFSET: (1, 1)}[suffix]
     return torch.empty(shape, dtype=torch.uint8 if suffix in (CODES, ABSMAX) else torch.float32, device="meta")
+
+
+def quantized_meta(meta_get: Callable[[str], torch.Tensor], shapes: Dict[str, Sequence[int]]):
+    """``meta_get`` of an NF4 checkpoint's HF-space tensors, also answering the quantized tensors' own names
+    (fp32 meta tensors of their HF shapes; a dtype record gives their HF dtype)."""
+    def get(name: str) -> torch.Tensor:
+        if is_quantized(name):
+            return torch.empty(shapes[name], dtype=torch.float32, device="meta")
+        return meta_get(name)
+
+    return get
 
 
 def quantizing_meta_getter(meta_get: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
@@ -106,7 +113,8 @@ def from_parts(parts: Dict[str, torch.Tensor], shape: Sequence[int], dtype: torc
 
 def quantizing_getter(get: Callable[[str], torch.Tensor], keep: int = 8) -> Callable[[str], torch.Tensor]:
     """``get`` with the NF4 names of quantized tensors answered by quantizing them (the last ``keep``
-    quantized tensors cached: a checkpoint asks for a tensor's codes and scales close together)."""
+    quantized tensors cached: the writers ask for a tensor's codes and scales together, ``rank_state`` and
+    ``mcore_dist.plan_pieces`` order them so)."""
     cache: "OrderedDict[str, Dict[str, torch.Tensor]]" = OrderedDict()
     lock = threading.Lock()
 
@@ -115,23 +123,26 @@ def quantizing_getter(get: Callable[[str], torch.Tensor], keep: int = 8) -> Call
         if suffix is None:
             return get(name)
         with lock:
-            if base not in cache:
-                cache[base] = hf_parts(nf4_quantize(get(base), what=base))
-                while len(cache) > keep:
-                    cache.popitem(last=False)
+            parts = cache.get(base)
+        if parts is None:  # quantized outside the lock: writer threads quantize different tensors at once
+            parts = hf_parts(nf4_quantize(get(base), what=base))
+        with lock:
+            cache[base] = parts
             cache.move_to_end(base)
-            return cache[base][suffix]
+            while len(cache) > keep:
+                cache.popitem(last=False)
+        return parts[suffix]
 
     return get_nf4
 
 
 class Dequantized:
     """An NF4 checkpoint's HF tensors (``names()``, ``get(name)``) with each quantized one dequantized from its
-    NF4 parts in ``source`` (fp32; lossy: NF4's levels, not the original weights). ``shapes``: HF name ->
-    shape; ``meta``: give meta tensors (a writer's plan) instead of values."""
+    NF4 parts in ``source`` (computed in fp32, given in ``dtype``; lossy: NF4's levels, not the original
+    weights). ``shapes``: HF name -> shape; ``meta``: give meta tensors (a writer's plan) instead of values."""
 
-    def __init__(self, source, shapes: Dict[str, Sequence[int]], meta: bool = False):
-        self.source, self.shapes, self.meta = source, shapes, meta
+    def __init__(self, source, shapes: Dict[str, Sequence[int]], dtype: torch.dtype, meta: bool = False):
+        self.source, self.shapes, self.dtype, self.meta = source, shapes, dtype, meta
 
     def names(self) -> List[str]:
         out = []
@@ -145,9 +156,9 @@ class Dequantized:
         if not is_quantized(name):
             return self.source.get(name)
         if self.meta:
-            return torch.empty(self.shapes[name], dtype=torch.float32, device="meta")
+            return torch.empty(self.shapes[name], dtype=self.dtype, device="meta")
         parts = {suffix: self.source.get(name + suffix) for suffix in SUFFIXES}
-        return nf4_dequantize(from_parts(parts, self.shapes[name], torch.float32))
+        return nf4_dequantize(from_parts(parts, self.shapes[name], self.dtype))
 
 
 def dequantized_sources(source, shapes, config, hf_config: dict, load_dir: str):
@@ -161,7 +172,8 @@ def dequantized_sources(source, shapes, config, hf_config: dict, load_dir: str):
         f"note: {load_dir} holds NF4 weights (--qlora-nf4); the HF weights written are them dequantized, which is "
         "lossy (16 levels per 64-value block, not the original weights)")
     hf_shapes = hf_tensor_shapes(config)[0]
-    return (Dequantized(source, hf_shapes), Dequantized(shapes, hf_shapes, meta=True),
+    dtype = shapes.get("model.norm.weight").dtype  # the checkpoint's weights' (a converter's record may recast)
+    return (Dequantized(source, hf_shapes, dtype), Dequantized(shapes, hf_shapes, dtype, meta=True),
             {k: v for k, v in hf_config.items() if k != NF4_KEY})
 
 
@@ -275,7 +287,7 @@ class _KeepScalesFp32:
 def _register(module, prefix: str, codes_shape, sources: int, blocks: int, device) -> None:
     module.register_buffer(prefix + CODES, torch.zeros(codes_shape, dtype=torch.uint8, device=device))
     module.register_buffer(prefix + ABSMAX, torch.zeros(sources, blocks, dtype=torch.uint8, device=device))
-    module.register_buffer(prefix + ABSMAX2, torch.zeros(sources, -(-blocks // 256), dtype=torch.float32,
+    module.register_buffer(prefix + ABSMAX2, torch.zeros(sources, -(-blocks // SCALE_BLOCKSIZE), dtype=torch.float32,
                                                          device=device))
     module.register_buffer(prefix + OFFSET, torch.zeros(sources, 1, dtype=torch.float32, device=device))
 

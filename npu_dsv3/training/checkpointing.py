@@ -423,7 +423,13 @@ def resume_checkpoint(root: str, model_chunks: List, optimizer=None, scheduler=N
     if model_chunks and _unwrap(model_chunks[0]).config.qlora:
         from npu_dsv3.lora.nf4_base import check_nf4_buffers
 
-        resumed = _resume(root, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng, lora_load)
+        try:
+            resumed = _resume(root, model_chunks, optimizer, scheduler, finetune, load_optim, load_rng, lora_load)
+        except CheckpointError as e:
+            if "_nf4" not in str(e):
+                raise
+            raise CheckpointError(f"--qlora: --load {root} holds no NF4 weights; convert the HF model with "
+                                  f"`npu-dsv3 convert hf2mcore --qlora-nf4` and load that ({e})") from e
         for chunk in model_chunks:
             check_nf4_buffers(_unwrap(chunk), root)
         return resumed

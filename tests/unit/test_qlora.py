@@ -114,6 +114,25 @@ def test_converter_layouts_read_back_to_the_same_model(hf, tmp_path):
     assert rank0["decoder.layers.0.self_attention.linear_proj.weight_nf4_absmax"].shape == (1, 256)
 
 
+def test_nf4_checkpoints_move_between_layouts_and_formats(hf, tmp_path):
+    """reshard keeps NF4 NF4: legacy TP2 x EP2 -> torch_dist -> legacy PP2, the scales still fp32, the same model."""
+    ids = _ids(2)
+    want = forward_logits(load_hf(hf["aligned"], qlora=True, moe_grouped_gemm=True), ids)
+    legacy, dist, pp2 = (str(tmp_path / n) for n in ("legacy", "dist", "pp2"))
+    assert _convert(hf["aligned"], legacy, "--qlora-nf4", "--moe-grouped-gemm", "--target-tensor-parallel-size", "2",
+                    "--target-expert-parallel-size", "2") == 0
+    assert cli(["convert", "reshard", "--load-dir", legacy, "--save-dir", dist, "--save-format", "torch_dist",
+                "--no-progress"]) == 0
+    assert cli(["convert", "reshard", "--load-dir", dist, "--save-dir", pp2, "--target-pipeline-parallel-size", "2",
+                "--target-num-layer-list", "1,2", "--target-moe-grouped-gemm", "--no-progress"]) == 0
+    for out in (dist, pp2):
+        with open(os.path.join(out, "config.json")) as f:
+            assert "npu_dsv3_nf4" in json.load(f)
+        assert torch.equal(forward_logits(load_mcore(out), ids), want), out
+    rank = torch.load(os.path.join(pp2, "release", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=True)["model"]
+    assert rank["decoder.layers.0.self_attention.linear_proj.weight" + ABSMAX2].dtype == torch.float32
+
+
 @pytest.mark.parametrize("save_format", ["torch", "torch_dist"])
 def test_mcore2hf_writes_the_dequantized_weights(hf, tmp_path, save_format, capsys):
     """An NF4 checkpoint back to HF: the dequantized NF4 weights, bit for bit (dtypes too), said to be lossy."""
