@@ -35,8 +35,8 @@ from npu_dsv3.checkpoint import io, writers
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.sources import (RELEASE, HFInput, WithHFDtypes, check_mtp_copies, conversion_configs,
-                                         conversion_input, finish_output_dir, model_config, target_flag,
-                                         tracked_dir)
+                                         conversion_input, dequantized_sources, finish_output_dir, model_config,
+                                         target_flag, tracked_dir)
 from npu_dsv3.layout import LayoutError, ParallelLayout, PipelineLayout
 
 FORMAT = "torch_dist"
@@ -642,8 +642,6 @@ def convert_dist_to_hf(load_dir: str, save_dir: str, mtp_num_layers: Optional[in
     source = DistSource(release_dir(load_dir), hf_config)
     shapes = _Shapes(source.shape)
     if source.config.qlora:  # an NF4 base (--qlora-nf4): HF weights are its dequantized values
-        from npu_dsv3.lora.nf4_base import dequantized_sources
-
         source, shapes, hf_config = dequantized_sources(source, shapes, source.config, hf_config, load_dir)
     shapes = WithHFDtypes(shapes, load_dir)
     source = WithHFDtypes(wrap(source) if wrap else source, load_dir)

@@ -25,8 +25,8 @@ from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.safe_load import load_torch
 from npu_dsv3.checkpoint.rank_state import HFFromRanks, chunk_state_dict, chunk_state_pieces, effective_hf_config
 from npu_dsv3.checkpoint.sources import (RELEASE, HFInput, WithHFDtypes, check_mtp_copies, conversion_configs,
-                                         conversion_input, copy_hf_extras, finish_output_dir, model_config,
-                                         target_flag, tracked_dir)
+                                         conversion_input, copy_hf_extras, dequantized_sources, finish_output_dir,
+                                         model_config, target_flag, tracked_dir)
 from npu_dsv3.layout import LAYOUT_DEFAULTS, ParallelLayout, converter_flag
 
 MODEL_FILE = "model_optim_rng.pt"
@@ -403,8 +403,6 @@ def convert_legacy_to_hf(load_dir: str, save_dir: str, flags: dict, resume: bool
                                                         **(job or {})})
     source, shapes = legacy_source(load_dir, config, par), legacy_meta_source(load_dir, config, par)
     if config.qlora:  # an NF4 base (--qlora-nf4): HF weights are its dequantized values
-        from npu_dsv3.lora.nf4_base import dequantized_sources
-
         source, shapes, hf_config = dequantized_sources(source, shapes, config, hf_config, load_dir)
     with io.single_threaded_torch():
         summary = write_hf_checkpoint(WithHFDtypes(wrap(source) if wrap else source, load_dir), hf_config,

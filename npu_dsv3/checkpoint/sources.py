@@ -308,3 +308,19 @@ def finish_output_dir(source_dir: str, save_dir: str, manifest, hf_config: dict,
     with io.atomic_write(os.path.join(save_dir, TRACKER_FILE)) as tmp:
         with open(tmp, "w") as f:
             f.write(RELEASE)
+
+
+def dequantized_sources(source, shapes, config, hf_config: dict, load_dir: str):
+    """(source, shapes, config.json) of an HF export of the NF4 checkpoint ``load_dir`` (``convert mcore2hf``):
+    its weights dequantized, which is lossy and said so."""
+    import logging
+
+    from npu_dsv3.lora.nf4_base import NF4_KEY, Dequantized
+
+    logging.getLogger(__name__).warning(
+        f"note: {load_dir} holds NF4 weights (--qlora-nf4); the HF weights written are them dequantized, which is "
+        "lossy (16 levels per 64-value block, not the original weights)")
+    hf_shapes = hf_tensor_shapes(config)[0]
+    dtype = shapes.get("model.norm.weight").dtype  # the checkpoint's weights' (a converter's record may recast)
+    return (Dequantized(source, hf_shapes, dtype), Dequantized(shapes, hf_shapes, dtype, meta=True),
+            {k: v for k, v in hf_config.items() if k != NF4_KEY})

@@ -161,22 +161,6 @@ class Dequantized:
         return nf4_dequantize(from_parts(parts, self.shapes[name], self.dtype))
 
 
-def dequantized_sources(source, shapes, config, hf_config: dict, load_dir: str):
-    """(source, shapes, config.json) of an HF export of the NF4 checkpoint ``load_dir`` (``convert mcore2hf``):
-    its weights dequantized, which is lossy and said so."""
-    import logging
-
-    from npu_dsv3.checkpoint.rank_state import hf_tensor_shapes
-
-    logging.getLogger(__name__).warning(
-        f"note: {load_dir} holds NF4 weights (--qlora-nf4); the HF weights written are them dequantized, which is "
-        "lossy (16 levels per 64-value block, not the original weights)")
-    hf_shapes = hf_tensor_shapes(config)[0]
-    dtype = shapes.get("model.norm.weight").dtype  # the checkpoint's weights' (a converter's record may recast)
-    return (Dequantized(source, hf_shapes, dtype), Dequantized(shapes, hf_shapes, dtype, meta=True),
-            {k: v for k, v in hf_config.items() if k != NF4_KEY})
-
-
 # --------------------------------------------------------------------------- cuts
 
 
