@@ -1,7 +1,7 @@
 """Build the model from an HF DeepSeek-V3 directory (one process, TP=PP=EP=1)."""
 
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -96,9 +96,23 @@ def single_rank_layout(config) -> ParallelLayout:
     return ParallelLayout(pipeline, grouped_gemm=config.moe_grouped_gemm, mla_mm_split=config.mla_mm_split)
 
 
-def load_hf_weights(model, get: Callable[[str], torch.Tensor], source: str) -> None:
-    """Copy every tensor the model owns from HF tensors read by ``get``; any mismatch is an error."""
-    values = rank_state.chunk_state_dict(model.config, single_rank_layout(model.config), get, 0, 0, 0, 0)
+def parallel_layout(config) -> ParallelLayout:
+    """The converters' description of the layout ``config`` (a training run's) builds: its placement, and the
+    checkpoint's EP (``--moe-tp-extend-ep`` spreads megatron's experts over EP x TP ranks)."""
+    from npu_dsv3.model.placement import pipeline_layout
+
+    tp, extend = config.tensor_model_parallel_size, bool(getattr(config, "moe_tp_extend_ep", False))
+    return ParallelLayout(pipeline_layout(config), tp=tp,
+                          ep=config.expert_model_parallel_size // (tp if extend else 1),
+                          etp=config.expert_tensor_parallel_size or tp, grouped_gemm=config.moe_grouped_gemm,
+                          tp_extend_ep=extend, mla_mm_split=config.mla_mm_split)
+
+
+def load_hf_weights(model, get: Callable[[str], torch.Tensor], source: str, par: Optional[ParallelLayout] = None,
+                    ranks=(0, 0, 0, 0)) -> None:
+    """Copy every tensor the model chunk owns from HF tensors read by ``get``, cut for ``ranks`` (tensor, pipeline,
+    the converter's expert rank, chunk) of the layout ``par`` (default: one rank); any mismatch is an error."""
+    values = rank_state.chunk_state_dict(model.config, par or single_rank_layout(model.config), get, *ranks)
     params = model.state_dict(keep_vars=True)
     expected = {k for k in params if not k.endswith("_extra_state") and not is_lora_param(k)}
     if values.keys() != expected:

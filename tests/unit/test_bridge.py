@@ -1,0 +1,93 @@
+"""``npu_dsv3.bridge`` in one process: verl's config converter (what it keeps that verl's drops), the model
+straight from HF (the FP8 release too) equal to the single-process loader's, and bad HF directories refused
+before anything is read. The layouts: tests/multiprocess/test_bridge.py."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import DeepseekV3Config
+
+from npu_dsv3.bridge import Bridge, hf_to_mcore_config_dpskv3
+from npu_dsv3.checkpoint.hf_reader import CheckpointError
+from npu_dsv3.cli import main as cli
+from npu_dsv3.distributed import ensure_single_process_group
+from npu_dsv3.model import forward_logits, load_hf
+from npu_dsv3.tiny_model import make_hf_model, save_hf
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    ensure_single_process_group()
+    return save_hf(make_hf_model(seed=8), str(tmp_path_factory.mktemp("bridge_hf")), with_mtp=True)
+
+
+def _hf(hf_dir) -> dict:
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        return json.load(f)
+
+
+def test_config_converter_keeps_what_verl_drops(hf_dir):
+    hf = {**_hf(hf_dir), "num_nextn_predict_layers": 1,
+          "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    config = hf_to_mcore_config_dpskv3(hf, torch.bfloat16)
+    assert config.mtp_num_layers == 1 and config.moe_router_num_groups == 3 and config.moe_router_group_topk == 2
+    assert config.moe_router_enable_expert_bias and config.params_dtype == torch.bfloat16 and config.bf16
+    assert config.tensor_model_parallel_size == 1  # the current (single-process) parallel state's
+    pretrained = DeepseekV3Config(**{k: v for k, v in hf.items() if k != "quantization_config"})
+    same = hf_to_mcore_config_dpskv3(pretrained, torch.float32, num_layers=2)
+    assert same.num_layers == 2 and same.params_dtype == torch.float32 and same.moe_router_num_groups == 3
+
+
+def test_get_model_from_hf_is_the_loaders_model(hf_dir):
+    bridge = Bridge.from_hf_pretrained(hf_dir, dtype=torch.float32)
+    (model,) = bridge.get_model(moe_grouped_gemm=True)
+    reference = load_hf(hf_dir, moe_grouped_gemm=True)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.endswith("_extra_state"))
+    ids = torch.randint(0, 203, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(forward_logits(model.eval(), ids), forward_logits(reference, ids))
+    (qlora,) = bridge.get_model(moe_grouped_gemm=True, qlora=True, lora_rank=4, lora_targets=("linear_proj",))
+    assert qlora.state_dict()["decoder.layers.0.self_attention.linear_proj.weight_nf4"].dtype == torch.uint8
+    (fresh,) = Bridge.from_hf_pretrained(DeepseekV3Config(**_hf(hf_dir))).get_model(load_weights=False)
+    assert fresh.config.params_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="made from a config, without weights"):
+        Bridge.from_hf_pretrained(_hf(hf_dir)).get_model()
+
+
+def test_the_fp8_release_loads_dequantized(hf_dir, tmp_path):
+    from unit.test_convert_cli import _quantize_fp8
+
+    fp8, bf16 = str(tmp_path / "fp8"), str(tmp_path / "bf16")
+    _quantize_fp8(hf_dir, fp8)
+    assert cli(["convert", "fp8-to-bf16", "--input-fp8-hf-path", fp8, "--output-bf16-hf-path", bf16,
+                "--no-progress"]) == 0
+    (direct,) = Bridge.from_hf_pretrained(fp8, dtype=torch.bfloat16).get_model(moe_grouped_gemm=True)
+    (cast,) = Bridge.from_hf_pretrained(bf16, dtype=torch.bfloat16).get_model(moe_grouped_gemm=True)
+    a, b = direct.state_dict(), cast.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("_extra_state"))
+
+
+def test_bad_directories_are_refused_before_loading(hf_dir, tmp_path):
+    missing = str(tmp_path / "missing")
+    shutil.copytree(hf_dir, missing)
+    os.remove(os.path.join(missing, "model.safetensors"))
+    with pytest.raises(CheckpointError):
+        Bridge.from_hf_pretrained(missing, dtype=torch.float32).get_model(moe_grouped_gemm=True)
+    truncated = str(tmp_path / "truncated")
+    shutil.copytree(hf_dir, truncated)
+    path = os.path.join(truncated, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    with pytest.raises(CheckpointError, match="truncated|shorter|size"):
+        Bridge.from_hf_pretrained(truncated, dtype=torch.float32).get_model(moe_grouped_gemm=True)
+    other = str(tmp_path / "other")
+    shutil.copytree(hf_dir, other)
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump({**_hf(hf_dir), "hidden_size": 80}, f)
+    with pytest.raises(CheckpointError, match="hidden|shape"):
+        Bridge.from_hf_pretrained(other, dtype=torch.float32).get_model(moe_grouped_gemm=True)
