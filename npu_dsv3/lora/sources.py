@@ -108,19 +108,34 @@ def legacy_adapters(load_dir: str, config, par) -> Adapters:
     from npu_dsv3.checkpoint.mcore_legacy import rank_file, tracked_tag
     from npu_dsv3.checkpoint.safe_load import load_torch
 
-    tag, layout = tracked_tag(load_dir), par.pipeline
+    tag = tracked_tag(load_dir)
+
+    def payload(tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
+        path = rank_file(load_dir, par, tp_rank, pp_rank, ep_rank, tag)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing: the checkpoint was not written with tensor / "
+                                  f"pipeline / expert parallel sizes {par.tp} / {par.pipeline.pp} / {par.ep}")
+        return load_torch(path, map_location="cpu", mmap=True)
+
+    adapters = rank_adapters(payload, config, par)
+    if not adapters:
+        raise CheckpointError(f"{load_dir} holds no LoRA adapters")
+    return adapters
+
+
+def rank_adapters(payload, config, par) -> Adapters:
+    """Every adapter of a model in the layout ``par``, merged from each rank's pieces: ``payload(tp_rank,
+    pp_rank, ep_rank)`` gives that rank's chunks by ``par.chunk_key`` (a rank file's payload, or what the
+    bridge gathered); {} when there are none."""
+    layout = par.pipeline
     pieces: Dict[Tuple[str, Optional[int], str], Dict[Tuple[int, int], torch.Tensor]] = defaultdict(dict)
     for pp_rank in range(layout.pp):
         for ep_rank in range(par.ep):
             for tp_rank in range(par.tp):
-                path = rank_file(load_dir, par, tp_rank, pp_rank, ep_rank, tag)
-                if not os.path.isfile(path):
-                    raise CheckpointError(f"{path} is missing: the checkpoint was not written with tensor / "
-                                          f"pipeline / expert parallel sizes {par.tp} / {layout.pp} / {par.ep}")
-                payload = load_torch(path, map_location="cpu", mmap=True)
+                payload_here = payload(tp_rank, pp_rank, ep_rank)
                 for chunk in range(layout.num_chunks):
                     real = [layout.real_layer(i) for i in layout.chunk_layers(pp_rank, chunk)]
-                    for name, tensor in payload.get(par.chunk_key(chunk), {}).items():
+                    for name, tensor in payload_here.get(par.chunk_key(chunk), {}).items():
                         parsed = parse_name(name, config.num_layers)
                         if parsed is None:
                             continue
@@ -128,8 +143,6 @@ def legacy_adapters(load_dir: str, config, par) -> Adapters:
                         if path_.startswith("decoder.layers."):
                             layer = real[layer]
                         pieces[(target, layer, part)][(tp_rank, ep_rank)] = tensor.clone()
-    if not pieces:
-        raise CheckpointError(f"{load_dir} holds no LoRA adapters")
     out: Adapters = defaultdict(dict)
     for (target, layer, part), by_rank in pieces.items():
         out[(target, layer)][part] = _merge(target, part, by_rank, config, par)

@@ -1,6 +1,6 @@
 """``npu_dsv3.bridge`` in one process: verl's config converter (what it keeps that verl's drops), the model
 straight from HF (the FP8 release too) equal to the single-process loader's, and bad HF directories refused
-before anything is read. The layouts: tests/multiprocess/test_bridge.py."""
+before anything is read. The layouts: tests/multiprocess/test_bridge_layouts.py."""
 
 import json
 import os
@@ -91,3 +91,38 @@ def test_bad_directories_are_refused_before_loading(hf_dir, tmp_path):
         json.dump({**_hf(hf_dir), "hidden_size": 80}, f)
     with pytest.raises(CheckpointError, match="hidden|shape"):
         Bridge.from_hf_pretrained(other, dtype=torch.float32).get_model(moe_grouped_gemm=True)
+
+
+def test_export_is_every_hf_tensor_and_transformers_loads_it(hf_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    bridge = Bridge.from_hf_pretrained(hf_dir, dtype=torch.float32)
+    (model,) = bridge.get_model(moe_grouped_gemm=True)
+    want = load_file(os.path.join(hf_dir, "model.safetensors"))
+    release = list(bridge.export_hf_weights([model], bucket_bytes=1 << 14))
+    assert [n for n, _ in release] == list(dict.fromkeys(n for n, _ in release))  # each once
+    got = dict(release)
+    assert got.keys() == want.keys() and all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+                                              for k in want)
+    # send + receive buffers of one bucket: at most a bucket or one merge's pieces (fc1: gate and up) each
+    assert 0 < bridge.export_buffer_bytes <= 2 * max(1 << 14, 2 * max(t.numel() * 4 for t in want.values()))
+    # transformers' names load into transformers' model, whose logits are ours; with LoRA, merged
+    lora = bridge.get_model(moe_grouped_gemm=True, lora_rank=4, lora_alpha=8.0,
+                            lora_targets=("linear_kv_up_proj", "linear_proj", "experts.linear_fc1", "output_layer"))[0]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lora.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    state = dict(bridge.export_hf_weights([lora], names="transformers"))
+    assert not [n for n in state if n.startswith("model.layers.3.")]  # no MTP in transformers
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and not [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    ids = torch.randint(0, 203, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = forward_logits(lora.eval(), ids), reference(ids).logits
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-5
+    with pytest.raises(ValueError, match="names must be 'release' or 'transformers'"):
+        bridge.export_hf_weights([model], names="peft")

@@ -43,8 +43,8 @@ def _rank_main(hf_dir: str, name: str) -> None:
         virtual_pipeline_model_parallel_size=sizes.get("vpp"), expert_model_parallel_size=sizes.get("ep", 1),
         expert_tensor_parallel_size=sizes.get("etp", 1), **extra)
     tensor_parallel.model_parallel_cuda_manual_seed(1)
-    chunks = [c.eval() for c in Bridge.from_hf_pretrained(hf_dir, dtype=torch.float32).get_model(
-        moe_grouped_gemm=True, mtp_num_layers=None, **overrides)]
+    bridge = Bridge.from_hf_pretrained(hf_dir, dtype=torch.float32)
+    chunks = [c.eval() for c in bridge.get_model(moe_grouped_gemm=True, **overrides)]
     ids = torch.randint(0, 203, (2, 12), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
     # megatron's interleaved schedule wants a multiple of PP micro-batches, dualpipev at least 2 x PP
@@ -67,7 +67,17 @@ def _rank_main(hf_dir: str, name: str) -> None:
         cols = slice(tp_rank * width, min((tp_rank + 1) * width, expected.shape[-1]))
         ours = local[..., : cols.stop - cols.start]
         result = float((ours - expected[..., cols]).abs().max() / expected.abs().max())
-    print(json.dumps({"rank": dist.get_rank(), "diff": result}), flush=True)
+    # every rank receives every HF tensor, exactly once, bit for bit the file's (small buckets: many of them)
+    from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
+
+    reader = HFCheckpointReader(hf_dir)
+    exported = list(bridge.export_hf_weights(chunks, bucket_bytes=1 << 15))
+    names = [n for n, _ in exported]
+    same = sorted(names) == sorted(reader.names()) and len(set(names)) == len(names) and all(
+        t.dtype == reader.get(n).dtype and torch.equal(t, reader.get(n)) for n, t in exported)
+    print(json.dumps({"rank": dist.get_rank(), "diff": result, "export": same,
+                      "buffer": bridge.export_buffer_bytes, "bucket": 1 << 15,
+                      "largest": max(t.numel() * t.element_size() for _, t in exported)}), flush=True)
     dist.destroy_process_group()
 
 
@@ -91,9 +101,12 @@ def test_get_model_from_hf_gives_transformers_logits(hf_dir, name):
     outputs = [p.communicate(timeout=240) for p in procs]
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
-    diffs = [json.loads(out.strip().splitlines()[-1])["diff"] for out, _ in outputs]
-    measured = [d for d in diffs if d is not None]
-    assert measured and max(measured) < TOLERANCE, diffs
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    measured = [r["diff"] for r in results if r["diff"] is not None]
+    assert measured and max(measured) < TOLERANCE, results
+    assert all(r["export"] for r in results), results
+    # the gathered bytes: world x the largest rank's share of a bucket (at most a bucket plus one merge's pieces)
+    assert all(r["buffer"] <= (world + 1) * (r["bucket"] + r["largest"]) for r in results), results
 
 
 if __name__ == "__main__":
