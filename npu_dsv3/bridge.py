@@ -182,6 +182,50 @@ class Bridge:
         return _transformers_names(out, stream.config) if names == "transformers" else out
 
 
+    def export_adapter_weights(self, models) -> Iterator[Tuple[str, torch.Tensor]]:
+        """A LoRA model's adapters, whole, on every rank, under PEFT's names (``adapter_model.safetensors``'
+        keys, the MTP layer's left out as transformers has none): verl's adapter-only weight sync. The
+        matching ``adapter_config.json`` is ``npu_dsv3.lora.export.peft_config``."""
+        from npu_dsv3.lora.export import peft_tensors
+
+        chunks = [getattr(m, "module", m) for m in models]
+        if not chunks[0].config.lora_rank:
+            raise ValueError("export_adapter_weights: the model has no LoRA adapters (get_model(lora_rank=..., "
+                             "lora_targets=...))")
+        yield from peft_tensors(_gathered_adapters(chunks, chunks[0].config), chunks[0].config.num_layers).items()
+
+
+def _gathered_adapters(chunks, config):
+    """Every adapter of the model, whole (``lora.export``'s orientation), from every rank's pieces."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from npu_dsv3.lora.sources import rank_adapters
+    from npu_dsv3.lora.targets import is_lora_param
+    from npu_dsv3.model.loading import parallel_layout
+    from npu_dsv3.model.placement import checkpoint_expert_rank
+
+    par = parallel_layout(config)
+    here = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            checkpoint_expert_rank(config, ps.get_expert_model_parallel_rank()))
+    mine = {par.chunk_key(c): {k: v.detach().cpu() for k, v in chunk.state_dict().items() if is_lora_param(k)}
+            for c, chunk in enumerate(chunks)}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (here, mine))  # the adapters are small
+    by_rank = {}
+    for coords, payload in everyone:
+        by_rank.setdefault(tuple(coords), payload)
+    # a file no process holds (expert-TP 1: tensor rank t's experts) reads its adapters from one that holds them
+    return rank_adapters(lambda t, p, e: by_rank.get((t, p, e)) or _same_tensors(by_rank, t, p, e), config, par)
+
+
+def _same_tensors(by_rank, t, p, e):
+    dense = next(v for (tt, pp, _), v in by_rank.items() if (tt, pp) == (t, p))
+    experts = next(v for (_, pp, ee), v in by_rank.items() if (pp, ee) == (p, e))
+    return {chunk: {**{k: v for k, v in dense[chunk].items() if ".mlp.experts." not in k},
+                    **{k: v for k, v in experts[chunk].items() if ".mlp.experts." in k}} for chunk in dense}
+
+
 class _Export:
     """One export: which rank sends which piece, and the buckets (``Bridge.export_hf_weights``)."""
 
@@ -190,7 +234,6 @@ class _Export:
         from megatron.core import parallel_state as ps
 
         from npu_dsv3.checkpoint.rank_state import HFFromRanks, chunk_state_dict, hf_tensor_shapes
-        from npu_dsv3.lora.targets import is_lora_param
         from npu_dsv3.model.loading import parallel_layout
         from npu_dsv3.model.placement import checkpoint_expert_rank
 
@@ -224,25 +267,17 @@ class _Export:
         self.local = {c: {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
                       for c, chunk in enumerate(chunks)}
         self.device = next(chunks[0].parameters()).device
-        self.deltas = self._deltas(chunks, is_lora_param) if merge_lora and config.lora_rank else {}
+        self.deltas = self._deltas(chunks) if merge_lora and config.lora_rank else {}
         self.received: dict = {}
         self.source = HFFromRanks(config, self.par, lambda t, p, e, c: self.received[(t, p, e, c)],
                                   lambda t, p, e: f"rank (tensor {t}, pipeline {p}, expert {e})")
         self.bridge = bridge
 
-    def _deltas(self, chunks, is_lora_param) -> dict:
+    def _deltas(self, chunks) -> dict:
         """The adapters' merge updates by HF name (``lora.export.delta_builders``), from every rank's pieces."""
-        import torch.distributed as dist
-
         from npu_dsv3.lora.export import delta_builders
-        from npu_dsv3.lora.sources import rank_adapters
 
-        mine = {self.par.chunk_key(c): {k: v.detach().cpu() for k, v in chunk.state_dict().items()
-                                        if is_lora_param(k)} for c, chunk in enumerate(chunks)}
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (self.here, mine))  # the adapters are small
-        by_rank = {tuple(coords): payload for coords, payload in everyone}
-        adapters = rank_adapters(lambda t, p, e: by_rank[(t, p, e)], self.config, self.par)
+        adapters = _gathered_adapters(chunks, self.config)
         return delta_builders(adapters, self.config.lora_alpha, self.config.lora_rank)
 
     def _groups(self):

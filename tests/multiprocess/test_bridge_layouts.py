@@ -22,6 +22,10 @@ LAYOUTS = {
     "pp2-vpp2": (2, dict(pp=2, vpp=2), {}),
     "pp2-dualpipev": (2, dict(pp=2, vpp=2), dict(schedules_method="dualpipev")),
     "tp2-sp-moe-tp-extend-ep": (2, dict(tp=2, ep=2, etp=1), dict(sequence_parallel=True, moe_tp_extend_ep=True)),
+    # adapters (B = 0: the merged export is still the files) gathered from every rank, expert-TP 1
+    "tp2-ep2-etp1-lora": (4, dict(tp=2, ep=2, etp=1), dict(
+        sequence_parallel=True, lora_rank=4, lora_alpha=8.0,
+        lora_targets=("linear_kv_up_proj", "linear_proj", "mlp.linear_fc1", "experts.linear_fc1", "output_layer"))),
 }
 TOLERANCE = 2e-5  # fp32, relative to the largest logit
 
@@ -75,6 +79,11 @@ def _rank_main(hf_dir: str, name: str) -> None:
     names = [n for n, _ in exported]
     same = sorted(names) == sorted(reader.names()) and len(set(names)) == len(names) and all(
         t.dtype == reader.get(n).dtype and torch.equal(t, reader.get(n)) for n, t in exported)
+    if overrides.get("lora_rank"):  # every adapter, whole, under PEFT's names, on every rank
+        adapters = dict(bridge.export_adapter_weights(chunks))
+        experts = [k for k in adapters if ".mlp.experts." in k]
+        same = same and len(experts) == 2 * 3 and all(  # fc1's A and B of the 3 MoE layers, all experts each
+            k.endswith("lora_B.weight") == (not v.any()) for k, v in adapters.items())
     print(json.dumps({"rank": dist.get_rank(), "diff": result, "export": same,
                       "buffer": bridge.export_buffer_bytes, "bucket": 1 << 15,
                       "largest": max(t.numel() * t.element_size() for _, t in exported)}), flush=True)

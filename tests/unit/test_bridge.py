@@ -126,3 +126,31 @@ def test_export_is_every_hf_tensor_and_transformers_loads_it(hf_dir):
     assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-5
     with pytest.raises(ValueError, match="names must be 'release' or 'transformers'"):
         bridge.export_hf_weights([model], names="peft")
+
+
+def test_adapter_export_loads_in_peft(hf_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from npu_dsv3.lora.export import peft_config, write_peft_adapter
+
+    targets = ("linear_q_up_proj", "linear_proj", "mlp.linear_fc1", "experts.linear_fc2")
+    bridge = Bridge.from_hf_pretrained(hf_dir, dtype=torch.float32)
+    (model,) = bridge.get_model(moe_grouped_gemm=True, lora_rank=4, lora_alpha=8.0, lora_targets=targets)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    tensors = dict(bridge.export_adapter_weights([model]))
+    assert tensors and all(k.startswith("base_model.model.") for k in tensors)
+    write_peft_adapter(str(tmp_path), tensors, peft_config(list(targets), 4, 8.0, 0.0, hf_dir, True))
+    ids = torch.randint(0, 203, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
+                                         str(tmp_path))(ids).logits
+        ours = forward_logits(model.eval(), ids)
+    assert ((peft - ours).abs().max() / ours.abs().max()).item() < 1e-5
+    (plain,) = bridge.get_model(moe_grouped_gemm=True)
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        list(bridge.export_adapter_weights([plain]))
