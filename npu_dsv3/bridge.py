@@ -83,11 +83,13 @@ class Bridge:
         return hf_to_mcore_config_dpskv3(self.hf_config, self.dtype, **overrides)
 
     def get_model(self, wrap_with_ddp: bool = False, load_weights: bool = True, use_distributed_optimizer: bool = False,
-                  **config_overrides) -> List:
+                  value_model: bool = False, **config_overrides) -> List:
         """This rank's model chunks for the current parallel state (one, or one per virtual stage), with the HF
         weights loaded. ``config_overrides``: config fields of the layout and run (``num_layer_list``,
         ``noop_layers``, ``schedules_method``, ``moe_tp_extend_ep``, ``mla_mm_split``, ``sequence_parallel``,
-        ``moe_grouped_gemm``, ...). ``wrap_with_ddp``: megatron's DistributedDataParallel around each chunk."""
+        ``moe_grouped_gemm``, ...). ``wrap_with_ddp``: megatron's DistributedDataParallel around each chunk.
+        ``value_model``: the critic of verl's PPO, the output layer replaced by a one-output head (``ValueHead``,
+        exported as ``score.weight``)."""
         from npu_dsv3 import backend
         from npu_dsv3.config import padded_vocab_size
         from npu_dsv3.distributed import ensure_single_process_group
@@ -95,7 +97,9 @@ class Bridge:
         from npu_dsv3.training.step import wrap_model
 
         ensure_single_process_group()  # a world of one when nothing is initialized; else megatron's state must be
-        config_overrides.setdefault("perform_initialization", not load_weights)
+        # megatron marks its tensor-parallel weights (``tensor_model_parallel``, which the gradient norm and the
+        # optimizer read) only while initializing them: never skip it, even when the weights are loaded next
+        config_overrides.setdefault("perform_initialization", True)
         config_overrides.setdefault("use_cpu_initialization", backend.device().type == "cpu")
         config = self.transformer_config(**config_overrides)
         if load_weights:
@@ -104,7 +108,13 @@ class Bridge:
         chunks = [chunk.to(backend.device()) for chunk in chunks]
         if load_weights:
             self.load_hf_weights(chunks, self.path)
-        return wrap_model(chunks, use_distributed_optimizer) if wrap_with_ddp else chunks
+        if value_model:
+            for chunk in chunks:
+                if getattr(chunk, "output_layer", None) is not None:
+                    chunk.output_layer = ValueHead(config).to(backend.device())
+        if not wrap_with_ddp:
+            return chunks
+        return [wrap_model(chunk, use_distributed_optimizer)[0] for chunk in chunks]
 
     def _hf_dtypes(self) -> dict:
         """HF name -> the dtype the HF source stores it in (the FP8 release's weights: bf16), or {} without one."""
@@ -226,6 +236,29 @@ def _same_tensors(by_rank, t, p, e):
                     **{k: v for k, v in experts[chunk].items() if ".mlp.experts." in k}} for chunk in dense}
 
 
+class ValueHead(torch.nn.Module):
+    """The critic's head: hidden -> one value per token, whole on every tensor-parallel rank (one output does not
+    split), drawn from the config's init std with a fixed seed so every rank holds the same. Under sequence
+    parallelism it gathers the sequence; its gradient is then each rank's own part (every rank computes the
+    whole output)."""
+
+    NAME = "score.weight"  # its HF name (transformers' token-classification head)
+
+    def __init__(self, config):
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        weight = torch.empty(1, config.hidden_size, dtype=config.params_dtype)
+        weight.normal_(0.0, config.init_method_std, generator=torch.Generator().manual_seed(0))
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        if self.sequence_parallel:
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+        return torch.nn.functional.linear(hidden_states, self.weight), None
+
+
 class _Export:
     """One export: which rank sends which piece, and the buckets (``Bridge.export_hf_weights``)."""
 
@@ -271,6 +304,14 @@ class _Export:
         self.received: dict = {}
         self.source = HFFromRanks(config, self.par, lambda t, p, e, c: self.received[(t, p, e, c)],
                                   lambda t, p, e: f"rank (tensor {t}, pipeline {p}, expert {e})")
+        # a critic (get_model(value_model=True)) exports its value head instead of the output layer
+        value = torch.tensor([int(any(isinstance(getattr(c, "output_layer", None), ValueHead) for c in chunks))])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        self.value_head = bool(value.item())
+        if self.value_head:
+            last = (0, *self.par.pipeline.last_stage())
+            self.metas[(*last[:2], 0, last[2])]["output_layer.weight"] = torch.empty(
+                1, config.hidden_size, dtype=config.params_dtype, device="meta")
         self.bridge = bridge
 
     def _deltas(self, chunks) -> dict:
@@ -300,6 +341,12 @@ class _Export:
             built = build()
             names = list(built) if name == read_as else [name]
             groups.append((names, build, self._expert_rows(read_as, used), {name: read_as}))
+        if self.value_head:  # the output layer (and MTP's copy of it) is the critic's value head instead
+            head = {id(g) for g in groups for n in g[0] if g[3].get(n, n) == "lm_head.weight"}
+            groups = [g for g in groups if id(g) not in head]
+            t, (p, c) = 0, self.par.pipeline.last_stage()
+            groups.append(([ValueHead.NAME], lambda: {ValueHead.NAME: self.received[(t, p, 0, c)]["output_layer.weight"]},
+                           [(t, p, 0, c, "output_layer.weight")], {}))
         return groups
 
     def _expert_rows(self, name: str, used: list) -> list:

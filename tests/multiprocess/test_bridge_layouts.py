@@ -1,8 +1,9 @@
 """``npu_dsv3.bridge`` on gloo processes: ``Bridge.from_hf_pretrained(dir).get_model(...)`` builds each rank's
-chunks of the layout straight from the HF directory, and a forward through megatron's pipeline schedule gives
-transformers' logits, for TP2 + SP, PP2, EP2, TP2 x EP2 with expert-TP 1 and 2, PP2 with VPP, dualpipev PP2
-and --moe-tp-extend-ep. Run as a script, this file is one rank (JSON line: its vocabulary columns' max relative
-difference from transformers', on the last stage)."""
+chunks of the layout straight from the HF directory, a forward through megatron's pipeline schedule gives
+transformers' logits, and ``export_hf_weights`` gives every rank the HF files bit for bit, for TP2 + SP, PP2,
+EP2, TP2 x EP2 with expert-TP 1 and 2, PP2 with VPP, dualpipev PP2 and --moe-tp-extend-ep (LoRA too); and an RL
+loop (transformers rollout, megatron policy step, bridge sync) keeps the rollout model equal to the policy. Run
+as a script, this file is one rank (one JSON line)."""
 
 import json
 import os
@@ -27,19 +28,19 @@ LAYOUTS = {
         sequence_parallel=True, lora_rank=4, lora_alpha=8.0,
         lora_targets=("linear_kv_up_proj", "linear_proj", "mlp.linear_fc1", "experts.linear_fc1", "output_layer"))),
 }
+RL_LAYOUTS = {
+    "tp2-sp": (2, dict(tp=2), dict(sequence_parallel=True)),
+    "pp2-ep2": (4, dict(pp=2, ep=2), {}),
+}
 TOLERANCE = 2e-5  # fp32, relative to the largest logit
 
 
-def _rank_main(hf_dir: str, name: str) -> None:
+def _init(sizes: dict, overrides: dict) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from transformers import AutoModelForCausalLM
 
-    from npu_dsv3.bridge import Bridge
     from npu_dsv3.model.placement import dualpipev_embedding_ranks
 
-    _, sizes, overrides = LAYOUTS[name]
     dist.init_process_group("gloo")
     extra = {"get_embedding_ranks": dualpipev_embedding_ranks} if overrides.get("schedules_method") else {}
     parallel_state.initialize_model_parallel(
@@ -47,30 +48,50 @@ def _rank_main(hf_dir: str, name: str) -> None:
         virtual_pipeline_model_parallel_size=sizes.get("vpp"), expert_model_parallel_size=sizes.get("ep", 1),
         expert_tensor_parallel_size=sizes.get("etp", 1), **extra)
     tensor_parallel.model_parallel_cuda_manual_seed(1)
-    bridge = Bridge.from_hf_pretrained(hf_dir, dtype=torch.float32)
-    chunks = [c.eval() for c in bridge.get_model(moe_grouped_gemm=True, **overrides)]
-    ids = torch.randint(0, 203, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _logits_diff(chunks, ids, expected, microbatches: int):
+    """This rank's vocabulary columns of the logits (through megatron's schedule, forward only) against
+    ``expected``: the max relative difference on the last stage, None elsewhere."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
     positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-    # megatron's interleaved schedule wants a multiple of PP micro-batches, dualpipev at least 2 x PP
-    microbatches = sizes.get("pp", 1) * (2 if overrides.get("schedules_method") else 1)
 
     def forward_step(data_iterator, chunk):
         out = chunk(ids, positions, attention_mask=None)
         return out, lambda o: (o.sum() * 0, {"logits": o.detach()})
 
+    for chunk in chunks:
+        chunk.eval()
     with torch.no_grad():
         stored = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=[iter([None] * microbatches) for _ in chunks],
             model=chunks, num_microbatches=microbatches, seq_length=ids.shape[1], micro_batch_size=ids.shape[0],
             forward_only=True)
+    if not stored:
+        return None
+    local = stored[0]["logits"]
+    width, tp_rank = local.shape[-1], parallel_state.get_tensor_model_parallel_rank()
+    cols = slice(tp_rank * width, min((tp_rank + 1) * width, expected.shape[-1]))
+    return float((local[..., : cols.stop - cols.start] - expected[..., cols]).abs().max() / expected.abs().max())
+
+
+def _rank_main(hf_dir: str, name: str) -> None:
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from npu_dsv3.bridge import Bridge
+
+    _, sizes, overrides = LAYOUTS[name]
+    _init(sizes, overrides)
+    bridge = Bridge.from_hf_pretrained(hf_dir, dtype=torch.float32)
+    chunks = bridge.get_model(moe_grouped_gemm=True, **overrides)
+    ids = torch.randint(0, 203, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(ids).logits
-    result = None
-    if stored:
-        local = stored[0]["logits"]
-        width, tp_rank = local.shape[-1], parallel_state.get_tensor_model_parallel_rank()
-        cols = slice(tp_rank * width, min((tp_rank + 1) * width, expected.shape[-1]))
-        ours = local[..., : cols.stop - cols.start]
-        result = float((ours - expected[..., cols]).abs().max() / expected.abs().max())
+    # megatron's interleaved schedule wants a multiple of PP micro-batches, dualpipev at least 2 x PP
+    result = _logits_diff(chunks, ids, expected, sizes.get("pp", 1) * (2 if overrides.get("schedules_method") else 1))
     # every rank receives every HF tensor, exactly once, bit for bit the file's (small buckets: many of them)
     from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
 
@@ -90,6 +111,45 @@ def _rank_main(hf_dir: str, name: str) -> None:
     dist.destroy_process_group()
 
 
+def _rl_main(hf_dir: str, name: str) -> None:
+    """An RL step on CPU: the rollout model (transformers) generates, the policy (megatron, from the bridge) takes a
+    gradient step on the rollout, the bridge syncs the weights, and the rollout model's logits are the policy's."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from npu_dsv3.bridge import Bridge
+    from npu_dsv3.training.step import build_optimizer, train_step
+
+    _, sizes, overrides = RL_LAYOUTS[name]
+    _init(sizes, overrides)
+    bridge = Bridge.from_hf_pretrained(hf_dir, dtype=torch.float32)
+    chunks = bridge.get_model(wrap_with_ddp=True, moe_grouped_gemm=True, **overrides)
+    optimizer = build_optimizer(chunks, lr=2e-3)
+    rollout = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    prompt = torch.randint(0, 203, (2, 8), generator=torch.Generator().manual_seed(1))
+    diffs = []
+    for step in range(2):
+        with torch.no_grad():
+            tokens = rollout.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)  # [2, 12]
+        for chunk in chunks:
+            chunk.train()
+        batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "position_ids":
+                 torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens),
+                 "loss_mask": torch.cat([torch.zeros(2, 7), torch.ones(2, 4), torch.zeros(2, 1)], 1)}
+        train_step(chunks, optimizer, iter([batch]), 1, tokens.shape[1], tokens.shape[0])
+        with torch.no_grad():
+            stale = rollout(tokens).logits
+        state = dict(bridge.export_hf_weights(chunks, names="transformers"))
+        missing, unexpected = rollout.load_state_dict(state, strict=False)
+        assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
+        with torch.no_grad():
+            expected = rollout(tokens).logits
+        moved = float((expected - stale).abs().max() / stale.abs().max())  # the step changed the policy
+        diffs.append(_logits_diff([c.module for c in chunks], tokens, expected, 1))
+    print(json.dumps({"rank": dist.get_rank(), "diffs": diffs, "moved": moved}), flush=True)
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     from npu_dsv3.tiny_model import make_hf_model, save_hf
@@ -98,19 +158,24 @@ def hf_dir(tmp_path_factory):
                    str(tmp_path_factory.mktemp("bridge")))
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_get_model_from_hf_gives_transformers_logits(hf_dir, name):
+def _run(hf_dir, name, world, *extra):
     from support import free_port, process_env
 
-    world = LAYOUTS[name][0]
     env = {**process_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
            "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), hf_dir, name], env={**env, "RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), hf_dir, name, *extra],
+                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
     outputs = [p.communicate(timeout=240) for p in procs]
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_get_model_from_hf_gives_transformers_logits(hf_dir, name):
+    world = LAYOUTS[name][0]
+    results = _run(hf_dir, name, world)
     measured = [r["diff"] for r in results if r["diff"] is not None]
     assert measured and max(measured) < TOLERANCE, results
     assert all(r["export"] for r in results), results
@@ -118,7 +183,15 @@ def test_get_model_from_hf_gives_transformers_logits(hf_dir, name):
     assert all(r["buffer"] <= (world + 1) * (r["bucket"] + r["largest"]) for r in results), results
 
 
+@pytest.mark.parametrize("name", sorted(RL_LAYOUTS))
+def test_an_rl_loop_keeps_the_rollout_model_in_sync(hf_dir, name):
+    results = _run(hf_dir, name, RL_LAYOUTS[name][0], "rl")
+    measured = [d for r in results for d in r["diffs"] if d is not None]
+    assert len(measured) >= 2 and max(measured) < TOLERANCE, results
+    assert all(r["moved"] > 1e-3 for r in results), results
+
+
 if __name__ == "__main__":
     import npu_dsv3  # noqa: F401  (the patches)
 
-    _rank_main(sys.argv[1], sys.argv[2])
+    (_rl_main if sys.argv[3:] == ["rl"] else _rank_main)(sys.argv[1], sys.argv[2])

@@ -154,3 +154,17 @@ def test_adapter_export_loads_in_peft(hf_dir, tmp_path):
     (plain,) = bridge.get_model(moe_grouped_gemm=True)
     with pytest.raises(ValueError, match="has no LoRA adapters"):
         list(bridge.export_adapter_weights([plain]))
+
+
+def test_value_model_has_one_output_and_exports_its_head(hf_dir):
+    bridge = Bridge.from_hf_pretrained(hf_dir, dtype=torch.float32)
+    (critic,) = bridge.get_model(moe_grouped_gemm=True, value_model=True)
+    ids = torch.randint(0, 203, (2, 9), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(9).unsqueeze(0).expand_as(ids)
+    critic.mtp_process, critic.config.mtp_num_layers = False, None  # values from the main head only
+    with torch.no_grad():
+        values = critic.eval()(ids, positions, attention_mask=None)
+    assert values.shape == (2, 9, 1)
+    exported = dict(bridge.export_hf_weights([critic]))
+    assert "lm_head.weight" not in exported and not [n for n in exported if "shared_head.head" in n]
+    assert torch.equal(exported["score.weight"], critic.output_layer.weight.detach())
