@@ -118,13 +118,12 @@ class Bridge:
 
     def _hf_dtypes(self) -> dict:
         """HF name -> the dtype the HF source stores it in (the FP8 release's weights: bf16), or {} without one."""
-        if self.path is None:
-            return {}
+        from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
         from npu_dsv3.checkpoint.sources import HFInput
 
+        if self.path is None:
+            return {}
         _, meta_get = HFInput(self.path).getters(self.hf_config)
-        from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
-
         out = {}
         for name in HFCheckpointReader(self.path).names():
             dtype = meta_get(name).dtype
@@ -393,9 +392,9 @@ class _Export:
         senders = [self.expert_sender[k[:3]] if ".mlp.experts." in k[4] else self.dense_sender[k[:2]] for k in pieces]
         sizes = [0] * dist.get_world_size()
         for k, rank in zip(pieces, senders):
-            sizes[rank] += self._bytes(k)
+            sizes[rank] += _aligned(self._bytes(k))
         width = max(sizes) or 1
-        mine = [self._local_bytes(k) for k, r in zip(pieces, senders) if r == self.rank]
+        mine = [_padded(self._local_bytes(k)) for k, r in zip(pieces, senders) if r == self.rank]
         send = torch.zeros(width, dtype=torch.uint8, device=self.device)
         if mine:
             packed = torch.cat(mine)
@@ -407,7 +406,7 @@ class _Export:
         for k, rank in zip(pieces, senders):
             meta, n = self.metas[k[:4]][k[4]], self._bytes(k)
             data = gathered[offsets[rank]: offsets[rank] + n]
-            offsets[rank] += n
+            offsets[rank] += _aligned(n)  # every piece starts on a 16-byte boundary: its dtype's view needs it
             chunk = out.setdefault(k[:4], {})
             if len(k) == 5:
                 chunk[k[4]] = data.view(meta.dtype).view(meta.shape)
@@ -453,6 +452,15 @@ class _RecordingChunk(dict):
     def __getitem__(self, key):
         self.used.append((*self.rank_file, key))
         return super().__getitem__(key)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def _padded(data: torch.Tensor) -> torch.Tensor:
+    pad = _aligned(data.numel()) - data.numel()
+    return torch.cat([data, data.new_zeros(pad)]) if pad else data
 
 
 def _nbytes(meta: torch.Tensor) -> int:

@@ -168,3 +168,20 @@ def test_value_model_has_one_output_and_exports_its_head(hf_dir):
     exported = dict(bridge.export_hf_weights([critic]))
     assert "lm_head.weight" not in exported and not [n for n in exported if "shared_head.head" in n]
     assert torch.equal(exported["score.weight"], critic.output_layer.weight.detach())
+
+
+def test_bf16_odd_sizes_export_bit_for_bit(tmp_path):
+    """bf16 weights of odd sizes beside the fp32 expert bias, in small buckets: every piece lands aligned."""
+    from safetensors.torch import load_file
+
+    from npu_dsv3.tiny_model import cast_like_release
+
+    path = save_hf(cast_like_release(make_hf_model(seed=9, hidden_size=71, num_attention_heads=3), torch.bfloat16),
+                   str(tmp_path / "hf"))
+    bridge = Bridge.from_hf_pretrained(path, dtype=torch.bfloat16)
+    (model,) = bridge.get_model(moe_grouped_gemm=True)
+    want = load_file(os.path.join(path, "model.safetensors"))
+    got = dict(bridge.export_hf_weights([model], bucket_bytes=1 << 12))
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    assert want["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
