@@ -66,7 +66,7 @@ class Bridge:
 
     def __init__(self, hf_config: dict, path: Optional[str], dtype: torch.dtype):
         self.hf_config, self.path, self.dtype = hf_config, path, dtype
-        self.export_buffer_bytes = 0  # the largest gathered bucket of the last export (bytes)
+        self.export_buffer_bytes = 0  # the last export's most received bytes live at once
 
     @classmethod
     def from_hf_pretrained(cls, path_or_config: Union[str, dict, "object"], dtype: torch.dtype = torch.bfloat16):
@@ -116,19 +116,19 @@ class Bridge:
             return chunks
         return [wrap_model(chunk, use_distributed_optimizer)[0] for chunk in chunks]
 
-    def _hf_dtypes(self) -> dict:
-        """HF name -> the dtype the HF source stores it in (the FP8 release's weights: bf16), or {} without one."""
+    def _hf_dtypes(self) -> Tuple[dict, set]:
+        """HF name -> the dtype the HF source gives it in (the FP8 release's weights: bf16), and the names it
+        stores in FP8 (those with a ``weight_scale_inv``); both empty without a source."""
+        from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX
         from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
         from npu_dsv3.checkpoint.sources import HFInput
 
         if self.path is None:
-            return {}
+            return {}, set()
         _, meta_get = HFInput(self.path).getters(self.hf_config)
-        out = {}
-        for name in HFCheckpointReader(self.path).names():
-            dtype = meta_get(name).dtype
-            out[name] = torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype
-        return out
+        names = HFCheckpointReader(self.path).names()
+        return ({n: meta_get(n).dtype for n in names if not n.endswith(SCALE_SUFFIX)},
+                {n[: -len(SCALE_SUFFIX)] for n in names if n.endswith(SCALE_SUFFIX)})
 
     def _check_source(self, config) -> None:
         """The HF directory against config.json, from the shards' headers alone, before any rank reads data."""
@@ -176,15 +176,24 @@ class Bridge:
         """Every HF tensor of the model, exactly once, as ``(hf_name, tensor)`` on every rank (what vLLM / SGLang
         ``load_weights`` and verl's weight sync consume), in the HF source's dtypes unless ``dtype`` is given.
 
-        The ranks' pieces travel in buckets of about ``bucket_bytes``: one all-gather over the world per bucket,
-        each piece sent by one rank (the first data-parallel replica of its tensor / pipeline / expert rank); every
-        rank then joins the bucket's HF tensors with the converters' merge (``rank_state.HFFromRanks``). A rank's
-        extra memory is about one gathered bucket plus the bucket's joined tensors (``export_buffer_bytes`` after
-        the call: the largest gathered bucket). ``names``: "release" (the HF release's: per expert, MTP as layer
+        The ranks' pieces travel in buckets of about ``bucket_bytes``: per bucket one broadcast per sending
+        process, of its pieces packed end to end; each piece is sent once, by the least loaded process holding it
+        (data-parallel and expert replicas share the sending). Every rank then joins the bucket's HF tensors with
+        the converters' merge (``rank_state.HFFromRanks``) while the next bucket's broadcasts are under way. A
+        rank's extra memory is two buckets' received bytes (``export_buffer_bytes`` after the call: their most at
+        once; a bucket is ``bucket_bytes`` or one merge's pieces, whichever is larger) plus the tensors being
+        joined. ``names``: "release" (the HF release's: per expert, MTP as layer
         ``num_hidden_layers``) or "transformers" (transformers 5's state dict: fused experts, no MTP).
-        ``merge_lora``: a LoRA model's adapters added to the weights they adapt."""
+        ``merge_lora``: a LoRA model's adapters added to the weights they adapt. ``dtype=torch.float8_e4m3fn``:
+        DeepSeek's FP8 release format for an FP8 rollout engine, the weights the release stores in FP8 (those of
+        an FP8 source, else ``checkpoint.fp8.is_release_fp8``'s) re-quantized per block (the source's
+        ``weight_block_size``, else 128 x 128), each followed by its ``<name>_scale_inv``; the rest in the
+        source's dtypes."""
         if names not in ("release", "transformers"):
             raise ValueError(f"names must be 'release' or 'transformers', not {names!r}")
+        if dtype == torch.float8_e4m3fn and names != "release":
+            raise ValueError("dtype=torch.float8_e4m3fn is DeepSeek's FP8 release format (per-expert weights with "
+                             "their weight_scale_inv): use names='release'")
         self.export_buffer_bytes = 0
         stream = _Export(self, [getattr(m, "module", m) for m in models], merge_lora, dtype, bucket_bytes)
         out = stream.tensors()
@@ -275,7 +284,13 @@ class _Export:
                              "--qlora-save-dequantize and convert")
         self.par, self.dtype, self.bucket_bytes = parallel_layout(config), dtype, bucket_bytes
         self.hf_config = bridge.hf_config
-        self.hf_dtypes = bridge._hf_dtypes()
+        self.hf_dtypes, fp8_source = bridge._hf_dtypes()
+        self.fp8 = dtype == torch.float8_e4m3fn
+        if self.fp8:  # which weights go out as FP8: the FP8 source's, or those the release would quantize
+            from npu_dsv3.checkpoint.fp8 import fp8_block, is_release_fp8
+
+            self.dtype, self.fp8_block = None, fp8_block(self.hf_config)
+            self.in_fp8 = (lambda name, shape: name in fp8_source) if fp8_source else is_release_fp8
         shapes = hf_tensor_shapes(config)[0]
 
         def meta(name: str) -> torch.Tensor:
@@ -288,19 +303,20 @@ class _Export:
                 checkpoint_expert_rank(config, ps.get_expert_model_parallel_rank()))
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (*here, ps.get_expert_tensor_parallel_rank()))
-        # Who sends a piece of rank file (t, p, e): the first process holding the same tensors. A dense tensor is
-        # the same on every expert rank; a routed expert's slice lives on expert-TP rank t (the file of tensor
-        # rank t), or with --moe-tp-extend-ep on tensor rank t itself.
-        self.dense_sender, self.expert_sender = {}, {}
+        # Who holds a piece of rank file (t, p, e): every process with the same tensors. A dense tensor is the
+        # same on every expert rank; a routed expert's slice lives on expert-TP rank t (the file of tensor rank
+        # t), or with --moe-tp-extend-ep on tensor rank t itself.
+        self.dense_holders, self.expert_holders = {}, {}
         for rank, (t, p, e, et) in enumerate(everyone):
-            self.dense_sender.setdefault((t, p), rank)
-            self.expert_sender.setdefault((t if self.par.tp_extend_ep else et, p, e), rank)
+            self.dense_holders.setdefault((t, p), []).append(rank)
+            self.expert_holders.setdefault((t if self.par.tp_extend_ep else et, p, e), []).append(rank)
         self.rank, self.here = dist.get_rank(), here
         self.local = {c: {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
                       for c, chunk in enumerate(chunks)}
         self.device = next(chunks[0].parameters()).device
         self.deltas = self._deltas(chunks) if merge_lora and config.lora_rank else {}
         self.received: dict = {}
+        self.live_bytes = 0  # the received buckets' bytes (two at most: one handed out, the next arriving)
         self.source = HFFromRanks(config, self.par, lambda t, p, e, c: self.received[(t, p, e, c)],
                                   lambda t, p, e: f"rank (tensor {t}, pipeline {p}, expert {e})")
         # a critic (get_model(value_model=True)) exports its value head instead of the output layer
@@ -367,45 +383,81 @@ class _Export:
         return out
 
     def tensors(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Bucket by bucket, pipelined: the next bucket's broadcasts are under way while this one's tensors are
+        joined and handed out."""
+        in_flight = None
+        for bucket in self._buckets():
+            launched = (bucket, self._launch(bucket))
+            if in_flight is not None:
+                yield from self._hand_out(*in_flight)
+            in_flight = launched
+        if in_flight is not None:
+            yield from self._hand_out(*in_flight)
+
+    def _buckets(self) -> Iterator[list]:
+        bucket, size = [], 0
+        for group in self._groups():
+            nbytes = sum(self._bytes(k) for k in group[2])
+            if bucket and size + nbytes > self.bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(group)
+            size += nbytes
+        if bucket:
+            yield bucket
+
+    def _launch(self, bucket) -> tuple:
+        """Start the bucket's broadcasts: one per sending process, of its pieces packed end to end. Each piece is
+        sent once, by the least loaded of the processes holding it (the replicas share the sending), and
+        arrives at its exact size (no padding, unlike an all-gather of equal parts)."""
         import torch.distributed as dist
 
-        bucket, size = [], 0
-        for group in self._groups() + [None]:
-            if group is not None:
-                nbytes = sum(self._bytes(k) for k in group[2])
-                if not bucket or size + nbytes <= self.bucket_bytes:
-                    bucket.append(group)
-                    size += nbytes
-                    continue
-            self.received = self._gather(bucket, dist)
-            for names, build, _, read_as in bucket:
-                built = build()
-                for name in names:
-                    yield name, self._finish(name, built[read_as.get(name, name)])
-            self.received = {}
-            bucket, size = ([group], sum(self._bytes(k) for k in group[2])) if group is not None else ([], 0)
-
-    def _gather(self, bucket, dist) -> dict:
-        """Every piece of the bucket on every rank: one all-gather of each rank's packed bytes."""
         # (t, p, e, c, key[, (first byte, bytes)]), in bucket order, each once
         pieces = list(dict.fromkeys(k for _, _, used, _ in bucket for k in used))
-        senders = [self.expert_sender[k[:3]] if ".mlp.experts." in k[4] else self.dense_sender[k[:2]] for k in pieces]
-        sizes = [0] * dist.get_world_size()
-        for k, rank in zip(pieces, senders):
-            sizes[rank] += _aligned(self._bytes(k))
-        width = max(sizes) or 1
-        mine = [_padded(self._local_bytes(k)) for k, r in zip(pieces, senders) if r == self.rank]
-        send = torch.zeros(width, dtype=torch.uint8, device=self.device)
-        if mine:
-            packed = torch.cat(mine)
-            send[: packed.numel()] = packed
-        gathered = torch.empty(width * len(sizes), dtype=torch.uint8, device=self.device)
-        dist.all_gather_into_tensor(gathered, send)
-        self.bridge.export_buffer_bytes = max(self.bridge.export_buffer_bytes, gathered.numel() + send.numel())
-        offsets, out = [r * width for r in range(len(sizes))], {}
+        load: dict = {}
+        senders = []
+        for k in pieces:
+            holders = self.expert_holders[k[:3]] if ".mlp.experts." in k[4] else self.dense_holders[k[:2]]
+            rank = min(holders, key=lambda r: (load.get(r, 0), r))
+            load[rank] = load.get(rank, 0) + _aligned(self._bytes(k))
+            senders.append(rank)
+        buffers, handles = {}, []
+        for rank in sorted(load):
+            if rank == self.rank:
+                buffers[rank] = torch.cat([_padded(self._local_bytes(k)) for k, r in zip(pieces, senders) if r == rank])
+            else:
+                buffers[rank] = torch.empty(load[rank], dtype=torch.uint8, device=self.device)
+            handles.append(dist.broadcast(buffers[rank], src=rank, async_op=True))
+        self.live_bytes += sum(load.values())
+        self.bridge.export_buffer_bytes = max(self.bridge.export_buffer_bytes, self.live_bytes)
+        return pieces, senders, buffers, handles
+
+    def _hand_out(self, bucket, launched) -> Iterator[Tuple[str, torch.Tensor]]:
+        pieces, senders, buffers, handles = launched
+        for handle in handles:
+            handle.wait()
+        self.received = self._unpack(pieces, senders, buffers)
+        for names, build, _, read_as in bucket:
+            built = build()
+            for name in names:
+                tensor = self._merged(name, built[read_as.get(name, name)])
+                if self.fp8 and self.in_fp8(name, tensor.shape):
+                    from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX, quantize_fp8_block
+
+                    codes, scale = quantize_fp8_block(tensor, self.fp8_block)
+                    yield name, codes
+                    yield name + SCALE_SUFFIX, scale
+                else:
+                    yield name, tensor.to(self.dtype or self.hf_dtypes.get(name, tensor.dtype))
+        self.received = {}
+        self.live_bytes -= sum(b.numel() for b in buffers.values())
+
+    def _unpack(self, pieces, senders, buffers) -> dict:
+        """The bucket's pieces as rank files' tensors (views of the received bytes)."""
+        offsets, out = dict.fromkeys(buffers, 0), {}
         for k, rank in zip(pieces, senders):
             meta, n = self.metas[k[:4]][k[4]], self._bytes(k)
-            data = gathered[offsets[rank]: offsets[rank] + n]
+            data = buffers[rank][offsets[rank]: offsets[rank] + n]
             offsets[rank] += _aligned(n)  # every piece starts on a 16-byte boundary: its dtype's view needs it
             chunk = out.setdefault(k[:4], {})
             if len(k) == 5:
@@ -426,11 +478,11 @@ class _Export:
         data = self.local[piece[3]][piece[4]].contiguous().view(-1).view(torch.uint8)
         return data if len(piece) == 5 else data[piece[5][0]: piece[5][0] + piece[5][1]]
 
-    def _finish(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _merged(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         delta = self.deltas.get(name)
         if delta is not None:
             tensor = (tensor.float() + delta().to(tensor.device)).to(tensor.dtype)
-        return tensor.to(self.dtype or self.hf_dtypes.get(name, tensor.dtype))
+        return tensor
 
 
 class _Recorder(dict):

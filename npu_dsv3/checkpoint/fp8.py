@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -78,6 +79,43 @@ def dequantize_fp8_block(weight_fp8: torch.Tensor, scale_inv: torch.Tensor, bloc
     table_start = (torch.arange(cols, dtype=torch.int32) // block_cols) * 256
     _gather(weight_fp8.view(torch.uint8), band_tables, table_start, block_rows, out.view(torch.int16).view(-1))
     return out
+
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value (a larger one casts to NaN)
+
+
+def fp8_block(hf_config: dict) -> Tuple[int, int]:
+    """The weight block of an FP8 release's ``quantization_config`` (DeepSeek's: 128 x 128)."""
+    return tuple((hf_config.get("quantization_config") or {}).get("weight_block_size") or DEFAULT_BLOCK)
+
+
+def is_release_fp8(name: str, shape) -> bool:
+    """Whether DeepSeek's FP8 release stores the HF tensor ``name`` in FP8: the 2-D weights of a decoder (or MTP)
+    layer's attention and MLP linears; never the router (``mlp.gate``), norms, embeddings, heads or MTP's
+    ``eh_proj``."""
+    return len(shape) == 2 and re.fullmatch(r"model\.layers\.\d+\.(self_attn|mlp)\..+\.weight", name) is not None \
+        and not name.endswith((".mlp.gate.weight", "layernorm.weight"))
+
+
+def quantize_fp8_block(weight: torch.Tensor, block: Block = 128) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D weight in DeepSeek's FP8 release format: ``(float8_e4m3fn weight, fp32 scale_inv)``, one scale per
+    block (edge blocks ragged) so that the block's largest magnitude lands on 448, the format's largest; an
+    all-zero block gets scale 1. ``dequantize_fp8_block`` reverses it up to e4m3's rounding, and exactly when the
+    weight came from FP8 codes whose block maximum is 448 with a power-of-two scale (nothing else to round)."""
+    block_rows, block_cols = (block, block) if isinstance(block, int) else block
+    if weight.dim() != 2:
+        raise ValueError(f"block-quantized weight must be 2-D, got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    blocks = (-(-rows // block_rows), -(-cols // block_cols))
+    padded = weight.new_zeros(blocks[0] * block_rows, blocks[1] * block_cols, dtype=torch.float32)
+    padded[:rows, :cols] = weight
+    tiles = padded.view(blocks[0], block_rows, blocks[1], block_cols)
+    amax = tiles.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    tiles /= scale[:, None, :, None]
+    # x / (amax / 448) can round a hair above 448, which e4m3fn would turn into NaN
+    codes = padded[:rows, :cols].clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
 
 
 def _gather(codes: torch.Tensor, band_tables, table_start: torch.Tensor, block_rows: int, out: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from npu_dsv3.checkpoint.fp8 import fp8_block
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.rank_state import effective_hf_config, hf_tensor_shapes, source_getter
 from npu_dsv3.layout import converter_flag
@@ -60,10 +61,6 @@ def model_config(hf_config: dict, grouped_gemm: bool, **overrides):
     return hf_to_mcore_config_dpskv3(hf_config, moe_grouped_gemm=grouped_gemm, **overrides)
 
 
-def _fp8_block(hf_config: dict) -> Tuple[int, int]:
-    return tuple((hf_config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
-
-
 def check_hf_source(hf_dir: str, hf_config: dict, mtp_layers: int = None) -> None:
     """The check every reader of an HF checkpoint runs before writing anything: each tensor's shape
     against ``hf_config`` (its config.json), the dtypes, missing and unexpected tensors, from the
@@ -72,14 +69,14 @@ def check_hf_source(hf_dir: str, hf_config: dict, mtp_layers: int = None) -> Non
     from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
 
     shapes, optional = hf_tensor_shapes(model_config(hf_config, True), mtp_layers)
-    HFCheckpointReader(hf_dir).check(shapes, optional, _fp8_block(hf_config))
+    HFCheckpointReader(hf_dir).check(shapes, optional, fp8_block(hf_config))
 
 
 def _bf16_getter(reader, hf_config: dict):
     """``get(name)`` that dequantises DeepSeek's block-FP8 weights as they are read."""
     from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX, dequantize_fp8_block
 
-    block = _fp8_block(hf_config)
+    block = fp8_block(hf_config)
 
     def get(name: str) -> torch.Tensor:
         tensor = reader.get(name)

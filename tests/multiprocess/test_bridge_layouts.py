@@ -179,8 +179,8 @@ def test_get_model_from_hf_gives_transformers_logits(hf_dir, name):
     measured = [r["diff"] for r in results if r["diff"] is not None]
     assert measured and max(measured) < TOLERANCE, results
     assert all(r["export"] for r in results), results
-    # the gathered bytes: world x the largest rank's share of a bucket (at most a bucket plus one merge's pieces)
-    assert all(r["buffer"] <= (world + 1) * (r["bucket"] + r["largest"]) for r in results), results
+    # the received bytes: two buckets in flight, each at most a bucket or one merge's pieces (fc1: gate and up)
+    assert all(0 < r["buffer"] <= 2 * (r["bucket"] + 2 * r["largest"]) for r in results), results
 
 
 @pytest.mark.parametrize("name", sorted(RL_LAYOUTS))

@@ -11,11 +11,13 @@ import torch
 from transformers import DeepseekV3Config
 
 from npu_dsv3.bridge import Bridge, hf_to_mcore_config_dpskv3
+from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX, dequantize_fp8_block, is_release_fp8
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.cli import main as cli
 from npu_dsv3.distributed import ensure_single_process_group
 from npu_dsv3.model import forward_logits, load_hf
 from npu_dsv3.tiny_model import make_hf_model, save_hf
+from support.checkpoint_files import hf_tensors
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,65 @@ def test_the_fp8_release_loads_dequantized(hf_dir, tmp_path):
     (cast,) = Bridge.from_hf_pretrained(bf16, dtype=torch.bfloat16).get_model(moe_grouped_gemm=True)
     a, b = direct.state_dict(), cast.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("_extra_state"))
+    # exported in the release's format again for an FP8 rollout engine: the source's FP8 weights (here eh_proj
+    # too), each re-quantized per 128x128 block from the model's bf16 weight and followed by its scale
+    source = hf_tensors(fp8)
+    bridge = Bridge.from_hf_pretrained(fp8, dtype=torch.bfloat16)
+    out = dict(bridge.export_hf_weights([direct], dtype=torch.float8_e4m3fn, bucket_bytes=1 << 14))
+    assert out.keys() == source.keys() and all(out[k].dtype == source[k].dtype for k in source)
+    quantized = [k for k in source if source[k].dtype == torch.float8_e4m3fn]
+    assert len(quantized) > 10 and any(k.endswith("eh_proj.weight") for k in quantized)
+    for name in quantized:
+        codes, scale = _reference_fp8(dequantize_fp8_block(source[name], source[name + SCALE_SUFFIX]))
+        assert torch.equal(out[name].view(torch.uint8), codes.view(torch.uint8)), name
+        assert torch.equal(out[name + SCALE_SUFFIX], scale), name
+    assert all(torch.equal(out[k], _trained_bf16(k, source[k])) for k in source
+               if k not in quantized and SCALE_SUFFIX not in k)
+    # by default the FP8 source goes out in bf16: its cast's tensors, as the bf16 model holds them
+    cast = hf_tensors(bf16)
+    assert all(torch.equal(t, _trained_bf16(n, cast[n])) for n, t in bridge.export_hf_weights([direct]))
+    with pytest.raises(ValueError, match="names='release'"):
+        bridge.export_hf_weights([direct], dtype=torch.float8_e4m3fn, names="transformers")
+
+
+def test_a_bf16_source_exports_in_the_releases_fp8_format(hf_dir):
+    """Without an FP8 source the release's choice: attention and MLP weights, not the router, norms, embeddings,
+    heads or MTP's eh_proj."""
+    bridge = Bridge.from_hf_pretrained(hf_dir, dtype=torch.bfloat16)
+    (model,) = bridge.get_model(moe_grouped_gemm=True)
+    plain = dict(bridge.export_hf_weights([model]))
+    out = dict(bridge.export_hf_weights([model], dtype=torch.float8_e4m3fn))
+    quantized = {k for k, v in out.items() if v.dtype == torch.float8_e4m3fn}
+    assert out.keys() == plain.keys() | {k + SCALE_SUFFIX for k in quantized}
+    assert all(is_release_fp8(k, plain[k].shape) == (k in quantized) for k in plain)
+    assert {k.split(".")[-2] for k in quantized} >= {"q_a_proj", "kv_a_proj_with_mqa", "o_proj", "gate_proj",
+                                                     "down_proj"}
+    for name in quantized:
+        codes, scale = _reference_fp8(plain[name])
+        assert torch.equal(out[name].view(torch.uint8), codes.view(torch.uint8)) and torch.equal(
+            out[name + SCALE_SUFFIX], scale)
+    assert all(torch.equal(out[k], plain[k]) for k in plain if k not in quantized)
+
+
+def _trained_bf16(name, tensor):
+    """An HF tensor as a bf16 model holds and exports it: rounded to bf16, in its own dtype; the expert bias is
+    fp32 in megatron too."""
+    return tensor if name.endswith("e_score_correction_bias") else tensor.to(torch.bfloat16).to(tensor.dtype)
+
+
+def _reference_fp8(weight, block=128):
+    """DeepSeek's block format written out block by block: scale = the block's largest magnitude / 448."""
+    rows, cols = weight.shape
+    codes = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(-(-rows // block), -(-cols // block))
+    for i in range(0, rows, block):
+        for j in range(0, cols, block):
+            tile = weight[i:i + block, j:j + block].float()
+            amax = tile.abs().max()
+            s = amax / 448.0 if amax > 0 else torch.tensor(1.0)
+            scale[i // block, j // block] = s
+            codes[i:i + block, j:j + block] = (tile / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return codes, scale
 
 
 def test_bad_directories_are_refused_before_loading(hf_dir, tmp_path):
@@ -105,8 +166,8 @@ def test_export_is_every_hf_tensor_and_transformers_loads_it(hf_dir):
     got = dict(release)
     assert got.keys() == want.keys() and all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
                                               for k in want)
-    # send + receive buffers of one bucket: at most a bucket or one merge's pieces (fc1: gate and up) each
-    assert 0 < bridge.export_buffer_bytes <= 2 * max(1 << 14, 2 * max(t.numel() * 4 for t in want.values()))
+    # two buckets in flight, each at most a bucket or one merge's pieces (fc1: gate and up)
+    assert 0 < bridge.export_buffer_bytes <= 2 * ((1 << 14) + 2 * max(t.numel() * 4 for t in want.values()))
     # transformers' names load into transformers' model, whose logits are ours; with LoRA, merged
     lora = bridge.get_model(moe_grouped_gemm=True, lora_rank=4, lora_alpha=8.0,
                             lora_targets=("linear_kv_up_proj", "linear_proj", "experts.linear_fc1", "output_layer"))[0]

@@ -177,6 +177,48 @@ def test_dequantize_rejects_a_scale_of_the_wrong_shape():
         dequantize_fp8_block(weight, torch.ones(2, 2))
 
 
+@pytest.mark.parametrize("shape,block", [((300, 200), 128), ((130, 7), 128), ((1, 129), 128), ((70, 50), (32, 16))])
+def test_quantize_reverses_dequantize_where_nothing_rounds(shape, block):
+    """Codes whose block maximum is 448 with power-of-two scales (DeepSeek's UE8M0-style scales) dequantize to bf16
+    exactly, so re-quantizing gives the same codes and scales; edge blocks ragged."""
+    rows, cols = (block, block) if isinstance(block, int) else block
+    grid = (-(-shape[0] // rows), -(-shape[1] // cols))
+    codes = _fp8(*shape, seed=11).float().clamp(-440, 440)
+    for i in range(grid[0]):  # each block's largest magnitude is 448, with either sign
+        codes[i * rows, ::cols] = 448.0 * (-1) ** i
+    codes = codes.to(torch.float8_e4m3fn)
+    scale = 2.0 ** torch.randint(-20, -2, grid, generator=torch.Generator().manual_seed(12)).float()
+    again, again_scale = fp8.quantize_fp8_block(dequantize_fp8_block(codes, scale, block), block)
+    assert torch.equal(again.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(again_scale, scale)
+
+
+def test_quantize_is_within_e4m3_rounding_and_never_nan():
+    g = torch.Generator().manual_seed(13)
+    weight = torch.randn(260, 300, generator=g) * torch.logspace(-6, 2, 300)  # columns of every magnitude
+    weight[:128, :128] = 0  # an all-zero block: scale 1, codes 0
+    codes, scale = fp8.quantize_fp8_block(weight.to(torch.bfloat16))
+    assert scale[0, 0] == 1 and not codes[:128, :128].float().any() and not codes.float().isnan().any()
+    back = dequantize_fp8_block(codes, scale).float()
+    blocks = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:260, :300]
+    # e4m3: 3 mantissa bits (relative 2^-4), subnormals below 2^-6 (absolute 2^-10 of the scale); plus bf16's
+    assert ((back - weight).abs() <= weight.abs() * (2 ** -4 + 2 ** -7) + blocks * 2 ** -10).all()
+    assert (codes.float().abs().amax() == 448)
+
+
+def test_the_release_fp8_names():
+    """The tensors DeepSeek-V3's FP8 release stores in FP8 (those with a weight_scale_inv in its index)."""
+    fp8_names = ["model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                 "model.layers.0.self_attn.kv_b_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                 "model.layers.3.mlp.experts.255.up_proj.weight", "model.layers.3.mlp.shared_experts.gate_proj.weight",
+                 "model.layers.61.self_attn.o_proj.weight", "model.layers.61.mlp.experts.0.gate_proj.weight"]
+    kept = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.3.mlp.gate.weight",
+            "model.layers.0.self_attn.q_a_layernorm.weight", "model.layers.61.eh_proj.weight",
+            "model.layers.61.shared_head.head.weight", "model.layers.61.enorm.weight"]
+    assert all(fp8.is_release_fp8(n, (8, 8)) for n in fp8_names)
+    assert not any(fp8.is_release_fp8(n, (8, 8)) for n in kept)
+    assert not fp8.is_release_fp8("model.layers.3.mlp.gate.e_score_correction_bias", (8,))
+
+
 # --------------------------------------------------------------------------- the converted checkpoint
 
 
