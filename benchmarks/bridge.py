@@ -45,7 +45,7 @@ def _per_tensor_export(chunks):
     a routed expert's weight goes one local expert at a time (TEGroupedMLP's ``weight{j}``) over the
     expert-parallel group, which gives that expert of every expert rank; fc1 is then cut into gate and up. Only
     tensor-parallel x expert-parallel layouts (one pipeline stage, expert-TP 1). The HF renaming and the
-    reordering of fused tensors are left out, which favours the baseline."""
+    reordering of fused tensors are left out and experts go out as views, which favours the baseline."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -56,11 +56,15 @@ def _per_tensor_export(chunks):
         for name, param in chunk.named_parameters():
             param = param.detach()
             if name.endswith(("experts.weight1", "experts.weight2")):
+                hidden = chunk.config.hidden_size
                 for rows in param.view(local, -1):
                     every = [torch.empty_like(rows) for _ in range(ep)]
                     dist.all_gather(every, rows, group=ep_group)
-                    for expert in every:
-                        yield from expert.chunk(2) if name.endswith("weight1") else (expert,)
+                    for expert in every:  # HF's [out, in] orientation, as views
+                        if name.endswith("weight1"):
+                            yield from expert.view(hidden, -1).t().chunk(2)
+                        else:
+                            yield expert.view(-1, hidden).t()
             elif getattr(param, "tensor_model_parallel", False) and tp > 1:
                 every = [torch.empty_like(param) for _ in range(tp)]
                 dist.all_gather(every, param, group=tp_group)

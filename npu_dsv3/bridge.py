@@ -176,14 +176,19 @@ class Bridge:
         """Every HF tensor of the model, exactly once, as ``(hf_name, tensor)`` on every rank (what vLLM / SGLang
         ``load_weights`` and verl's weight sync consume), in the HF source's dtypes unless ``dtype`` is given.
 
-        The ranks' pieces travel in buckets of about ``bucket_bytes``: per bucket one broadcast per sending
-        process, of its pieces packed end to end; each piece is sent once, by the least loaded process holding it
-        (data-parallel and expert replicas share the sending). Every rank then joins the bucket's HF tensors with
-        the converters' merge (``rank_state.HFFromRanks``) while the next bucket's broadcasts are under way. A
-        rank's extra memory is two buckets' received bytes (``export_buffer_bytes`` after the call: their most at
-        once; a bucket is ``bucket_bytes`` or one merge's pieces, whichever is larger) plus the tensors being
-        joined. ``names``: "release" (the HF release's: per expert, MTP as layer
-        ``num_hidden_layers``) or "transformers" (transformers 5's state dict: fused experts, no MTP).
+        The ranks' pieces travel in buckets of about ``bucket_bytes``: per bucket one all-to-all in which each
+        process receives exactly the pieces it does not hold, each sent once to it by the least loaded of its
+        holders (data-parallel and expert replicas share the sending); what a process holds it reads in place.
+        Every rank joins the bucket's HF tensors with the converters' merge (``rank_state.HFFromRanks``) while
+        the next bucket's exchange is under way. A rank's extra memory is two buckets' sent and received bytes
+        (``export_buffer_bytes`` after the call: their most at once; a bucket is ``bucket_bytes`` or one merge's
+        pieces, whichever is larger) plus the tensors being joined. The tensors handed out may be views of the
+        model's weights or of the exchange's buffers (a routed expert is GroupedMLP's rows transposed): copy
+        them (as ``load_weights`` does) to keep them past the next training step. Consume each export to its
+        end on every rank: its collectives run as it is read. The plan (who holds what, which merge builds each
+        tensor) is made on a model's first export and reused. ``names``: "release" (the HF release's: per
+        expert, MTP as layer ``num_hidden_layers``) or "transformers" (transformers 5's state dict: fused
+        experts, no MTP).
         ``merge_lora``: a LoRA model's adapters added to the weights they adapt. ``dtype=torch.float8_e4m3fn``:
         DeepSeek's FP8 release format for an FP8 rollout engine, the weights the release stores in FP8 (those of
         an FP8 source, else ``checkpoint.fp8.is_release_fp8``'s) re-quantized per block (the source's
@@ -195,9 +200,21 @@ class Bridge:
             raise ValueError("dtype=torch.float8_e4m3fn is DeepSeek's FP8 release format (per-expert weights with "
                              "their weight_scale_inv): use names='release'")
         self.export_buffer_bytes = 0
-        stream = _Export(self, [getattr(m, "module", m) for m in models], merge_lora, dtype, bucket_bytes)
+        chunks = [getattr(m, "module", m) for m in models]
+        stream = self._export_plan(chunks)
+        stream.start(chunks, merge_lora, dtype, bucket_bytes)
         out = stream.tensors()
         return _transformers_names(out, stream.config) if names == "transformers" else out
+
+    def _export_plan(self, chunks) -> "_Export":
+        """The model's export plan, made on its first export and kept while the model lives: who holds which
+        piece and which merge builds each HF tensor do not change between weight syncs."""
+        self._plans = {k: v for k, v in getattr(self, "_plans", {}).items() if all(r() is not None for r in v.refs)}
+        key = tuple(map(id, chunks))
+        plan = self._plans.get(key)
+        if plan is None or any(ref() is not chunk for ref, chunk in zip(plan.refs, chunks)):
+            plan = self._plans[key] = _Export(self, chunks)
+        return plan
 
 
     def export_adapter_weights(self, models) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -268,9 +285,13 @@ class ValueHead(torch.nn.Module):
 
 
 class _Export:
-    """One export: which rank sends which piece, and the buckets (``Bridge.export_hf_weights``)."""
+    """A model's export (``Bridge.export_hf_weights``): the plan, made once per model (what every rank file
+    holds, who holds it, which merge builds each HF tensor from which pieces), and the state of the export
+    under way (``start``)."""
 
-    def __init__(self, bridge: "Bridge", chunks, merge_lora: bool, dtype, bucket_bytes: int):
+    def __init__(self, bridge: "Bridge", chunks):
+        import weakref
+
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
@@ -278,19 +299,16 @@ class _Export:
         from npu_dsv3.model.loading import parallel_layout
         from npu_dsv3.model.placement import checkpoint_expert_rank
 
+        self.refs = [weakref.ref(chunk) for chunk in chunks]
         self.config = config = chunks[0].config
-        if config.qlora:
-            raise ValueError("export_hf_weights of a QLoRA model: its base is NF4; export the adapters, or save with "
-                             "--qlora-save-dequantize and convert")
-        self.par, self.dtype, self.bucket_bytes = parallel_layout(config), dtype, bucket_bytes
-        self.hf_config = bridge.hf_config
-        self.hf_dtypes, fp8_source = bridge._hf_dtypes()
-        self.fp8 = dtype == torch.float8_e4m3fn
-        if self.fp8:  # which weights go out as FP8: the FP8 source's, or those the release would quantize
-            from npu_dsv3.checkpoint.fp8 import fp8_block, is_release_fp8
+        if config.qlora:  # the NF4 base goes out dequantized, a weight at a time as it is sent (``_local_bytes``)
+            import copy
 
-            self.dtype, self.fp8_block = None, fp8_block(self.hf_config)
-            self.in_fp8 = (lambda name, shape: name in fp8_source) if fp8_source else is_release_fp8
+            self.config = config = copy.copy(config)
+            config.qlora = False
+        self.par = parallel_layout(config)
+        self.hf_config = bridge.hf_config
+        self.hf_dtypes, self.fp8_source = bridge._hf_dtypes()
         shapes = hf_tensor_shapes(config)[0]
 
         def meta(name: str) -> torch.Tensor:
@@ -311,12 +329,8 @@ class _Export:
             self.dense_holders.setdefault((t, p), []).append(rank)
             self.expert_holders.setdefault((t if self.par.tp_extend_ep else et, p, e), []).append(rank)
         self.rank, self.here = dist.get_rank(), here
-        self.local = {c: {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
-                      for c, chunk in enumerate(chunks)}
         self.device = next(chunks[0].parameters()).device
-        self.deltas = self._deltas(chunks) if merge_lora and config.lora_rank else {}
         self.received: dict = {}
-        self.live_bytes = 0  # the received buckets' bytes (two at most: one handed out, the next arriving)
         self.source = HFFromRanks(config, self.par, lambda t, p, e, c: self.received[(t, p, e, c)],
                                   lambda t, p, e: f"rank (tensor {t}, pipeline {p}, expert {e})")
         # a critic (get_model(value_model=True)) exports its value head instead of the output layer
@@ -327,7 +341,22 @@ class _Export:
             last = (0, *self.par.pipeline.last_stage())
             self.metas[(*last[:2], 0, last[2])]["output_layer.weight"] = torch.empty(
                 1, config.hidden_size, dtype=config.params_dtype, device="meta")
-        self.bridge = bridge
+        self.bridge, self.groups = bridge, None
+
+    def start(self, chunks, merge_lora: bool, dtype, bucket_bytes: int) -> None:
+        """An export of the chunks' current weights."""
+        self.dtype, self.bucket_bytes = dtype, bucket_bytes
+        self.fp8 = dtype == torch.float8_e4m3fn
+        if self.fp8:  # which weights go out as FP8: the FP8 source's, or those the release would quantize
+            from npu_dsv3.checkpoint.fp8 import fp8_block, is_release_fp8
+
+            self.dtype, self.fp8_block = None, fp8_block(self.hf_config)
+            self.in_fp8 = (lambda name, shape: name in self.fp8_source) if self.fp8_source else is_release_fp8
+        self.local = {c: self._local_state(chunk) for c, chunk in enumerate(chunks)}
+        self.dequantized: dict = {}  # a QLoRA model's last two dequantized weights (an expert's fc1 and fc2)
+        self.deltas = self._deltas(chunks) if merge_lora and self.config.lora_rank else {}
+        self.live_bytes = 0  # the received buckets' bytes (two at most: one handed out, the next arriving)
+        self.send_buffers: list = []
 
     def _deltas(self, chunks) -> dict:
         """The adapters' merge updates by HF name (``lora.export.delta_builders``), from every rank's pieces."""
@@ -341,12 +370,12 @@ class _Export:
         (rank file, chunk, key) it reads: ``(names, build, pieces, read_as)``. The MTP layer's copies of the
         embedding and head (stored again by HF checkpoints, shared in megatron) are groups of their own that read
         the main tensor's pieces again, so nothing is held between buckets."""
-        from npu_dsv3.checkpoint.mcore_legacy import _with_mtp_copies
+        from npu_dsv3.checkpoint.rank_state import with_mtp_copies
 
         hf_config = {**self.hf_config, "num_nextn_predict_layers": self.config.mtp_num_layers or 0}
         seen, groups = set(), []
-        for name, read_as in _with_mtp_copies(self.source.names(), hf_config):
-            build = self.source._where[read_as]
+        for name, read_as in with_mtp_copies(self.source.names(), hf_config):
+            build = self.source.builder(read_as)
             if name == read_as:
                 if id(build) in seen:
                     continue
@@ -393,10 +422,13 @@ class _Export:
             in_flight = launched
         if in_flight is not None:
             yield from self._hand_out(*in_flight)
+        self.dequantized, self.send_buffers = {}, []
 
     def _buckets(self) -> Iterator[list]:
+        if self.groups is None:
+            self.groups = self._groups()
         bucket, size = [], 0
-        for group in self._groups():
+        for group in self.groups:
             nbytes = sum(self._bytes(k) for k in group[2])
             if bucket and size + nbytes > self.bucket_bytes:
                 yield bucket
@@ -406,37 +438,85 @@ class _Export:
         if bucket:
             yield bucket
 
+    def _holders(self, piece) -> list:
+        return self.expert_holders[piece[:3]] if ".mlp.experts." in piece[4] else self.dense_holders[piece[:2]]
+
     def _launch(self, bucket) -> tuple:
-        """Start the bucket's broadcasts: one per sending process, of its pieces packed end to end. Each piece is
-        sent once, by the least loaded of the processes holding it (the replicas share the sending), and
-        arrives at its exact size (no padding, unlike an all-gather of equal parts)."""
+        """Start the bucket's exchange; every process reads the pieces it holds in place and receives each other
+        piece once. A piece with no more processes lacking it than holding it (a replicated tensor's other half)
+        goes in one all-to-all, each lacking process served by a different holder, so pieces travel only where
+        missing; a piece more lack than hold (another stage's, an expert on a single rank) is broadcast by one
+        holder, one broadcast per sending process of its pieces packed, so no sender's buffer grows with the
+        world. Either way a process sends each piece at most once; senders are the least loaded holders
+        (replicas share the sending); pieces travel at their exact sizes."""
         import torch.distributed as dist
 
         # (t, p, e, c, key[, (first byte, bytes)]), in bucket order, each once
         pieces = list(dict.fromkeys(k for _, _, used, _ in bucket for k in used))
-        load: dict = {}
-        senders = []
+        world, me = dist.get_world_size(), self.rank
+        load = [0] * world
+        routes = []  # per piece: (its sender to this process, None where held; its broadcasting process or None)
+        to_send = [[] for _ in range(world)]  # this process's all-to-all pieces, per destination
+        send_sizes, receive_sizes, broadcasts = [0] * world, [0] * world, {}
         for k in pieces:
-            holders = self.expert_holders[k[:3]] if ".mlp.experts." in k[4] else self.dense_holders[k[:2]]
-            rank = min(holders, key=lambda r: (load.get(r, 0), r))
-            load[rank] = load.get(rank, 0) + _aligned(self._bytes(k))
-            senders.append(rank)
-        buffers, handles = {}, []
-        for rank in sorted(load):
-            if rank == self.rank:
-                buffers[rank] = torch.cat([_padded(self._local_bytes(k)) for k, r in zip(pieces, senders) if r == rank])
-            else:
-                buffers[rank] = torch.empty(load[rank], dtype=torch.uint8, device=self.device)
-            handles.append(dist.broadcast(buffers[rank], src=rank, async_op=True))
-        self.live_bytes += sum(load.values())
-        self.bridge.export_buffer_bytes = max(self.bridge.export_buffer_bytes, self.live_bytes)
-        return pieces, senders, buffers, handles
+            holders, n = self._holders(k), _aligned(self._bytes(k))
+            held = set(holders)
+            lacking = [r for r in range(world) if r not in held]
+            if len(lacking) > len(holders):
+                sender = min(holders, key=lambda r: (load[r], r))
+                load[sender] += n
+                broadcasts.setdefault(sender, []).append(k)
+                routes.append((None if me in held else sender, sender))
+                continue
+            free, mine = list(holders), None
+            for destination in lacking:
+                sender = min(free, key=lambda r: (load[r], r))
+                free.remove(sender)
+                load[sender] += n
+                if sender == me:
+                    to_send[destination].append(k)
+                    send_sizes[destination] += n
+                if destination == me:
+                    mine = sender
+                    receive_sizes[sender] += n
+            routes.append((mine, None))
+        mine_broadcast = broadcasts.get(me, [])
+        send = self._send_buffer(sum(send_sizes) + sum(_aligned(self._bytes(k)) for k in mine_broadcast))
+        offset = 0
+        for k in [k for pieces_to in to_send for k in pieces_to] + mine_broadcast:
+            data = self._local_bytes(k)
+            send[offset: offset + data.numel()] = data
+            offset += _aligned(data.numel())
+        receive = torch.empty(sum(receive_sizes), dtype=torch.uint8, device=self.device)
+        handles, received = [], {"all-to-all": receive}
+        if any(broadcaster is None for _, broadcaster in routes):  # the same on every process
+            handles.append(dist.all_to_all_single(receive, send[: sum(send_sizes)], receive_sizes, send_sizes,
+                                                  async_op=True))
+        for sender in sorted(broadcasts):
+            size = sum(_aligned(self._bytes(k)) for k in broadcasts[sender])
+            buffer = send[sum(send_sizes):] if sender == me else torch.empty(size, dtype=torch.uint8,
+                                                                              device=self.device)
+            received[sender] = buffer
+            handles.append(dist.broadcast(buffer, src=sender, async_op=True))
+        self.live_bytes += sum(b.numel() for r, b in received.items() if r != me)
+        self.bridge.export_buffer_bytes = max(self.bridge.export_buffer_bytes,
+                                              self.live_bytes + sum(b.numel() for b in self.send_buffers))
+        return pieces, routes, received, receive_sizes, handles
+
+    def _send_buffer(self, nbytes: int) -> torch.Tensor:
+        """Send bytes of a bucket: the export's two send buffers in turn (the one of the bucket before last is
+        free again), grown as needed: the packing then writes into memory already mapped."""
+        self.send_buffers.append(self.send_buffers.pop(0) if len(self.send_buffers) == 2 else None)
+        if self.send_buffers[-1] is None or self.send_buffers[-1].numel() < nbytes:
+            self.send_buffers[-1] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self.send_buffers[-1][:nbytes]
 
     def _hand_out(self, bucket, launched) -> Iterator[Tuple[str, torch.Tensor]]:
-        pieces, senders, buffers, handles = launched
+        pieces, routes, received, receive_sizes, handles = launched
         for handle in handles:
             handle.wait()
-        self.received = self._unpack(pieces, senders, buffers)
+        self.received = self._unpack(pieces, routes, received, receive_sizes)
+        del launched, handles
         for names, build, _, read_as in bucket:
             built = build()
             for name in names:
@@ -450,32 +530,64 @@ class _Export:
                 else:
                     yield name, tensor.to(self.dtype or self.hf_dtypes.get(name, tensor.dtype))
         self.received = {}
-        self.live_bytes -= sum(b.numel() for b in buffers.values())
+        self.live_bytes -= sum(b.numel() for r, b in received.items() if r != self.rank)
 
-    def _unpack(self, pieces, senders, buffers) -> dict:
-        """The bucket's pieces as rank files' tensors (views of the received bytes)."""
-        offsets, out = dict.fromkeys(buffers, 0), {}
-        for k, rank in zip(pieces, senders):
-            meta, n = self.metas[k[:4]][k[4]], self._bytes(k)
-            data = buffers[rank][offsets[rank]: offsets[rank] + n]
-            offsets[rank] += _aligned(n)  # every piece starts on a 16-byte boundary: its dtype's view needs it
+    def _unpack(self, pieces, routes, received, receive_sizes) -> dict:
+        """The bucket's pieces as rank files' tensors: this process's own in place, the rest views of the
+        received bytes (the all-to-all's by sender; each broadcast's, which hold the pieces held here too)."""
+        offsets = {sender: 0 for sender in received}
+        offsets["all-to-all"] = [sum(receive_sizes[:rank]) for rank in range(len(receive_sizes))]
+        out = {}
+        for k, (sender, broadcaster) in zip(pieces, routes):
+            n, data = self._bytes(k), None
+            # every piece starts on a 16-byte boundary: its dtype's view needs it
+            if broadcaster is not None:
+                data = received[broadcaster][offsets[broadcaster]: offsets[broadcaster] + n]
+                offsets[broadcaster] += _aligned(n)
+            elif sender is not None:
+                start = offsets["all-to-all"][sender]
+                data = received["all-to-all"][start: start + n]
+                offsets["all-to-all"][sender] += _aligned(n)
             chunk = out.setdefault(k[:4], {})
+            if sender is None:
+                chunk[k[4]] = self._local_tensor(k)  # an expert's rows: the merge cuts them from the whole
+                continue
+            meta = self.metas[k[:4]][k[4]]
             if len(k) == 5:
                 chunk[k[4]] = data.view(meta.dtype).view(meta.shape)
-                continue
-            # one expert's rows: placed in an uninitialized tensor of the whole (its other rows are never read)
-            whole = chunk.get(k[4])
-            if whole is None:
-                whole = chunk[k[4]] = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-            first, count = k[5]
-            whole.view(-1).view(torch.uint8)[first:first + count] = data
+            else:  # one expert's rows of GroupedMLP's weight1 / weight2
+                chunk.setdefault(k[4], _ExpertRows(meta)).add(k[5], data)
         return out
+
+    def _local_tensor(self, piece) -> torch.Tensor:
+        """A held piece's whole tensor, a QLoRA model's NF4 weight dequantized."""
+        data = self.local[piece[3]][piece[4]]
+        return self._dequantized_weight(piece, data) if callable(data) else data
 
     def _bytes(self, piece) -> int:
         return piece[5][1] if len(piece) == 6 else _nbytes(self.metas[piece[:4]][piece[4]])
 
+    @staticmethod
+    def _local_state(chunk) -> dict:
+        """A chunk's tensors by state-dict key; a QLoRA model's NF4 weights as functions that dequantize them."""
+        state = {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
+        if chunk.config.qlora:
+            from npu_dsv3.lora.nf4_base import dequantizers, is_nf4_buffer
+
+            state = {k: v for k, v in state.items() if not is_nf4_buffer(k)}
+            state.update(dequantizers(chunk))
+        return state
+
+    def _dequantized_weight(self, piece, dequantize) -> torch.Tensor:
+        """A QLoRA model's NF4 weight, dequantized once for the pieces read from it in a row."""
+        if piece[3:5] not in self.dequantized:
+            while len(self.dequantized) >= 2:
+                self.dequantized.pop(next(iter(self.dequantized)))
+            self.dequantized[piece[3:5]] = dequantize()
+        return self.dequantized[piece[3:5]]
+
     def _local_bytes(self, piece) -> torch.Tensor:
-        data = self.local[piece[3]][piece[4]].contiguous().view(-1).view(torch.uint8)
+        data = self._local_tensor(piece).contiguous().view(-1).view(torch.uint8)
         return data if len(piece) == 5 else data[piece[5][0]: piece[5][0] + piece[5][1]]
 
     def _merged(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -483,6 +595,23 @@ class _Export:
         if delta is not None:
             tensor = (tensor.float() + delta().to(tensor.device)).to(tensor.dtype)
         return tensor
+
+
+class _ExpertRows:
+    """GroupedMLP's weight1 / weight2 of another process, of which only some experts' rows came: what the expert
+    merge reads of it (``sharding.split_grouped``'s ``view(experts, ...)[local]``), without a tensor of the whole."""
+
+    def __init__(self, meta: torch.Tensor, rows: Optional[dict] = None, shape=None):
+        self.meta, self.rows, self.shape = meta, {} if rows is None else rows, shape
+
+    def add(self, where, data: torch.Tensor) -> None:
+        self.rows[where[0] // where[1]] = data.view(self.meta.dtype)
+
+    def view(self, *shape) -> "_ExpertRows":
+        return _ExpertRows(self.meta, self.rows, shape)
+
+    def __getitem__(self, local: int) -> torch.Tensor:
+        return self.rows[local].view(self.shape[1:])
 
 
 class _Recorder(dict):

@@ -17,13 +17,14 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from npu_dsv3.checkpoint.hf_reader import CheckpointError
 from npu_dsv3.checkpoint.safe_load import load_torch
-from npu_dsv3.checkpoint.rank_state import HFFromRanks, chunk_state_dict, chunk_state_pieces, effective_hf_config
+from npu_dsv3.checkpoint.rank_state import (HFFromRanks, chunk_state_dict, chunk_state_pieces, effective_hf_config,
+                                            with_mtp_copies)
 from npu_dsv3.checkpoint.sources import (RELEASE, HFInput, WithHFDtypes, check_mtp_copies, conversion_configs,
                                          conversion_input, copy_hf_extras, dequantized_sources, finish_output_dir,
                                          model_config, target_flag, tracked_dir)
@@ -317,20 +318,6 @@ def reshard_legacy(load_dir: str, save_dir: str, source_flags: dict, target_flag
                          resume, progress)
 
 
-def _with_mtp_copies(names, hf_config: dict) -> List[Tuple[str, str]]:
-    """(HF name, name it is read by) in checkpoint order. HF checkpoints store the MTP layer's
-    embedding and head again after its ``shared_head.norm``; megatron shares the main ones."""
-    head = "model.embed_tokens.weight" if hf_config.get("tie_word_embeddings", False) else "lm_head.weight"
-    out = []
-    for name in names:
-        out.append((name, name))
-        if name.endswith("shared_head.norm.weight"):
-            prefix = name[: -len("shared_head.norm.weight")]
-            out += [(prefix + "embed_tokens.weight", "model.embed_tokens.weight"),
-                    (prefix + "shared_head.head.weight", head)]
-    return out
-
-
 def write_hf_checkpoint(source, hf_config: dict, extras_dir: str, save_dir: str, manifest, progress: bool = True,
                         max_shard_bytes: int = MAX_SHARD_BYTES, shapes=None, desc: str = "mcore2hf") -> dict:
     """HF safetensors shards (<= ``max_shard_bytes``) + index + config.json from ``source``, into
@@ -350,7 +337,7 @@ def write_hf_checkpoint(source, hf_config: dict, extras_dir: str, save_dir: str,
     from npu_dsv3.checkpoint import io, writers
 
     start = time.monotonic()
-    names = _with_mtp_copies(source.names(), hf_config)
+    names = with_mtp_copies(source.names(), hf_config)
     plan = {}
     for name, read_as in names:
         tensor = (shapes or source).get(read_as)

@@ -276,6 +276,11 @@ class HFFromRanks:
         for name in self.names():
             yield name, self.get(name)
 
+    def builder(self, name: str) -> Callable[[], Dict[str, torch.Tensor]]:
+        """The merge that builds ``name``: called, it reads the pieces through ``fetch`` and returns ``name``
+        and the siblings built with it (gate and up: one function for both)."""
+        return self._where[name]
+
     def _pieces(self, pp_rank, chunk, name, ep_rank=0, ranks=None) -> List[torch.Tensor]:
         pieces = []
         for tp_rank in ranks if ranks is not None else range(self.par.tp):
@@ -392,6 +397,20 @@ def hf_layer(name: str) -> int:
     if name.startswith("model.layers."):
         return int(name.split(".")[2])
     return -1 if name == "model.embed_tokens.weight" else 1 << 30
+
+
+def with_mtp_copies(names, hf_config: dict) -> List[Tuple[str, str]]:
+    """(HF name, name it is read by) in checkpoint order. HF checkpoints store the MTP layer's
+    embedding and head again after its ``shared_head.norm``; megatron shares the main ones."""
+    head = "model.embed_tokens.weight" if hf_config.get("tie_word_embeddings", False) else "lm_head.weight"
+    out = []
+    for name in names:
+        out.append((name, name))
+        if name.endswith("shared_head.norm.weight"):
+            prefix = name[: -len("shared_head.norm.weight")]
+            out += [(prefix + "embed_tokens.weight", "model.embed_tokens.weight"),
+                    (prefix + "shared_head.head.weight", head)]
+    return out
 
 
 def chunk_state_pieces(config, par: ParallelLayout, get: Callable[[str], torch.Tensor], tp_rank: int,

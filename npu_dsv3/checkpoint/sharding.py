@@ -223,9 +223,13 @@ def split_grouped(weight1: torch.Tensor, weight2: torch.Tensor, num_local: int, 
 
 
 def merge_expert(fc1_pieces: Sequence[torch.Tensor], fc2_pieces: Sequence[torch.Tensor]):
-    """gate, up, down of one expert from its expert-TP slices (inverse of expert_fc1/expert_fc2)."""
+    """gate, up, down of one expert from its expert-TP slices (inverse of expert_fc1/expert_fc2); with one slice,
+    views of it (HF's orientation is GroupedMLP's transposed: a copy would be a strided transpose per expert, the
+    bulk of the RL bridge's export time)."""
     halves = [p.t().chunk(2, 0) for p in fc1_pieces]
-    gate = torch.cat([h[0] for h in halves])
-    up = torch.cat([h[1] for h in halves])
-    down = torch.cat([p.t() for p in fc2_pieces], 1)
-    return gate, up, down
+    return _joined([h[0] for h in halves], 0), _joined([h[1] for h in halves], 0), \
+        _joined([p.t() for p in fc2_pieces], 1)
+
+
+def _joined(pieces: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim)

@@ -261,11 +261,11 @@ def with_hf_dtypes(get, root: str):
         raise CheckpointError(f"{path} is not a readable dtype record ({e}); delete it to keep megatron's "
                               "dtypes") from e
 
-    from npu_dsv3.lora.nf4_base import split_name
+    from npu_dsv3.lora.nf4_base import is_nf4_buffer
 
     def cast(name: str) -> torch.Tensor:
         tensor = get(name)
-        if split_name(name)[1] is not None:  # NF4 codes and scales have their own dtypes
+        if is_nf4_buffer(name):  # NF4 codes and scales have their own dtypes
             return tensor
         return tensor.to(dtypes.get(name, default))
 

@@ -567,6 +567,26 @@ def _plain_class(cls: type) -> type:
     return _PLAIN[cls]
 
 
+def _weights(module) -> Dict[str, Callable[[], torch.Tensor]]:
+    """An NF4 module's unquantized weights by parameter name, each a function that dequantizes it."""
+    if isinstance(module, NF4Experts):
+        hidden = module.config.hidden_size
+        return {"weight1": lambda: module.nf4_fc1().contiguous().view(hidden, -1),
+                "weight2": lambda: module.nf4_fc2().contiguous().view(-1, hidden)}
+    return {"weight": module.nf4_dequantize}
+
+
+def dequantizers(model) -> Dict[str, Callable[[], torch.Tensor]]:
+    """The unquantized model's state-dict key of each NF4 weight -> a function that dequantizes it (the model's
+    dtype), for readers that take one weight at a time (the RL bridge's export)."""
+    return {f"{prefix}.{name}" if prefix else name: dequantize for prefix, module in model.named_modules()
+            if isinstance(module, (NF4Linear, NF4Experts)) for name, dequantize in _weights(module).items()}
+
+
+def is_nf4_buffer(key: str) -> bool:
+    return split_name(key)[1] is not None
+
+
 @contextlib.contextmanager
 def dequantized(model):
     """Within: the model's NF4 modules are the unquantized model's -- their classes without the NF4 mixin, their
@@ -577,13 +597,8 @@ def dequantized(model):
     for module in model.modules():
         if not isinstance(module, (NF4Linear, NF4Experts)):
             continue
-        if isinstance(module, NF4Experts):
-            hidden = module.config.hidden_size
-            weights = {"weight1": module.nf4_fc1().contiguous().view(hidden, -1),
-                       "weight2": module.nf4_fc2().contiguous().view(-1, hidden)}
-        else:
-            weights = {"weight": module.nf4_dequantize()}
-        buffers = {n: module._buffers.pop(n) for n in list(module._buffers) if split_name(n)[1] is not None}
+        weights = {name: dequantize() for name, dequantize in _weights(module).items()}
+        buffers = {n: module._buffers.pop(n) for n in list(module._buffers) if is_nf4_buffer(n)}
         cls = module.__class__
         module.__class__ = _plain_class(cls)
         for name, value in weights.items():

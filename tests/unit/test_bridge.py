@@ -93,6 +93,34 @@ def test_the_fp8_release_loads_dequantized(hf_dir, tmp_path):
         bridge.export_hf_weights([direct], dtype=torch.float8_e4m3fn, names="transformers")
 
 
+def test_a_qlora_model_exports_its_dequantized_base(tmp_path):
+    """The NF4 base goes out dequantized (the NF4 round trip of the HF weights); merged, it is the LoRA model's
+    export over that dequantized base with the same adapters."""
+    from support.qlora import ALIGNED, dequantized_copy
+
+    hf = save_hf(make_hf_model(seed=3, **ALIGNED), str(tmp_path / "hf"), with_mtp=True)
+    deq = dequantized_copy(hf, str(tmp_path / "deq"))
+    lora = dict(moe_grouped_gemm=True, lora_rank=4, lora_alpha=8.0,
+                lora_targets=("linear_qkv", "linear_kv_up_proj", "linear_proj", "linear_fc1", "linear_fc2"))
+    bridge = Bridge.from_hf_pretrained(hf, dtype=torch.float32)
+    (qlora,) = bridge.get_model(qlora=True, **lora)
+    base = dict(bridge.export_hf_weights([qlora], merge_lora=False, bucket_bytes=1 << 14))
+    want = hf_tensors(deq)
+    assert base.keys() == want.keys() and all(torch.equal(base[k], want[k]) for k in want)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in qlora.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    deq_bridge = Bridge.from_hf_pretrained(deq, dtype=torch.float32)
+    (reference,) = deq_bridge.get_model(**lora)
+    adapters = {k: v for k, v in qlora.state_dict().items() if ".lora_" in k}
+    assert adapters and not reference.load_state_dict(adapters, strict=False).unexpected_keys
+    merged, expected = dict(bridge.export_hf_weights([qlora])), dict(deq_bridge.export_hf_weights([reference]))
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert not torch.equal(merged["model.layers.1.self_attn.o_proj.weight"], want["model.layers.1.self_attn.o_proj.weight"])
+
+
 def test_a_bf16_source_exports_in_the_releases_fp8_format(hf_dir):
     """Without an FP8 source the release's choice: attention and MLP weights, not the router, norms, embeddings,
     heads or MTP's eh_proj."""
@@ -166,8 +194,7 @@ def test_export_is_every_hf_tensor_and_transformers_loads_it(hf_dir):
     got = dict(release)
     assert got.keys() == want.keys() and all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
                                               for k in want)
-    # two buckets in flight, each at most a bucket or one merge's pieces (fc1: gate and up)
-    assert 0 < bridge.export_buffer_bytes <= 2 * ((1 << 14) + 2 * max(t.numel() * 4 for t in want.values()))
+    assert bridge.export_buffer_bytes == 0  # one process holds every piece: each is read in place, none copied
     # transformers' names load into transformers' model, whose logits are ours; with LoRA, merged
     lora = bridge.get_model(moe_grouped_gemm=True, lora_rank=4, lora_alpha=8.0,
                             lora_targets=("linear_kv_up_proj", "linear_proj", "experts.linear_fc1", "output_layer"))[0]
