@@ -66,7 +66,8 @@ class Bridge:
 
     def __init__(self, hf_config: dict, path: Optional[str], dtype: torch.dtype):
         self.hf_config, self.path, self.dtype = hf_config, path, dtype
-        self.export_buffer_bytes = 0  # the last export's most received bytes live at once
+        self.export_buffer_bytes = 0  # the last export's most exchange bytes live at once
+        self.read_bytes = 0  # the tensor bytes the last load read on this rank
 
     @classmethod
     def from_hf_pretrained(cls, path_or_config: Union[str, dict, "object"], dtype: torch.dtype = torch.bfloat16):
@@ -141,7 +142,9 @@ class Bridge:
 
     def load_hf_weights(self, models, path: Optional[str] = None) -> None:
         """This rank's tensors of the HF checkpoint ``path`` (default: the bridge's) into ``models`` (the chunks
-        ``get_model`` gives, DDP-wrapped or not), cut as the converters cut them for this rank."""
+        ``get_model`` gives, DDP-wrapped or not), cut as the converters cut them for this rank. Only this rank's
+        slices are read (``checkpoint.sources.LazyHFTensor``); ``read_bytes`` after the call counts them. A
+        QLoRA model reads whole the weights it quantizes (NF4 scales cover the whole tensor)."""
         from megatron.core import parallel_state as ps
 
         from npu_dsv3.checkpoint.rank_state import source_getter
@@ -156,7 +159,7 @@ class Bridge:
         config = chunks[0].config
         if path != self.path:
             check_hf_source(path, self.hf_config, config.mtp_num_layers or 0)
-        get, _ = HFInput(path).getters(self.hf_config)
+        get, reader = HFInput(path).lazy_getter(self.hf_config)  # each slice read when cut: only this rank's
         get = source_getter(get, self.hf_config, self.hf_config)
         if config.qlora:  # a QLoRA model: its base quantized to NF4 as it is read
             from npu_dsv3.lora.nf4_base import quantizing_getter
@@ -164,15 +167,16 @@ class Bridge:
             get = quantizing_getter(get)
         ranks = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                  checkpoint_expert_rank(config, ps.get_expert_model_parallel_rank()))
-        for index, chunk in enumerate(chunks):
-            load_hf_weights(chunk, get, path, parallel_layout(config), (*ranks, index))
         if not chunks:
             raise CheckpointError("no model chunks to load")
+        for index, chunk in enumerate(chunks):
+            load_hf_weights(chunk, get, path, parallel_layout(config), (*ranks, index))
+        self.read_bytes = reader.bytes_read
 
     # ----------------------------------------------------------------------------------------- export
 
     def export_hf_weights(self, models, *, merge_lora: bool = True, dtype: Optional[torch.dtype] = None,
-                          bucket_bytes: int = 1 << 28, names: str = "release") -> Iterator[Tuple[str, torch.Tensor]]:
+                          bucket_bytes: int = 1 << 25, names: str = "release") -> Iterator[Tuple[str, torch.Tensor]]:
         """Every HF tensor of the model, exactly once, as ``(hf_name, tensor)`` on every rank (what vLLM / SGLang
         ``load_weights`` and verl's weight sync consume), in the HF source's dtypes unless ``dtype`` is given.
 
@@ -443,12 +447,12 @@ class _Export:
 
     def _launch(self, bucket) -> tuple:
         """Start the bucket's exchange; every process reads the pieces it holds in place and receives each other
-        piece once. A piece with no more processes lacking it than holding it (a replicated tensor's other half)
-        goes in one all-to-all, each lacking process served by a different holder, so pieces travel only where
-        missing; a piece more lack than hold (another stage's, an expert on a single rank) is broadcast by one
-        holder, one broadcast per sending process of its pieces packed, so no sender's buffer grows with the
-        world. Either way a process sends each piece at most once; senders are the least loaded holders
-        (replicas share the sending); pieces travel at their exact sizes."""
+        piece once. A piece lacking on no more processes than hold it (a replicated tensor's other half) goes
+        by an all-to-all, each lacking process served by a different holder, so pieces travel only where
+        missing; a piece more processes lack than hold (another stage's, an expert on one rank) is broadcast by
+        one holder (one broadcast per sending process, of its pieces packed), so no sender's traffic grows with
+        the world. Either way a process sends each piece at most once; the senders are the least loaded
+        holders (replicas share the sending) and pieces travel at their exact sizes."""
         import torch.distributed as dist
 
         # (t, p, e, c, key[, (first byte, bytes)]), in bucket order, each once
@@ -457,7 +461,7 @@ class _Export:
         load = [0] * world
         routes = []  # per piece: (its sender to this process, None where held; its broadcasting process or None)
         to_send = [[] for _ in range(world)]  # this process's all-to-all pieces, per destination
-        send_sizes, receive_sizes, broadcasts = [0] * world, [0] * world, {}
+        receive_sizes, broadcasts = [0] * world, {}
         for k in pieces:
             holders, n = self._holders(k), _aligned(self._bytes(k))
             held = set(holders)
@@ -475,33 +479,40 @@ class _Export:
                 load[sender] += n
                 if sender == me:
                     to_send[destination].append(k)
-                    send_sizes[destination] += n
                 if destination == me:
                     mine = sender
                     receive_sizes[sender] += n
             routes.append((mine, None))
-        mine_broadcast = broadcasts.get(me, [])
-        send = self._send_buffer(sum(send_sizes) + sum(_aligned(self._bytes(k)) for k in mine_broadcast))
-        offset = 0
-        for k in [k for pieces_to in to_send for k in pieces_to] + mine_broadcast:
-            data = self._local_bytes(k)
-            send[offset: offset + data.numel()] = data
-            offset += _aligned(data.numel())
+        # the all-to-all as a batch of point-to-point sends from the weights themselves (nothing packed) and
+        # receives into one buffer: an all-to-all without the packing copy (NCCL's all-to-all is this batch)
         receive = torch.empty(sum(receive_sizes), dtype=torch.uint8, device=self.device)
-        handles, received = [], {"all-to-all": receive}
-        if any(broadcaster is None for _, broadcaster in routes):  # the same on every process
-            handles.append(dist.all_to_all_single(receive, send[: sum(send_sizes)], receive_sizes, send_sizes,
-                                                  async_op=True))
+        ops = [dist.P2POp(dist.isend, self._local_bytes(k), destination)
+               for destination, pieces_to in enumerate(to_send) for k in pieces_to]
+        offset = 0
+        for k, (sender, broadcaster) in zip(pieces, routes):
+            if broadcaster is None and sender is not None:
+                n = self._bytes(k)
+                ops.append(dist.P2POp(dist.irecv, receive[offset: offset + n], sender))
+                offset += _aligned(n)
+        handles = dist.batch_isend_irecv(ops) if ops else []
+        # the broadcasts: each sender's pieces packed (in piece order), one broadcast per sender
+        received = {"all-to-all": receive}
         for sender in sorted(broadcasts):
             size = sum(_aligned(self._bytes(k)) for k in broadcasts[sender])
-            buffer = send[sum(send_sizes):] if sender == me else torch.empty(size, dtype=torch.uint8,
-                                                                              device=self.device)
+            if sender == me:
+                buffer, offset = self._send_buffer(size), 0
+                for k in broadcasts[sender]:
+                    data = self._local_bytes(k)
+                    buffer[offset: offset + data.numel()] = data
+                    offset += _aligned(data.numel())
+            else:
+                buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
             received[sender] = buffer
             handles.append(dist.broadcast(buffer, src=sender, async_op=True))
         self.live_bytes += sum(b.numel() for r, b in received.items() if r != me)
         self.bridge.export_buffer_bytes = max(self.bridge.export_buffer_bytes,
                                               self.live_bytes + sum(b.numel() for b in self.send_buffers))
-        return pieces, routes, received, receive_sizes, handles
+        return pieces, routes, received, handles
 
     def _send_buffer(self, nbytes: int) -> torch.Tensor:
         """Send bytes of a bucket: the export's two send buffers in turn (the one of the bucket before last is
@@ -512,10 +523,10 @@ class _Export:
         return self.send_buffers[-1][:nbytes]
 
     def _hand_out(self, bucket, launched) -> Iterator[Tuple[str, torch.Tensor]]:
-        pieces, routes, received, receive_sizes, handles = launched
+        pieces, routes, received, handles = launched
         for handle in handles:
             handle.wait()
-        self.received = self._unpack(pieces, routes, received, receive_sizes)
+        self.received = self._unpack(pieces, routes, received)
         del launched, handles
         for names, build, _, read_as in bucket:
             built = build()
@@ -532,11 +543,10 @@ class _Export:
         self.received = {}
         self.live_bytes -= sum(b.numel() for r, b in received.items() if r != self.rank)
 
-    def _unpack(self, pieces, routes, received, receive_sizes) -> dict:
+    def _unpack(self, pieces, routes, received) -> dict:
         """The bucket's pieces as rank files' tensors: this process's own in place, the rest views of the
         received bytes (the all-to-all's by sender; each broadcast's, which hold the pieces held here too)."""
         offsets = {sender: 0 for sender in received}
-        offsets["all-to-all"] = [sum(receive_sizes[:rank]) for rank in range(len(receive_sizes))]
         out = {}
         for k, (sender, broadcaster) in zip(pieces, routes):
             n, data = self._bytes(k), None
@@ -545,9 +555,8 @@ class _Export:
                 data = received[broadcaster][offsets[broadcaster]: offsets[broadcaster] + n]
                 offsets[broadcaster] += _aligned(n)
             elif sender is not None:
-                start = offsets["all-to-all"][sender]
-                data = received["all-to-all"][start: start + n]
-                offsets["all-to-all"][sender] += _aligned(n)
+                data = received["all-to-all"][offsets["all-to-all"]: offsets["all-to-all"] + n]
+                offsets["all-to-all"] += _aligned(n)
             chunk = out.setdefault(k[:4], {})
             if sender is None:
                 chunk[k[4]] = self._local_tensor(k)  # an expert's rows: the merge cuts them from the whole

@@ -151,8 +151,13 @@ def _vocab_rows(config, par, tensor: torch.Tensor, tp_rank: int) -> torch.Tensor
     padded = padded_vocab_size(config.vocab_size, par.tp)
     if tensor.shape[0] != config.vocab_size:
         raise CheckpointError(f"vocabulary tensor has {tensor.shape[0]} rows, config.json says {config.vocab_size}")
-    tensor = torch.cat([tensor, tensor.new_zeros(padded - tensor.shape[0], *tensor.shape[1:])])
-    return tensor.chunk(par.tp, 0)[tp_rank]
+    # this rank's rows of the padded vocabulary: its real rows (``narrow``: a lazy source reads only them), then
+    # zeros
+    per_rank = padded // par.tp
+    start = min(tp_rank * per_rank, config.vocab_size)
+    rows = tensor.narrow(0, start, min(per_rank, config.vocab_size - start))
+    return torch.cat([rows, torch.zeros(per_rank - rows.shape[0], *tensor.shape[1:], dtype=tensor.dtype,
+                                        device=tensor.device)])
 
 
 def chunk_state_dict(config, par: ParallelLayout, get: Callable[[str], torch.Tensor],

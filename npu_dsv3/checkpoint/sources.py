@@ -9,7 +9,7 @@
 """
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -121,6 +121,7 @@ class _HFPreadReader:
 
         self.reader = HFCheckpointReader(hf_dir)
         self._files: Dict[str, Tuple[int, dict]] = {}
+        self.bytes_read = 0  # tensor bytes read so far
 
     def _entry(self, name: str):
         from npu_dsv3.checkpoint import io
@@ -143,19 +144,37 @@ class _HFPreadReader:
         return torch.empty(info["shape"], dtype=writers.dtype_from_safetensors(info["dtype"]), device="meta")
 
     def get(self, name: str) -> torch.Tensor:
+        _, _, info = self._entry(name)
+        return self.region(name, [(0, n) for n in info["shape"]])
+
+    def region(self, name: str, region: Sequence[Tuple[int, int]]) -> torch.Tensor:
+        """``name[r0:r1, c0:c1]`` (``region``: (start, stop) per dimension), reading only its bytes: whole
+        rows in one read, a band of columns row by row."""
         from npu_dsv3.checkpoint import writers
 
         path, data_start, info = self._entry(name)
+        dtype, shape = writers.dtype_from_safetensors(info["dtype"]), info["shape"]
+        size = torch.empty(0, dtype=dtype).element_size()
         begin, end = info["data_offsets"]
-        out = torch.empty(end - begin, dtype=torch.uint8)
+        row_bytes = size * (shape[1] if len(shape) == 2 else 1)
+        (r0, r1), (c0, c1) = region[0] if region else (0, 1), region[1] if len(region) == 2 else (0, 1)
+        out = torch.empty((r1 - r0) * (c1 - c0) * size if len(shape) == 2 else (r1 - r0) * size, dtype=torch.uint8)
+        if len(shape) < 2 or (c0, c1) == (0, shape[1]):
+            reads = [(data_start + begin + r0 * row_bytes, 0, out.numel())]
+        else:
+            width = (c1 - c0) * size
+            reads = [(data_start + begin + r * row_bytes + c0 * size, i * width, width)
+                     for i, r in enumerate(range(r0, r1))]
         with open(path, "rb", buffering=0) as f:
-            f.seek(data_start + begin)
-            view, done = memoryview(out.numpy()), 0
-            while done < len(view) and (n := f.readinto(view[done:])):
-                done += n
-        if done != end - begin:
-            raise CheckpointError(f"cannot read tensor {name} from {path}: the file is truncated")
-        return out.view(writers.dtype_from_safetensors(info["dtype"])).reshape(info["shape"])
+            view = memoryview(out.numpy())
+            for offset, at, count in reads:
+                done = 0
+                while done < count and (n := os.preadv(f.fileno(), [view[at + done: at + count]], offset + done)):
+                    done += n
+                if done != count or offset + count > data_start + end:
+                    raise CheckpointError(f"cannot read tensor {name} from {path}: the file is truncated")
+        self.bytes_read += out.numel()
+        return out.view(dtype).reshape([stop - start for start, stop in region])
 
 
 def _hf_meta_getter(reader: _HFPreadReader):
@@ -167,6 +186,78 @@ def _hf_meta_getter(reader: _HFPreadReader):
         return tensor.to(torch.bfloat16) if tensor.dtype == torch.float8_e4m3fn else tensor
 
     return get
+
+
+class LazyHFTensor:
+    """An HF tensor of a checkpoint not read yet: its shape and dtype, and slices (``narrow``, ``chunk``, also
+    lazy), read -- only their own bytes -- when a torch function or a tensor method first needs them. The RL
+    bridge loads through these: the converters' one mapping (``rank_state.chunk_state_dict``) cuts its tensor-,
+    expert- and vocabulary-parallel slices with ``chunk`` / ``narrow``, so a rank reads its slices only. A
+    slice of an FP8 release weight reads the 128x128 blocks it overlaps, and is dequantized."""
+
+    def __init__(self, reader: "_HFPreadReader", name: str, meta: torch.Tensor, block, region=None):
+        self._reader, self._name, self._meta, self._block = reader, name, meta, block
+        self._region = list(region or [(0, n) for n in meta.shape])
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(stop - start for start, stop in self._region)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self._meta.dtype == torch.float8_e4m3fn else self._meta.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def dim(self) -> int:
+        return len(self._region)
+
+    def narrow(self, dim: int, start: int, length: int) -> "LazyHFTensor":
+        dim %= self.dim()
+        first, stop = self._region[dim]
+        if start < 0 or length < 0 or first + start + length > stop:
+            raise IndexError(f"{self._name}: narrow({dim}, {start}, {length}) outside {tuple(self.shape)}")
+        region = list(self._region)
+        region[dim] = (first + start, first + start + length)
+        return LazyHFTensor(self._reader, self._name, self._meta, self._block, region)
+
+    def chunk(self, chunks: int, dim: int = 0) -> List["LazyHFTensor"]:
+        size = -(-self.shape[dim] // chunks)  # torch.chunk's
+        return [self.narrow(dim, start, min(size, self.shape[dim] - start))
+                for start in range(0, self.shape[dim], max(size, 1))]
+
+    def read(self) -> torch.Tensor:
+        from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX, dequantize_fp8_block
+
+        if self._meta.dtype != torch.float8_e4m3fn:
+            return self._reader.region(self._name, self._region)
+        # the blocks the slice overlaps, dequantized with their scales, then the slice of them
+        blocks = [(start - start % b, min(-(-stop // b) * b, n))
+                  for (start, stop), b, n in zip(self._region, self._block, self._meta.shape)]
+        codes = self._reader.region(self._name, blocks)
+        scale = self._reader.get(self._name + SCALE_SUFFIX)
+        scale = scale[blocks[0][0] // self._block[0]: -(-blocks[0][1] // self._block[0]),
+                      blocks[1][0] // self._block[1]: -(-blocks[1][1] // self._block[1])]
+        weight = dequantize_fp8_block(codes, scale, self._block)
+        return weight[tuple(slice(start - b0, stop - b0) for (start, stop), (b0, _) in zip(self._region, blocks))]
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.read(), attr)  # a tensor method: the slice read, then the method
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def real(value):
+            if isinstance(value, LazyHFTensor):
+                return value.read()
+            if isinstance(value, (list, tuple)):
+                return type(value)(real(v) for v in value)
+            return value
+
+        return func(*real(args), **{k: real(v) for k, v in (kwargs or {}).items()})
 
 
 class HFInput:
@@ -184,6 +275,12 @@ class HFInput:
     def getters(self, hf_config: dict):
         """(get, meta_get): ``get(HF name)`` reads a tensor, ``meta_get`` its shape and dtype as a meta tensor."""
         return _bf16_getter(_HFPreadReader(self.directory), hf_config), _hf_meta_getter(_HFPreadReader(self.directory))
+
+    def lazy_getter(self, hf_config: dict):
+        """``get(HF name)`` -> a ``LazyHFTensor`` (nothing read until a slice of it is used), and the reader,
+        whose ``bytes_read`` counts what the slices read."""
+        reader, block = _HFPreadReader(self.directory), fp8_block(hf_config)
+        return (lambda name: LazyHFTensor(reader, name, reader.meta(name), block)), reader
 
 
 def conversion_configs(source, flags: dict) -> Tuple[dict, dict]:

@@ -105,7 +105,11 @@ def _rank_main(hf_dir: str, name: str) -> None:
         experts = [k for k in adapters if ".mlp.experts." in k]
         same = same and len(experts) == 2 * 3 and all(  # fc1's A and B of the 3 MoE layers, all experts each
             k.endswith("lora_B.weight") == (not v.any()) for k, v in adapters.items())
-    print(json.dumps({"rank": dist.get_rank(), "diff": result, "export": same,
+    # the load read this rank's slices only: no more bytes than its tensors hold (the files are fp32, as is the
+    # model; vocabulary padding is not read), where whole tensors would be twice that under tensor parallelism
+    own = sum(t.numel() * t.element_size() for c in chunks for k, t in c.state_dict().items()
+              if not k.endswith("_extra_state") and ".lora_" not in k)
+    print(json.dumps({"rank": dist.get_rank(), "diff": result, "export": same, "read": bridge.read_bytes, "own": own,
                       "buffer": bridge.export_buffer_bytes, "bucket": 1 << 15,
                       "largest": max(t.numel() * t.element_size() for _, t in exported)}), flush=True)
     dist.destroy_process_group()
@@ -181,6 +185,7 @@ def test_get_model_from_hf_gives_transformers_logits(hf_dir, name):
     assert all(r["export"] for r in results), results
     # the received bytes: two buckets in flight, each at most a bucket or one merge's pieces (fc1: gate and up)
     assert all(0 < r["buffer"] <= 2 * (r["bucket"] + 2 * r["largest"]) for r in results), results
+    assert all(0.6 * r["own"] < r["read"] <= r["own"] for r in results), results
 
 
 @pytest.mark.parametrize("name", sorted(RL_LAYOUTS))
