@@ -46,6 +46,16 @@ def _parallel_sizes() -> dict:
                 expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size())
 
 
+def _rank_file(config) -> Tuple[int, int, int]:
+    """This process's rank file (tensor, pipeline, the converters' expert rank) in the current parallel state."""
+    from megatron.core import parallel_state as ps
+
+    from npu_dsv3.model.placement import checkpoint_expert_rank
+
+    return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            checkpoint_expert_rank(config, ps.get_expert_model_parallel_rank()))
+
+
 def hf_to_mcore_config_dpskv3(hf_config, dtype: torch.dtype, **override_transformer_config_kwargs):
     """verl's ``hf_to_mcore_config_dpskv3``: the ``MLATransformerConfig`` (our ``DeepSeekV3TransformerConfig``) of
     ``hf_config`` (a ``PretrainedConfig`` or a config.json dict) for the current megatron parallel state, in
@@ -67,6 +77,7 @@ class Bridge:
     def __init__(self, hf_config: dict, path: Optional[str], dtype: torch.dtype):
         self.hf_config, self.path, self.dtype = hf_config, path, dtype
         self.export_buffer_bytes = 0  # the last export's most exchange bytes live at once
+        self.export_received_bytes = 0  # the bytes the last export received on this rank
         self.read_bytes = 0  # the tensor bytes the last load read on this rank
 
     @classmethod
@@ -145,12 +156,9 @@ class Bridge:
         ``get_model`` gives, DDP-wrapped or not), cut as the converters cut them for this rank. Only this rank's
         slices are read (``checkpoint.sources.LazyHFTensor``); ``read_bytes`` after the call counts them. A
         QLoRA model reads whole the weights it quantizes (NF4 scales cover the whole tensor)."""
-        from megatron.core import parallel_state as ps
-
         from npu_dsv3.checkpoint.rank_state import source_getter
         from npu_dsv3.checkpoint.sources import HFInput, check_hf_source
         from npu_dsv3.model.loading import load_hf_weights, parallel_layout
-        from npu_dsv3.model.placement import checkpoint_expert_rank
 
         path = path or self.path
         if path is None:
@@ -165,8 +173,7 @@ class Bridge:
             from npu_dsv3.lora.nf4_base import quantizing_getter
 
             get = quantizing_getter(get)
-        ranks = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                 checkpoint_expert_rank(config, ps.get_expert_model_parallel_rank()))
+        ranks = _rank_file(config)
         if not chunks:
             raise CheckpointError("no model chunks to load")
         for index, chunk in enumerate(chunks):
@@ -203,7 +210,7 @@ class Bridge:
         if dtype == torch.float8_e4m3fn and names != "release":
             raise ValueError("dtype=torch.float8_e4m3fn is DeepSeek's FP8 release format (per-expert weights with "
                              "their weight_scale_inv): use names='release'")
-        self.export_buffer_bytes = 0
+        self.export_buffer_bytes = self.export_received_bytes = 0
         chunks = [getattr(m, "module", m) for m in models]
         stream = self._export_plan(chunks)
         stream.start(chunks, merge_lora, dtype, bucket_bytes)
@@ -237,16 +244,13 @@ class Bridge:
 def _gathered_adapters(chunks, config):
     """Every adapter of the model, whole (``lora.export``'s orientation), from every rank's pieces."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     from npu_dsv3.lora.sources import rank_adapters
     from npu_dsv3.lora.targets import is_lora_param
     from npu_dsv3.model.loading import parallel_layout
-    from npu_dsv3.model.placement import checkpoint_expert_rank
 
     par = parallel_layout(config)
-    here = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-            checkpoint_expert_rank(config, ps.get_expert_model_parallel_rank()))
+    here = _rank_file(config)
     mine = {par.chunk_key(c): {k: v.detach().cpu() for k, v in chunk.state_dict().items() if is_lora_param(k)}
             for c, chunk in enumerate(chunks)}
     everyone = [None] * dist.get_world_size()
@@ -301,7 +305,6 @@ class _Export:
 
         from npu_dsv3.checkpoint.rank_state import HFFromRanks, chunk_state_dict, hf_tensor_shapes
         from npu_dsv3.model.loading import parallel_layout
-        from npu_dsv3.model.placement import checkpoint_expert_rank
 
         self.refs = [weakref.ref(chunk) for chunk in chunks]
         self.config = config = chunks[0].config
@@ -321,8 +324,7 @@ class _Export:
         # every rank file's tensors (shapes and dtypes, as meta tensors): what each rank holds
         self.metas = {(t, p, e, c): chunk_state_dict(config, self.par, meta, t, p, e, c)
                       for t, p, e in self.par.ranks() for c in range(self.par.pipeline.num_chunks)}
-        here = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                checkpoint_expert_rank(config, ps.get_expert_model_parallel_rank()))
+        here = _rank_file(config)
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (*here, ps.get_expert_tensor_parallel_rank()))
         # Who holds a piece of rank file (t, p, e): every process with the same tensors. A dense tensor is the
@@ -510,6 +512,7 @@ class _Export:
             received[sender] = buffer
             handles.append(dist.broadcast(buffer, src=sender, async_op=True))
         self.live_bytes += sum(b.numel() for r, b in received.items() if r != me)
+        self.bridge.export_received_bytes += sum(b.numel() for r, b in received.items() if r != me)
         self.bridge.export_buffer_bytes = max(self.bridge.export_buffer_bytes,
                                               self.live_bytes + sum(b.numel() for b in self.send_buffers))
         return pieces, routes, received, handles

@@ -2,7 +2,8 @@
 chunks of the layout straight from the HF directory, a forward through megatron's pipeline schedule gives
 transformers' logits, and ``export_hf_weights`` gives every rank the HF files bit for bit, for TP2 + SP, PP2,
 EP2, TP2 x EP2 with expert-TP 1 and 2, PP2 with VPP, dualpipev PP2 and --moe-tp-extend-ep (LoRA too); and an RL
-loop (transformers rollout, megatron policy step, bridge sync) keeps the rollout model equal to the policy. Run
+loop (transformers rollout, megatron policy steps, bridge sync) on each of those layouts and PP2 x EP2 keeps the
+rollout model equal to the policy. Run
 as a script, this file is one rank (one JSON line)."""
 
 import json
@@ -28,10 +29,8 @@ LAYOUTS = {
         sequence_parallel=True, lora_rank=4, lora_alpha=8.0,
         lora_targets=("linear_kv_up_proj", "linear_proj", "mlp.linear_fc1", "experts.linear_fc1", "output_layer"))),
 }
-RL_LAYOUTS = {
-    "tp2-sp": (2, dict(tp=2), dict(sequence_parallel=True)),
-    "pp2-ep2": (4, dict(pp=2, ep=2), {}),
-}
+# the RL loop runs on every layout above, and on pipeline x expert parallelism
+RL_LAYOUTS = {**LAYOUTS, "pp2-ep2": (4, dict(pp=2, ep=2), {})}
 TOLERANCE = 2e-5  # fp32, relative to the largest logit
 
 
@@ -48,6 +47,11 @@ def _init(sizes: dict, overrides: dict) -> None:
         virtual_pipeline_model_parallel_size=sizes.get("vpp"), expert_model_parallel_size=sizes.get("ep", 1),
         expert_tensor_parallel_size=sizes.get("etp", 1), **extra)
     tensor_parallel.model_parallel_cuda_manual_seed(1)
+
+
+def _microbatches(sizes: dict, overrides: dict) -> int:
+    """megatron's interleaved schedule wants a multiple of PP micro-batches, dualpipev at least 2 x PP."""
+    return sizes.get("pp", 1) * (2 if overrides.get("schedules_method") else 1)
 
 
 def _logits_diff(chunks, ids, expected, microbatches: int):
@@ -90,8 +94,7 @@ def _rank_main(hf_dir: str, name: str) -> None:
     ids = torch.randint(0, 203, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(ids).logits
-    # megatron's interleaved schedule wants a multiple of PP micro-batches, dualpipev at least 2 x PP
-    result = _logits_diff(chunks, ids, expected, sizes.get("pp", 1) * (2 if overrides.get("schedules_method") else 1))
+    result = _logits_diff(chunks, ids, expected, _microbatches(sizes, overrides))
     # every rank receives every HF tensor, exactly once, bit for bit the file's (small buckets: many of them)
     from npu_dsv3.checkpoint.hf_reader import HFCheckpointReader
 
@@ -128,7 +131,14 @@ def _rl_main(hf_dir: str, name: str) -> None:
     _init(sizes, overrides)
     bridge = Bridge.from_hf_pretrained(hf_dir, dtype=torch.float32)
     chunks = bridge.get_model(wrap_with_ddp=True, moe_grouped_gemm=True, **overrides)
+    if overrides.get("lora_rank"):  # adapters that already act, so the step moves them measurably
+        with torch.no_grad():
+            for chunk in chunks:
+                for key, param in chunk.named_parameters():
+                    if "lora_B" in key:
+                        param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
     optimizer = build_optimizer(chunks, lr=2e-3)
+    microbatches = _microbatches(sizes, overrides)
     rollout = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     prompt = torch.randint(0, 203, (2, 8), generator=torch.Generator().manual_seed(1))
     diffs = []
@@ -140,7 +150,7 @@ def _rl_main(hf_dir: str, name: str) -> None:
         batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "position_ids":
                  torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens),
                  "loss_mask": torch.cat([torch.zeros(2, 7), torch.ones(2, 4), torch.zeros(2, 1)], 1)}
-        train_step(chunks, optimizer, iter([batch]), 1, tokens.shape[1], tokens.shape[0])
+        train_step(chunks, optimizer, iter([batch] * microbatches), microbatches, tokens.shape[1], tokens.shape[0])
         with torch.no_grad():
             stale = rollout(tokens).logits
         state = dict(bridge.export_hf_weights(chunks, names="transformers"))
@@ -149,7 +159,7 @@ def _rl_main(hf_dir: str, name: str) -> None:
         with torch.no_grad():
             expected = rollout(tokens).logits
         moved = float((expected - stale).abs().max() / stale.abs().max())  # the step changed the policy
-        diffs.append(_logits_diff([c.module for c in chunks], tokens, expected, 1))
+        diffs.append(_logits_diff([c.module for c in chunks], tokens, expected, microbatches))
     print(json.dumps({"rank": dist.get_rank(), "diffs": diffs, "moved": moved}), flush=True)
     dist.destroy_process_group()
 
