@@ -3,8 +3,7 @@ chunks of the layout straight from the HF directory, a forward through megatron'
 transformers' logits, and ``export_hf_weights`` gives every rank the HF files bit for bit, for TP2 + SP, PP2,
 EP2, TP2 x EP2 with expert-TP 1 and 2, PP2 with VPP, dualpipev PP2 and --moe-tp-extend-ep (LoRA too); and an RL
 loop (transformers rollout, megatron policy steps, bridge sync) on each of those layouts and PP2 x EP2 keeps the
-rollout model equal to the policy. Run
-as a script, this file is one rank (one JSON line)."""
+rollout model equal to the policy. Run as a script, this file is one rank (one JSON line)."""
 
 import json
 import os
