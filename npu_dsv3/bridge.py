@@ -334,7 +334,7 @@ class _Export:
         for rank, (t, p, e, et) in enumerate(everyone):
             self.dense_holders.setdefault((t, p), []).append(rank)
             self.expert_holders.setdefault((t if self.par.tp_extend_ep else et, p, e), []).append(rank)
-        self.rank, self.here = dist.get_rank(), here
+        self.rank = dist.get_rank()
         self.device = next(chunks[0].parameters()).device
         self.received: dict = {}
         self.source = HFFromRanks(config, self.par, lambda t, p, e, c: self.received[(t, p, e, c)],
@@ -353,16 +353,21 @@ class _Export:
         """An export of the chunks' current weights."""
         self.dtype, self.bucket_bytes = dtype, bucket_bytes
         self.fp8 = dtype == torch.float8_e4m3fn
-        if self.fp8:  # which weights go out as FP8: the FP8 source's, or those the release would quantize
-            from npu_dsv3.checkpoint.fp8 import fp8_block, is_release_fp8
+        if self.fp8:
+            from npu_dsv3.checkpoint.fp8 import fp8_block
 
             self.dtype, self.fp8_block = None, fp8_block(self.hf_config)
-            self.in_fp8 = (lambda name, shape: name in self.fp8_source) if self.fp8_source else is_release_fp8
         self.local = {c: self._local_state(chunk) for c, chunk in enumerate(chunks)}
         self.dequantized: dict = {}  # a QLoRA model's last two dequantized weights (an expert's fc1 and fc2)
         self.deltas = self._deltas(chunks) if merge_lora and self.config.lora_rank else {}
         self.live_bytes = 0  # the received buckets' bytes (two at most: one handed out, the next arriving)
         self.send_buffers: list = []
+
+    def _in_fp8(self, name: str, shape) -> bool:
+        """Whether ``name`` goes out in FP8: the FP8 source's FP8 weights, or those the release stores in FP8."""
+        from npu_dsv3.checkpoint.fp8 import is_release_fp8
+
+        return name in self.fp8_source if self.fp8_source else is_release_fp8(name, shape)
 
     def _deltas(self, chunks) -> dict:
         """The adapters' merge updates by HF name (``lora.export.delta_builders``), from every rank's pieces."""
@@ -395,8 +400,9 @@ class _Export:
             head = {id(g) for g in groups for n in g[0] if g[3].get(n, n) == "lm_head.weight"}
             groups = [g for g in groups if id(g) not in head]
             t, (p, c) = 0, self.par.pipeline.last_stage()
-            groups.append(([ValueHead.NAME], lambda: {ValueHead.NAME: self.received[(t, p, 0, c)]["output_layer.weight"]},
-                           [(t, p, 0, c, "output_layer.weight")], {}))
+            head_piece = (t, p, 0, c, "output_layer.weight")
+            groups.append(([ValueHead.NAME], lambda: {ValueHead.NAME: self.received[head_piece[:4]][head_piece[4]]},
+                           [head_piece], {}))
         return groups
 
     def _expert_rows(self, name: str, used: list) -> list:
@@ -535,7 +541,7 @@ class _Export:
             built = build()
             for name in names:
                 tensor = self._merged(name, built[read_as.get(name, name)])
-                if self.fp8 and self.in_fp8(name, tensor.shape):
+                if self.fp8 and self._in_fp8(name, tensor.shape):
                     from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX, quantize_fp8_block
 
                     codes, scale = quantize_fp8_block(tensor, self.fp8_block)
@@ -649,11 +655,6 @@ class _RecordingChunk(dict):
 
 def _aligned(n: int) -> int:
     return -(-n // 16) * 16
-
-
-def _padded(data: torch.Tensor) -> torch.Tensor:
-    pad = _aligned(data.numel()) - data.numel()
-    return torch.cat([data, data.new_zeros(pad)]) if pad else data
 
 
 def _nbytes(meta: torch.Tensor) -> int:

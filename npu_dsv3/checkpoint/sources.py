@@ -198,6 +198,7 @@ class LazyHFTensor:
     def __init__(self, reader: "_HFPreadReader", name: str, meta: torch.Tensor, block, region=None):
         self._reader, self._name, self._meta, self._block = reader, name, meta, block
         self._region = list(region or [(0, n) for n in meta.shape])
+        self._value: Optional[torch.Tensor] = None  # read once, however many methods use it
 
     @property
     def shape(self) -> torch.Size:
@@ -229,6 +230,11 @@ class LazyHFTensor:
                 for start in range(0, self.shape[dim], max(size, 1))]
 
     def read(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = self._read()
+        return self._value
+
+    def _read(self) -> torch.Tensor:
         from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX, dequantize_fp8_block
 
         if self._meta.dtype != torch.float8_e4m3fn:

@@ -118,7 +118,8 @@ def test_a_qlora_model_exports_its_dequantized_base(tmp_path):
     assert adapters and not reference.load_state_dict(adapters, strict=False).unexpected_keys
     merged, expected = dict(bridge.export_hf_weights([qlora])), dict(deq_bridge.export_hf_weights([reference]))
     assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
-    assert not torch.equal(merged["model.layers.1.self_attn.o_proj.weight"], want["model.layers.1.self_attn.o_proj.weight"])
+    o_proj = "model.layers.1.self_attn.o_proj.weight"
+    assert not torch.equal(merged[o_proj], want[o_proj])  # the adapters act
 
 
 def test_a_bf16_source_exports_in_the_releases_fp8_format(hf_dir):
@@ -159,6 +160,38 @@ def _reference_fp8(weight, block=128):
             scale[i // block, j // block] = s
             codes[i:i + block, j:j + block] = (tile / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     return codes, scale
+
+
+def test_lazy_slices_read_only_their_bytes(tmp_path):
+    """``LazyHFTensor``'s slices (rows, column bands, 1-D, FP8 off the block grid) equal slicing the whole tensor,
+    bit for bit, and read only their own bytes (an FP8 slice: the 128x128 blocks it overlaps)."""
+    from safetensors.torch import save_file
+
+    from npu_dsv3.checkpoint.sources import HFInput
+
+    g = torch.Generator().manual_seed(5)
+    plain = {"a": torch.randn(37, 29, generator=g), "b": torch.randn(41, generator=g).to(torch.bfloat16),
+             "w": (torch.randn(300, 260, generator=g) * 50).clamp(-448, 448).to(torch.float8_e4m3fn),
+             "w" + SCALE_SUFFIX: torch.rand(3, 3, generator=g) + 0.5}
+    save_file(plain, str(tmp_path / "model.safetensors"))
+    get, reader = HFInput(str(tmp_path)).lazy_getter({})
+    whole_w = dequantize_fp8_block(plain["w"], plain["w" + SCALE_SUFFIX])
+    cases = [("a", lambda t: t.chunk(3, 0)[1], 4 * 13 * 29),
+             ("a", lambda t: t.chunk(2, 1)[0].narrow(0, 5, 7), 4 * 7 * 15),
+             ("b", lambda t: t.narrow(0, 40, 1), 2),
+             # rows 100:260 and columns 130:260: the blocks of rows 0:300 and columns 128:260
+             ("w", lambda t: t.narrow(0, 100, 160).chunk(2, 1)[1], 300 * 132)]
+    for name, cut, nbytes in cases:
+        before = reader.bytes_read
+        lazy = cut(get(name))
+        want = cut(whole_w if name == "w" else plain[name])
+        assert lazy.shape == want.shape and lazy.dtype == want.dtype and reader.bytes_read == before  # nothing yet
+        assert torch.equal(torch.cat([lazy]), want) and torch.equal(lazy.t(), want.t())  # read once, used twice
+        assert reader.bytes_read - before == nbytes + (9 * 4 if name == "w" else 0), name  # FP8: + its scales
+    with open(tmp_path / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(tmp_path / "model.safetensors") - 8)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):  # one line, naming the file
+        HFInput(str(tmp_path)).lazy_getter({})[0]("w" + SCALE_SUFFIX).narrow(0, 2, 1).read()
 
 
 def test_bad_directories_are_refused_before_loading(hf_dir, tmp_path):
