@@ -3,7 +3,8 @@ chunks of the layout straight from the HF directory, a forward through megatron'
 transformers' logits, and ``export_hf_weights`` gives every rank the HF files bit for bit, for TP2 + SP, PP2,
 EP2, TP2 x EP2 with expert-TP 1 and 2, PP2 with VPP, dualpipev PP2 and --moe-tp-extend-ep (LoRA too); and an RL
 loop (transformers rollout, megatron policy steps, bridge sync) on each of those layouts and PP2 x EP2 keeps the
-rollout model equal to the policy. Run as a script, this file is one rank (one JSON line)."""
+rollout model equal to the policy; a QLoRA model at TP2 x EP2 exports its dequantized NF4 base from every rank.
+Run as a script, this file is one rank (one JSON line)."""
 
 import json
 import os
@@ -163,6 +164,27 @@ def _rl_main(hf_dir: str, name: str) -> None:
     dist.destroy_process_group()
 
 
+def _qlora_main(hf_dir: str) -> None:
+    """A QLoRA model at EP2 x TP2 (the NF4 slices whole blocks): every rank's export of the base is the NF4 round
+    trip of the HF files, bit for bit, its pieces dequantized where they are sent."""
+    import torch.distributed as dist
+
+    from npu_dsv3.bridge import Bridge
+    from npu_dsv3.lora.nf4_base import is_quantized
+    from npu_dsv3.ops.nf4 import nf4_dequantize, nf4_quantize
+    from support.checkpoint_files import hf_tensors
+
+    _init(dict(tp=2, ep=2), dict(sequence_parallel=True))
+    bridge = Bridge.from_hf_pretrained(hf_dir, dtype=torch.float32)
+    chunks = bridge.get_model(moe_grouped_gemm=True, sequence_parallel=True, qlora=True, lora_rank=4,
+                              lora_targets=("linear_proj", "linear_fc1", "linear_fc2"))
+    want = {k: nf4_dequantize(nf4_quantize(v)) if is_quantized(k) else v for k, v in hf_tensors(hf_dir).items()}
+    got = dict(bridge.export_hf_weights(chunks, merge_lora=False, bucket_bytes=1 << 15))
+    same = got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    print(json.dumps({"rank": dist.get_rank(), "export": same, "received": bridge.export_received_bytes}), flush=True)
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     from npu_dsv3.tiny_model import make_hf_model, save_hf
@@ -205,7 +227,19 @@ def test_an_rl_loop_keeps_the_rollout_model_in_sync(hf_dir, name):
     assert all(r["moved"] > 1e-3 for r in results), results
 
 
+def test_a_qlora_model_exports_its_dequantized_base_from_every_rank(tmp_path):
+    from npu_dsv3.tiny_model import make_hf_model, save_hf
+    from support.qlora import ALIGNED
+
+    hf = save_hf(make_hf_model(seed=4, **ALIGNED), str(tmp_path / "hf"), with_mtp=True)
+    results = _run(hf, "qlora", 4)
+    assert all(r["export"] and r["received"] > 0 for r in results), results
+
+
 if __name__ == "__main__":
     import npu_dsv3  # noqa: F401  (the patches)
 
-    (_rl_main if sys.argv[3:] == ["rl"] else _rank_main)(sys.argv[1], sys.argv[2])
+    if sys.argv[2] == "qlora":
+        _qlora_main(sys.argv[1])
+    else:
+        (_rl_main if sys.argv[3:] == ["rl"] else _rank_main)(sys.argv[1], sys.argv[2])
