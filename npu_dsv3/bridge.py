@@ -424,7 +424,7 @@ class _Export:
         return out
 
     def tensors(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        """Bucket by bucket, pipelined: the next bucket's broadcasts are under way while this one's tensors are
+        """Bucket by bucket, pipelined: the next bucket's exchange is under way while this one's tensors are
         joined and handed out."""
         in_flight = None
         for bucket in self._buckets():
@@ -434,7 +434,9 @@ class _Export:
             in_flight = launched
         if in_flight is not None:
             yield from self._hand_out(*in_flight)
-        self.dequantized, self.send_buffers = {}, []
+        # the plan outlives the export: it keeps no tensor of the model (nor, through a QLoRA model's
+        # dequantizers, the model itself)
+        self.local, self.deltas, self.dequantized, self.send_buffers = {}, {}, {}, []
 
     def _buckets(self) -> Iterator[list]:
         if self.groups is None:
