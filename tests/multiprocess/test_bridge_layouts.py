@@ -1,7 +1,8 @@
 """``npu_dsv3.bridge`` on gloo processes: ``Bridge.from_hf_pretrained(dir).get_model(...)`` builds each rank's
 chunks of the layout straight from the HF directory, a forward through megatron's pipeline schedule gives
 transformers' logits, and ``export_hf_weights`` gives every rank the HF files bit for bit, for TP2 + SP, PP2,
-EP2, TP2 x EP2 with expert-TP 1 and 2, PP2 with VPP, dualpipev PP2 and --moe-tp-extend-ep (LoRA too); and an RL
+EP2, TP2 x EP2 with expert-TP 1 and 2, PP2 with VPP, dualpipev PP2 and --moe-tp-extend-ep (LoRA too; MTP on in
+``WITH_MTP``, off in the others); and an RL
 loop (transformers rollout, megatron policy steps, bridge sync) on each of those layouts and PP2 x EP2 keeps the
 rollout model equal to the policy; a QLoRA model at TP2 x EP2 exports its dequantized NF4 base from every rank.
 Run as a script, this file is one rank (one JSON line)."""
@@ -31,6 +32,8 @@ LAYOUTS = {
 }
 # the RL loop runs on every layout above, and on pipeline x expert parallelism
 RL_LAYOUTS = {**LAYOUTS, "pp2-ep2": (4, dict(pp=2, ep=2), {})}
+# these load a checkpoint with an MTP layer (on the last stage, beside the head; its embedding and head copies)
+WITH_MTP = {"pp2", "tp2-ep2-etp1", "pp2-vpp2", "pp2-dualpipev", "tp2-sp-moe-tp-extend-ep", "pp2-ep2"}
 TOLERANCE = 2e-5  # fp32, relative to the largest logit
 
 
@@ -68,11 +71,19 @@ def _logits_diff(chunks, ids, expected, microbatches: int):
 
     for chunk in chunks:
         chunk.eval()
+    # the main head's logits (what transformers computes): megatron runs an MTP block only with labels
+    mtp = [chunk.mtp_process for chunk in chunks], chunks[0].config.mtp_num_layers
+    for chunk in chunks:
+        chunk.mtp_process = False
+    chunks[0].config.mtp_num_layers = None
     with torch.no_grad():
         stored = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=[iter([None] * microbatches) for _ in chunks],
             model=chunks, num_microbatches=microbatches, seq_length=ids.shape[1], micro_batch_size=ids.shape[0],
             forward_only=True)
+    for chunk, process in zip(chunks, mtp[0]):
+        chunk.mtp_process = process
+    chunks[0].config.mtp_num_layers = mtp[1]
     if not stored:
         return None
     local = stored[0]["logits"]
@@ -186,11 +197,14 @@ def _qlora_main(hf_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+def hf_dirs(tmp_path_factory):
+    """name -> the HF directory its layout loads: without MTP, or with it (``WITH_MTP``)."""
     from npu_dsv3.tiny_model import make_hf_model, save_hf
 
-    return save_hf(make_hf_model(seed=6, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
-                   str(tmp_path_factory.mktemp("bridge")))
+    model = make_hf_model(seed=6, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+    plain = save_hf(model, str(tmp_path_factory.mktemp("bridge")))
+    mtp = save_hf(model, str(tmp_path_factory.mktemp("bridge_mtp")), with_mtp=True)
+    return lambda name: mtp if name in WITH_MTP else plain
 
 
 def _run(hf_dir, name, world, *extra):
@@ -208,9 +222,9 @@ def _run(hf_dir, name, world, *extra):
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_get_model_from_hf_gives_transformers_logits(hf_dir, name):
+def test_get_model_from_hf_gives_transformers_logits(hf_dirs, name):
     world = LAYOUTS[name][0]
-    results = _run(hf_dir, name, world)
+    results = _run(hf_dirs(name), name, world)
     measured = [r["diff"] for r in results if r["diff"] is not None]
     assert measured and max(measured) < TOLERANCE, results
     assert all(r["export"] for r in results), results
@@ -220,8 +234,8 @@ def test_get_model_from_hf_gives_transformers_logits(hf_dir, name):
 
 
 @pytest.mark.parametrize("name", sorted(RL_LAYOUTS))
-def test_an_rl_loop_keeps_the_rollout_model_in_sync(hf_dir, name):
-    results = _run(hf_dir, name, RL_LAYOUTS[name][0], "rl")
+def test_an_rl_loop_keeps_the_rollout_model_in_sync(hf_dirs, name):
+    results = _run(hf_dirs(name), name, RL_LAYOUTS[name][0], "rl")
     measured = [d for r in results for d in r["diffs"] if d is not None]
     assert len(measured) >= 2 and max(measured) < TOLERANCE, results
     assert all(r["moved"] > 1e-3 for r in results), results
