@@ -164,6 +164,8 @@ class Bridge:
         if path is None:
             raise ValueError("load_hf_weights needs the HF directory to read")
         chunks = [getattr(m, "module", m) for m in models]  # inside megatron's DDP wrapper
+        if not chunks:
+            raise CheckpointError("no model chunks to load")
         config = chunks[0].config
         if path != self.path:
             check_hf_source(path, self.hf_config, config.mtp_num_layers or 0)
@@ -174,8 +176,6 @@ class Bridge:
 
             get = quantizing_getter(get)
         ranks = _rank_file(config)
-        if not chunks:
-            raise CheckpointError("no model chunks to load")
         for index, chunk in enumerate(chunks):
             load_hf_weights(chunk, get, path, parallel_layout(config), (*ranks, index))
         self.read_bytes = reader.bytes_read
@@ -187,10 +187,10 @@ class Bridge:
         """Every HF tensor of the model, exactly once, as ``(hf_name, tensor)`` on every rank (what vLLM / SGLang
         ``load_weights`` and verl's weight sync consume), in the HF source's dtypes unless ``dtype`` is given.
 
-        The ranks' pieces travel in buckets of about ``bucket_bytes``: per bucket one all-to-all in which each
-        process receives exactly the pieces it does not hold, each sent once to it by the least loaded of its
-        holders (data-parallel and expert replicas share the sending); what a process holds it reads in place.
-        Every rank joins the bucket's HF tensors with the converters' merge (``rank_state.HFFromRanks``) while
+        The ranks' pieces travel in buckets of about ``bucket_bytes``: per bucket each process reads the pieces it
+        holds in place and receives each other piece once, at its exact size, from the least loaded of its
+        holders (data-parallel and expert replicas share the sending): point to point where a piece is missing
+        on no more processes than hold it, else broadcast (``_Export._launch``). Every rank joins the bucket's HF tensors with the converters' merge (``rank_state.HFFromRanks``) while
         the next bucket's exchange is under way. A rank's extra memory is two buckets' sent and received bytes
         (``export_buffer_bytes`` after the call: their most at once; a bucket is ``bucket_bytes`` or one merge's
         pieces, whichever is larger) plus the tensors being joined. The tensors handed out may be views of the
@@ -471,7 +471,7 @@ class _Export:
         load = [0] * world
         routes = []  # per piece: (its sender to this process, None where held; its broadcasting process or None)
         to_send = [[] for _ in range(world)]  # this process's all-to-all pieces, per destination
-        receive_sizes, broadcasts = [0] * world, {}
+        receive_bytes, broadcasts = 0, {}
         for k in pieces:
             holders, n = self._holders(k), _aligned(self._bytes(k))
             held = set(holders)
@@ -491,11 +491,11 @@ class _Export:
                     to_send[destination].append(k)
                 if destination == me:
                     mine = sender
-                    receive_sizes[sender] += n
+                    receive_bytes += n
             routes.append((mine, None))
         # the all-to-all as a batch of point-to-point sends from the weights themselves (nothing packed) and
         # receives into one buffer: an all-to-all without the packing copy (NCCL's all-to-all is this batch)
-        receive = torch.empty(sum(receive_sizes), dtype=torch.uint8, device=self.device)
+        receive = torch.empty(receive_bytes, dtype=torch.uint8, device=self.device)
         ops = [dist.P2POp(dist.isend, self._local_bytes(k), destination)
                for destination, pieces_to in enumerate(to_send) for k in pieces_to]
         offset = 0
@@ -519,11 +519,12 @@ class _Export:
                 buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
             received[sender] = buffer
             handles.append(dist.broadcast(buffer, src=sender, async_op=True))
-        self.live_bytes += sum(b.numel() for r, b in received.items() if r != me)
-        self.bridge.export_received_bytes += sum(b.numel() for r, b in received.items() if r != me)
+        incoming = sum(b.numel() for r, b in received.items() if r != me)
+        self.live_bytes += incoming
+        self.bridge.export_received_bytes += incoming
         self.bridge.export_buffer_bytes = max(self.bridge.export_buffer_bytes,
                                               self.live_bytes + sum(b.numel() for b in self.send_buffers))
-        return pieces, routes, received, handles
+        return pieces, routes, received, incoming, handles
 
     def _send_buffer(self, nbytes: int) -> torch.Tensor:
         """Send bytes of a bucket: the export's two send buffers in turn (the one of the bucket before last is
@@ -534,7 +535,7 @@ class _Export:
         return self.send_buffers[-1][:nbytes]
 
     def _hand_out(self, bucket, launched) -> Iterator[Tuple[str, torch.Tensor]]:
-        pieces, routes, received, handles = launched
+        pieces, routes, received, incoming, handles = launched
         for handle in handles:
             handle.wait()
         self.received = self._unpack(pieces, routes, received)
@@ -552,11 +553,12 @@ class _Export:
                 else:
                     yield name, tensor.to(self.dtype or self.hf_dtypes.get(name, tensor.dtype))
         self.received = {}
-        self.live_bytes -= sum(b.numel() for r, b in received.items() if r != self.rank)
+        self.live_bytes -= incoming
 
     def _unpack(self, pieces, routes, received) -> dict:
         """The bucket's pieces as rank files' tensors: this process's own in place, the rest views of the
-        received bytes (the all-to-all's by sender; each broadcast's, which hold the pieces held here too)."""
+        received bytes (the point-to-point ones in piece order; each broadcast's, which hold the pieces held here
+        too)."""
         offsets = {sender: 0 for sender in received}
         out = {}
         for k, (sender, broadcaster) in zip(pieces, routes):

@@ -73,18 +73,10 @@ def check_hf_source(hf_dir: str, hf_config: dict, mtp_layers: int = None) -> Non
 
 
 def _bf16_getter(reader, hf_config: dict):
-    """``get(name)`` that dequantises DeepSeek's block-FP8 weights as they are read."""
-    from npu_dsv3.checkpoint.fp8 import SCALE_SUFFIX, dequantize_fp8_block
-
+    """``get(name)`` that dequantises DeepSeek's block-FP8 weights as they are read (``LazyHFTensor`` read
+    whole)."""
     block = fp8_block(hf_config)
-
-    def get(name: str) -> torch.Tensor:
-        tensor = reader.get(name)
-        if tensor.dtype == torch.float8_e4m3fn:
-            return dequantize_fp8_block(tensor, reader.get(name + SCALE_SUFFIX), block)
-        return tensor
-
-    return get
+    return lambda name: LazyHFTensor(reader, name, reader.meta(name), block).read()
 
 
 def check_mtp_copies(config, get) -> None:
